@@ -1,0 +1,95 @@
+"""Shared plumbing for the command modules: consoles, error handling, JSON output, common options.
+
+Commands only parse arguments, call one API function and render its result; this module turns
+`FastSAM3DError`s into one line on stderr plus the documented exit code.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from typing import Any, Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+from fastsam3d_cli.errors import ExitCode, FastSAM3DError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Results go to stdout, everything else (progress, logs, errors) to stderr.
+stdout_console = Console(soft_wrap=True)
+stderr_console = Console(stderr=True, soft_wrap=True)
+
+
+class _State:
+    """Global flags set by the app callback (`--debug`, `--quiet`)."""
+
+    debug: bool = bool(os.environ.get("FASTSAM3D_DEBUG"))
+    quiet: bool = False
+
+
+state = _State()
+
+
+def progress_enabled(json_output: bool = False) -> bool:
+    """Progress bars only for humans: not with --json/--quiet, and not when stderr is not a terminal."""
+    return not (json_output or state.quiet) and sys.stderr.isatty()
+
+
+def print_error(message: str) -> None:
+    """One line on stderr, prefixed so it stands out in logs."""
+    # Plain write (not Rich) so a long path is never wrapped onto a second line.
+    sys.stderr.write(f"fastsam3d: error: {message}\n")
+    sys.stderr.flush()
+
+
+def print_json(payload: Any) -> None:
+    """Write exactly one JSON object on stdout (nothing else goes there with --json)."""
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def cli_errors(func: F) -> F:
+    """Decorator for command functions: map known errors to one line + exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except FastSAM3DError as exc:
+            if state.debug:
+                traceback.print_exc()
+            for line in exc.details:
+                sys.stderr.write(f"  {line}\n")
+            print_error(exc.one_line())
+            raise typer.Exit(int(exc.exit_code)) from None
+        except KeyboardInterrupt:
+            print_error("interrupted — nothing partial was left behind")
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        except Exception as exc:  # noqa: BLE001 - last-resort mapping for the CLI only
+            if _is_out_of_memory(exc):
+                print_error(f"out of memory: {_first_line(exc)} — use a smaller --batch-size, "
+                            "--dtype bfloat16, or --device cpu")
+                raise typer.Exit(int(ExitCode.DEVICE)) from None
+            if state.debug:
+                raise
+            print_error(f"internal error: {type(exc).__name__}: {_first_line(exc)} — "
+                        "rerun with --debug for the traceback and report it")
+            raise typer.Exit(int(ExitCode.INTERNAL)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()

@@ -1,0 +1,291 @@
+"""Load and save checkpoints in every official layout — safely — and explain mismatches readably.
+
+Layouts read (reference/models.md §2):
+* ``{'model_state_dict': full}`` — SAM-Med3D turbo, and checkpoints written by this tool;
+* the FastSAM3D training checkpoint (same key, plus optimizer/scheduler/args; its pickle also references
+  ``argparse.Namespace``, ``collections.Counter`` and ``torch.device``);
+* encoder-only dicts (distillation output) whose keys lack ``image_encoder.``;
+* raw state dicts, and any of the above with DDP ``module.`` (or ``torch.compile`` ``_orig_mod.``) prefixes.
+
+Loading never executes pickled code: ``torch.load(weights_only=True)`` with an allow-list of exactly the three
+extra globals above. Anything else is refused with a clear error.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from fastsam3d_cli.errors import WeightsError
+from fastsam3d_cli.model.config import PRESETS, ModelConfig, get_config
+from fastsam3d_cli.model.sam3d import Sam3D
+
+# The only non-torch globals the official checkpoints pickle (FastSAM3D.pth's `args`, `used_datas`, device).
+SAFE_GLOBALS: list[Any] = [argparse.Namespace, collections.Counter, torch.device]
+MODULE_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+_ENCODER_KEY = re.compile(r"^(pos_embed|patch_embed\.|blocks\.|neck\.)")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class CheckpointInfo:
+    """What was found in a checkpoint file."""
+
+    path: str
+    layout: str  # "model_state_dict", "training", "state_dict", "raw"
+    encoder_only: bool
+    preset: str | None  # inferred from keys and shapes (None when nothing matches)
+    extra_keys: list[str] = field(default_factory=list)  # other top-level entries (optimizer, epoch, ...)
+    config: dict | None = None  # the model config stored by this tool, if any
+
+
+# ------------------------------------------------------------------------------------------ reading
+def load_payload(path: str | Path) -> Any:
+    """torch.load with weights_only=True and the allow-list; WeightsError for missing/corrupt/unsafe files."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"checkpoint {path} does not exist", "check the path, or see `fastsam3d weights list`")
+    if path.is_dir():
+        raise WeightsError(f"checkpoint {path} is a folder", "give the .pth file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" in text and ("Unsupported global" in text or "GLOBAL" in text):
+            culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            what = f" ({culprit.group(1)})" if culprit else ""
+            raise WeightsError(f"refusing to load {path}: its pickle references code that would run on load{what}",
+                               "only load checkpoints from sources you trust; this file is not a plain weights file") from None
+        raise WeightsError(f"{path} is not a readable PyTorch checkpoint (corrupt or not a .pth file)",
+                           "re-download it (`fastsam3d weights download NAME`) or check the path") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError) as exc:
+        raise WeightsError(f"{path} is not a readable PyTorch checkpoint ({_short(exc)})",
+                           "re-download it (`fastsam3d weights download NAME`) or check the path") from None
+
+
+def _short(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:160]
+
+
+def extract_state_dict(payload: Any, path: str | Path = "<memory>") -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Find the model weights in a loaded payload and normalise the keys (full `image_encoder.`-style names)."""
+    extra: list[str] = []
+    config = None
+    if isinstance(payload, Mapping) and isinstance(payload.get("model_state_dict"), Mapping):
+        state = payload["model_state_dict"]
+        extra = [str(k) for k in payload if k != "model_state_dict"]
+        layout = "training" if any(k in payload for k in ("optimizer_state_dict", "optimizer", "epoch")) \
+            else "model_state_dict"
+        config = payload.get("config") if isinstance(payload.get("config"), Mapping) else None
+    elif isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
+        state, layout = payload["state_dict"], "state_dict"
+        extra = [str(k) for k in payload if k != "state_dict"]
+    elif isinstance(payload, Mapping) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        state, layout = payload, "raw"
+    else:
+        found = ", ".join(map(str, list(payload)[:8])) if isinstance(payload, Mapping) else type(payload).__name__
+        raise WeightsError(f"{path} holds no model weights (found: {found or 'nothing'})",
+                           "give a SAM-Med3D / FastSAM3D checkpoint (.pth)")
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{path}: entry '{key}' of the state dict is not a tensor", "the file is not a model checkpoint")
+        state_dict[_strip_wrappers(str(key))] = value
+    encoder_only = bool(state_dict) and not any(k.startswith(MODULE_PREFIXES) for k in state_dict) \
+        and all(_ENCODER_KEY.match(k) for k in state_dict)
+    if encoder_only:
+        state_dict = {f"image_encoder.{k}": v for k, v in state_dict.items()}
+    if not state_dict or not any(k.startswith(MODULE_PREFIXES) for k in state_dict):
+        raise WeightsError(f"{path} does not contain SAM-Med3D / FastSAM3D weights "
+                           f"(first keys: {', '.join(list(state_dict)[:3]) or 'none'})",
+                           "give a SAM-Med3D / FastSAM3D checkpoint (.pth)")
+    info = CheckpointInfo(str(path), layout, encoder_only, infer_preset(state_dict, encoder_only), extra, config)
+    return state_dict, info
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The normalised state dict of any supported checkpoint file (WeightsError otherwise)."""
+    return read_checkpoint_info(path)[0]
+
+
+def read_checkpoint_info(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """State dict plus what layout/preset it is."""
+    return extract_state_dict(load_payload(path), path)
+
+
+# ---------------------------------------------------------------------------------- preset matching
+@functools.lru_cache(maxsize=None)
+def expected_shapes(preset: str) -> dict[str, tuple[int, ...]]:
+    """Key → shape of a preset's state dict, computed on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        model = Sam3D(get_config(preset))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def config_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    if config.name in PRESETS and PRESETS[config.name] == config:
+        return expected_shapes(config.name)
+    with torch.device("meta"):
+        model = Sam3D(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def infer_preset(state_dict: Mapping[str, torch.Tensor], encoder_only: bool = False) -> str | None:
+    """The preset whose keys and shapes the state dict matches exactly (encoder part only if encoder_only)."""
+    actual = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for name in PRESETS:
+        wanted = expected_shapes(name)
+        if encoder_only:
+            wanted = {k: s for k, s in wanted.items() if k.startswith("image_encoder.")}
+        if wanted == actual:
+            return name
+    return None
+
+
+def state_dict_diff(expected: Mapping[str, tuple[int, ...]], actual: Mapping[str, tuple[int, ...]],
+                    max_lines: int = 12) -> list[str]:
+    """Short readable diff: missing / unexpected keys grouped by module, then wrong shapes."""
+    missing = [k for k in expected if k not in actual]
+    unexpected = [k for k in actual if k not in expected]
+    wrong = [k for k in expected if k in actual and tuple(expected[k]) != tuple(actual[k])]
+    lines: list[str] = []
+    for title, keys in (("missing from the checkpoint", missing), ("unexpected in the checkpoint", unexpected)):
+        if keys:
+            lines.append(f"{title}: {len(keys)} keys")
+            lines.extend(f"  {group}" for group in _group_keys(keys))
+    if wrong:
+        lines.append(f"wrong shape: {len(wrong)} keys")
+        lines.extend(f"  {k}: checkpoint {tuple(actual[k])} vs model {tuple(expected[k])}" for k in wrong[:6])
+        if len(wrong) > 6:
+            lines.append(f"  … and {len(wrong) - 6} more")
+    if len(lines) > max_lines:
+        lines = lines[:max_lines - 1] + [f"… ({len(lines) - max_lines + 1} more lines)"]
+    return lines
+
+
+def _group_keys(keys: list[str]) -> list[str]:
+    """Group keys by module: 'image_encoder.blocks.6–11 (72 keys)', 'mask_decoder.iou_token (1 key)'."""
+    groups: dict[str, list[int] | None] = {}
+    counts: dict[str, int] = collections.Counter()
+    for key in keys:
+        parts = key.split(".")
+        if len(parts) > 2 and parts[2].isdigit():
+            name = ".".join(parts[:2])
+            groups.setdefault(name, [])
+            groups[name].append(int(parts[2]))  # type: ignore[union-attr]
+        else:
+            name = ".".join(parts[:2]) if len(parts) > 2 else key
+            groups.setdefault(name, None)
+        counts[name] += 1
+    out = []
+    for name, indices in groups.items():
+        label = name
+        if indices:
+            label = f"{name}.{_ranges(sorted(set(indices)))}"
+        n = counts[name]
+        out.append(f"{label} ({n} key{'s' if n != 1 else ''})")
+    return out
+
+
+def _ranges(values: list[int]) -> str:
+    parts, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:  # type: ignore[list-item]
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(str(start) if start == prev else f"{start}–{prev}")
+        if v is not None:
+            start = prev = v
+    return "{" + ",".join(parts) + "}" if len(parts) > 1 else parts[0]
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_model(checkpoint: str | Path, preset: str | None = None, device: torch.device | str = "cpu",
+               attention: str = "auto", decoder_checkpoint: str | Path | None = None) -> tuple[Sam3D, CheckpointInfo]:
+    """Build the model for a checkpoint and load it strictly (eval mode, float32, on `device`).
+
+    preset: expected model; None infers it from the keys and shapes. An encoder-only checkpoint needs
+    `decoder_checkpoint` (a full checkpoint of any preset) for the prompt encoder and mask decoder.
+    Raises WeightsError (exit 4) with a grouped key/shape diff when the file does not fit.
+    """
+    state_dict, info = read_checkpoint_info(checkpoint)
+    if decoder_checkpoint is not None:
+        decoder_state = read_checkpoint(decoder_checkpoint)
+        for key, value in decoder_state.items():
+            if not key.startswith("image_encoder."):
+                state_dict.setdefault(key, value)
+    elif info.encoder_only:
+        raise WeightsError(f"{checkpoint} holds only an image encoder (distillation output)",
+                           "also give a full checkpoint for the prompt encoder and decoder (decoder_checkpoint / "
+                           "--decoder-checkpoint)")
+    config = _choose_config(state_dict, info, preset, checkpoint)
+    expected = config_shapes(config)
+    actual = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if expected != actual:
+        guess = infer_preset(state_dict)
+        fix = (f"it looks like a '{guess}' checkpoint: use --model {guess}" if guess and guess != config.name
+               else "check that the file is a SAM-Med3D / FastSAM3D checkpoint for this model")
+        raise WeightsError(f"checkpoint {checkpoint} does not fit model '{config.name}'", fix,
+                           details=state_dict_diff(expected, actual))
+    with torch.device("meta"):
+        model = Sam3D(config)
+    tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model = model.to(device).eval()
+    model.set_attention(attention)
+    info.preset = config.name
+    return model, info
+
+
+def _choose_config(state_dict: Mapping[str, torch.Tensor], info: CheckpointInfo, preset: str | None,
+                   path: str | Path) -> ModelConfig:
+    if preset is not None:
+        return get_config(preset)
+    if info.config is not None:
+        try:
+            return ModelConfig.from_dict(dict(info.config))
+        except (TypeError, ValueError):
+            pass
+    guess = infer_preset(state_dict)
+    if guess is None:
+        closest = min(PRESETS, key=lambda name: len(state_dict_diff(expected_shapes(name),
+                                                                     {k: tuple(v.shape) for k, v in state_dict.items()},
+                                                                     max_lines=10 ** 6)))
+        raise WeightsError(f"checkpoint {path} matches none of the models ({', '.join(PRESETS)})",
+                           "check that it is a SAM-Med3D / FastSAM3D checkpoint",
+                           details=[f"closest: '{closest}'"] + state_dict_diff(
+                               expected_shapes(closest), {k: tuple(v.shape) for k, v in state_dict.items()}))
+    return get_config(guess)
+
+
+# ------------------------------------------------------------------------------------------ saving
+def save_checkpoint(path: str | Path, model_state_dict: Mapping[str, torch.Tensor], **extra: Any) -> None:
+    """Write `{'model_state_dict': ..., **extra}` atomically — the layout the original code loads.
+
+    Keep `extra` to tensors, numbers, strings, lists and dicts so that it loads with weights_only=True.
+    """
+    from fastsam3d_cli.atomic import atomic_path
+
+    payload = {"model_state_dict": {k: v.detach().cpu() for k, v in model_state_dict.items()}, **extra}
+    with atomic_path(Path(path)) as tmp:
+        torch.save(payload, str(tmp))
