@@ -20,7 +20,7 @@ Backends (chosen per model with `Sam3D.set_attention`)
   Windowed blocks whose grid fits in one window use the *factorised padded window* (below). Same outputs
   as ``exact`` within float rounding.
 * ``flash``  — flash-attn kernels (CUDA, fp16/bf16), `standard` layout only: the separable bias is folded
-  into augmented query/key vectors (`_flash_attention`). Exact formula, computed in half precision.
+  into augmented query/key vectors (`fold_bias`). Exact formula, computed in half precision.
 * ``sparse`` — the paper's 3D sparse (dilated) attention for global blocks: segments of `SPARSE_SEGMENT`
   flat tokens, split by flat index mod `SPARSE_DILATION` into groups that attend only within themselves
   (with the matching bias). APPROXIMATE: only meaningful for models trained with it. Unlike the original,
@@ -298,29 +298,34 @@ def axis_one_hot(grid: tuple[int, int, int], device: torch.device, dtype: torch.
     return torch.cat([F.one_hot(coords[:, axis], grid[axis]) for axis in range(3)], dim=-1).to(dtype)
 
 
-def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     q_extra: torch.Tensor | None = None, k_extra: torch.Tensor | None = None) -> torch.Tensor:
-    """flash-attn over (BH, N, hd) tensors; a separable additive bias is folded into augmented vectors.
+def fold_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_extra: torch.Tensor | None = None,
+              k_extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Augmented (q', k', v') with q'·k' = q·k·scale + q_extra·k_extra, widths padded to a multiple of 8.
 
-    flash-attn accepts no bias, but the standard decomposed relative position is separable: with
-    q' = [q·scale, rel_d(q,·), rel_h(q,·), rel_w(q,·)] and k' = [k, one-hot(k_d), one-hot(k_h), one-hot(k_w)]
-    the dot product q'·k' is exactly q·k·scale + bias. q_extra: (BH, Nq, E); k_extra: (Nk, E).
-    Widths are zero-padded to a multiple of 8 and v to the same width (flash-attn needs equal head dims).
+    The standard decomposed relative position is separable: with q_extra = [rel_d(q,·), rel_h(q,·), rel_w(q,·)]
+    and k_extra = [one-hot(k_d), one-hot(k_h), one-hot(k_w)] the extra product is exactly the bias. So a
+    kernel without bias support (flash-attn) run with softmax scale 1 computes biased attention.
+    q, k, v: (BH, N, hd); q_extra: (BH, Nq, E); k_extra: (Nk, E). v is zero-padded to the same width.
     """
-    flash_fn = load_flash_attn()
-    if not q.is_cuda:
-        raise DeviceError("the flash attention backend needs a CUDA device", "use --attention sdpa on CPU")
-    head_dim = v.shape[-1]
     qa, ka = q * scale, k
     if q_extra is not None and k_extra is not None:
         qa = torch.cat([qa, q_extra.to(q.dtype)], dim=-1)
         ka = torch.cat([ka, k_extra.to(k.dtype).expand(k.shape[0], -1, -1)], dim=-1)
     width = -(-qa.shape[-1] // 8) * 8
-    qa, ka, va = (F.pad(t, (0, width - t.shape[-1])) for t in (qa, ka, v))
+    return tuple(F.pad(t, (0, width - t.shape[-1])) for t in (qa, ka, v))  # type: ignore[return-value]
+
+
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     q_extra: torch.Tensor | None = None, k_extra: torch.Tensor | None = None) -> torch.Tensor:
+    """flash-attn over (BH, N, hd) tensors with an optional separable bias (see `fold_bias`)."""
+    flash_fn = load_flash_attn()
+    if not q.is_cuda:
+        raise DeviceError("the flash attention backend needs a CUDA device", "use --attention sdpa on CPU")
+    qa, ka, va = fold_bias(q, k, v, scale, q_extra, k_extra)
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     # flash-attn layout: (batch, seqlen, heads, dim); one "head" per (batch·head) row.
     out = flash_fn(qa.to(dtype)[:, :, None], ka.to(dtype)[:, :, None], va.to(dtype)[:, :, None], softmax_scale=1.0)
-    return out[:, :, 0, :head_dim].to(q.dtype)
+    return out[:, :, 0, :v.shape[-1]].to(q.dtype)
 
 
 def load_flash_attn():

@@ -60,8 +60,8 @@ def load_payload(path: str | Path) -> Any:
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Weights only load failed" in text and ("Unsupported global" in text or "GLOBAL" in text):
-            culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if "Weights only load failed" in text and "GLOBAL" in text:
+            culprit = re.search(r"GLOBAL ([\w.]+)", text)
             what = f" ({culprit.group(1)})" if culprit else ""
             raise WeightsError(f"refusing to load {path}: its pickle references code that would run on load{what}",
                                "only load checkpoints from sources you trust; this file is not a plain weights file") from None
