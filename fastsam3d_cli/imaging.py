@@ -201,6 +201,17 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float | Sequence[float] =
     Origin and direction are kept; the new size is round(old_size * old_spacing / new_spacing) (at
     least 1), like torchio's `Resample`. Labels must use `interpolation="nearest"`.
     """
+    new_size, new_spacing, origin, direction = resampled_grid(image, spacing_mm)
+    return resample_onto(image, size=new_size, spacing=new_spacing, origin=origin,
+                         direction=direction, interpolation=interpolation)
+
+
+def resampled_grid(image: sitk.Image, spacing_mm: float | Sequence[float] = 1.5
+                   ) -> tuple[list[int], tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(size, spacing, origin, direction) of the grid `resample_to_spacing` resamples onto — without resampling.
+
+    Lets a caller resample only the parts it needs (e.g. one 128³ crop) onto exactly the same voxels.
+    """
     if isinstance(spacing_mm, (int, float)):
         spacing_mm = (float(spacing_mm),) * 3
     new_spacing = tuple(float(s) for s in spacing_mm)
@@ -212,8 +223,7 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float | Sequence[float] =
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     shift = direction @ ((np.asarray(new_spacing) - np.asarray(old_spacing)) / 2.0)
     origin = tuple(float(o) for o in np.asarray(image.GetOrigin()) + shift)
-    return resample_onto(image, size=new_size, spacing=new_spacing, origin=origin,
-                         direction=image.GetDirection(), interpolation=interpolation)
+    return new_size, new_spacing, origin, tuple(image.GetDirection())
 
 
 def resample_onto(image: sitk.Image, *, size: Sequence[int], spacing: Sequence[float], origin: Sequence[float],

@@ -1,0 +1,115 @@
+"""`fastsam3d infer`: segment a volume from a click file, on the volume's own grid (API: `infer_file`)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from fastsam3d_cli.cli.common import cli_errors, print_json, progress_enabled, state, stdout_console
+
+EPILOG = (
+    "Examples:\n\n"
+    "  fastsam3d infer ct.nii.gz --clicks clicks.json                      (writes ct_mask.nii.gz + ct_mask.json)\n\n"
+    "  fastsam3d infer ct.nii.gz --clicks liver.mrk.json -o liver.nii.gz --preview liver.png\n\n"
+    "  fastsam3d infer ct.nii.gz --clicks clicks.json --checkpoint student.pth --device cpu --json\n\n"
+    "Click file: {\"space\": \"ras\", \"objects\": [{\"name\": \"liver\", \"label\": 1, "
+    "\"points\": [[-42.0, 18.5, 101.0]], \"point_labels\": [1]}]} — space ijk (NIfTI axis order), ras or lps.\n\n"
+    "Exit codes: 0 ok, 2 usage, 3 bad input (volume, click file, output location), 4 weights, 5 device, "
+    "130 interrupted."
+)
+ADVANCED = "Model and device"
+OUTPUTS = "Outputs"
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `infer` command to the app."""
+
+    @app.command("infer", epilog=EPILOG)
+    @cli_errors
+    def infer(
+        volume: Path = typer.Argument(..., metavar="VOLUME", help="3D volume: NIfTI (.nii/.nii.gz), NRRD or MHA."),
+        clicks: Path = typer.Option(..., "--clicks", "-c", metavar="CLICKS_JSON",
+                                    help="Click file (fastsam3d JSON with space ijk|ras|lps, or a 3D Slicer .mrk.json)."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="MASK",
+                                              help="Labelmap to write (default: <input stem>_mask.nii.gz beside the "
+                                                   "input). The sidecar <MASK stem>.json is written beside it.",
+                                              rich_help_panel=OUTPUTS),
+        model: Optional[str] = typer.Option(None, "--model", "-m",
+                                            help="fastsam3d (default), sam-med3d or fastsam3d-tiny. Without "
+                                                 "--checkpoint the named weights come from the cache "
+                                                 "(`fastsam3d weights download NAME`).", rich_help_panel=ADVANCED),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="PATH",
+                                                  help="Checkpoint file; its model is inferred unless --model is given.",
+                                                  rich_help_panel=ADVANCED),
+        device: str = typer.Option("auto", "--device", envvar="FASTSAM3D_DEVICE",
+                                   help="auto, cpu, cuda or cuda:N.", rich_help_panel=ADVANCED),
+        attention: str = typer.Option("auto", "--attention",
+                                      help="Encoder attention: auto, exact, sdpa, flash or sparse.",
+                                      rich_help_panel=ADVANCED),
+        max_crops: int = typer.Option(8, "--max-crops", min=1,
+                                      help="128³ crops per object; more are added where the mask reaches a crop "
+                                           "border (1 turns extension off).", rich_help_panel=ADVANCED),
+        channel: Optional[int] = typer.Option(None, "--channel", min=0,
+                                              help="Channel of a 4D / multi-channel volume (0-based)."),
+        offline: bool = typer.Option(False, "--offline", envvar="FASTSAM3D_OFFLINE",
+                                     help="Never download weights.", rich_help_panel=ADVANCED),
+        preview: Optional[Path] = typer.Option(None, "--preview", metavar="PNG",
+                                               help="Also write a PNG: 3 slices through each object with its "
+                                                    "outline and clicks.", rich_help_panel=OUTPUTS),
+        probabilities: Optional[Path] = typer.Option(None, "--probabilities", metavar="DIR",
+                                                     help="Also write per-object float32 probability maps "
+                                                          "(NIfTI, input grid) into DIR.", rich_help_panel=OUTPUTS),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs.",
+                                       rich_help_panel=OUTPUTS),
+        json_output: bool = typer.Option(False, "--json", help="Print the sidecar as one JSON object on stdout."),
+    ) -> None:
+        """Segment the objects of a click file; write a labelmap on the volume's own grid and a JSON sidecar."""
+        from fastsam3d_cli.infer import infer_file
+
+        report = _stage_reporter(progress_enabled(json_output))
+        result = infer_file(volume, clicks, output, model=model, checkpoint=checkpoint, device=device,
+                            attention=attention, preview=preview, probabilities=probabilities, overwrite=overwrite,
+                            max_crops=max_crops, channel=channel, offline=offline or None, progress=report)
+        if json_output:
+            print_json(result)
+        elif not state.quiet:
+            _render(result)
+
+
+def _stage_reporter(enabled: bool) -> Any:
+    """Stage names on stderr (only for a human at a terminal)."""
+    if not enabled:
+        return None
+
+    def report(stage: str) -> None:
+        sys.stderr.write(f"fastsam3d infer: {stage}…\n")
+        sys.stderr.flush()
+
+    return report
+
+
+def _render(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{result['model']['preset']} on {result['device']} ({result['attention']})",
+                  title_justify="left")
+    for column, justify in (("object", "left"), ("label", "right"), ("voxels", "right"), ("mL", "right"),
+                            ("clicks", "right"), ("crops", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for obj in result["objects"]:
+        table.add_row(obj["name"], str(obj["label"]), str(obj["voxels"]), f"{obj['volume_ml']:.2f}",
+                      str(len(obj["clicks"])), str(obj["crops_run"]))
+    stdout_console.print(table)
+    t = result["timings_ms"]
+    stdout_console.print(
+        f"time {t['after_model_load'] / 1000:.2f} s after a {t['load_model'] / 1000:.2f} s model load: read "
+        f"{t['read']:.0f} ms, preprocess {t['preprocess']:.0f}, encode {t['encode']:.0f}, decode {t['decode']:.0f}, "
+        f"paste {t['paste']:.0f}, write {t['write']:.0f}", highlight=False, markup=False)
+    outputs = result["outputs"]
+    written = [outputs["labelmap"], outputs["sidecar"]] + ([outputs["preview"]] if outputs["preview"] else []) \
+        + list((outputs["probabilities"] or {}).values())
+    stdout_console.print("wrote " + ", ".join(written), highlight=False, markup=False, soft_wrap=True)
+    for warning in result["warnings"]:
+        sys.stderr.write(f"fastsam3d: warning: {warning}\n")

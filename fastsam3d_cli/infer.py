@@ -1,0 +1,454 @@
+"""`fastsam3d infer` as a function: volume + click file → labelmap on the volume's own grid, plus a sidecar.
+
+    result = infer_file("ct.nii.gz", "clicks.json")            # writes ct_mask.nii.gz and ct_mask.json
+    result["objects"][0]["volume_ml"]
+
+Everything that can be checked before the model runs is checked first (outputs, device, click file, volume,
+clicks inside the volume, checkpoint), so a bad input costs nothing and writes nothing. All outputs are
+written to temporary files and renamed together at the end: an error or Ctrl-C leaves no partial file.
+
+Labelmap: uint8 (uint16 when a label exceeds 255). Where objects overlap the one with the higher probability
+wins (the earlier object on an exact tie). For NIfTI input the output is written with the input's header
+(qform, sform and their codes, pixdim, units), so every viewer puts it exactly on the input.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
+
+# --model NAME → (preset, registry name of its published weights or None)
+MODEL_CHOICES: dict[str, tuple[str, str | None]] = {
+    "fastsam3d": ("fastsam3d", "fastsam3d"),
+    "sam-med3d": ("sam-med3d", "sam-med3d-turbo"),
+    "sam-med3d-turbo": ("sam-med3d", "sam-med3d-turbo"),
+    "fastsam3d-tiny": ("fastsam3d-tiny", None),
+}
+DEFAULT_MODEL = "fastsam3d"
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+Progress = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------ model
+@dataclass
+class LoadedModel:
+    """A model ready for inference and where it came from (recorded in the sidecar)."""
+
+    model: Any  # Sam3D in eval mode
+    preset: str
+    checkpoint: Path
+    checkpoint_sha256: str
+    weights_name: str | None  # registry name when resolved by name (--model without --checkpoint)
+    device: Any  # torch.device
+    attention: str  # resolved backend
+    load_ms: float
+
+
+def model_choice(name: str | None) -> tuple[str, str | None]:
+    """(preset, registry weights name) for a --model value; UsageError for an unknown name."""
+    key = (name or DEFAULT_MODEL).strip().lower()
+    if key not in MODEL_CHOICES:
+        raise UsageError(f"unknown model '{name}'", f"choose one of: {', '.join(MODEL_CHOICES)}")
+    return MODEL_CHOICES[key]
+
+
+def load_inference_model(model: str | None = None, checkpoint: str | Path | None = None, device: Any = "auto",
+                         attention: str = "auto", offline: bool | None = None, progress: bool = False) -> LoadedModel:
+    """Load `--checkpoint` (preset inferred unless `model` is given), or the named model's cached weights.
+
+    WeightsError (exit 4): checkpoint missing, corrupt or for another preset; named weights not cached
+    while offline (the message names the `fastsam3d weights download/import` command).
+    """
+    from fastsam3d_cli.device import resolve_device
+    from fastsam3d_cli.model.checkpoint import load_model
+
+    torch_device = device if not isinstance(device, str) else resolve_device(device)
+    preset, weights_name = model_choice(model)
+    start = time.perf_counter()
+    if checkpoint is None:
+        if weights_name is None:
+            raise WeightsError(f"model '{preset}' has no published weights",
+                               "give --checkpoint PATH (a checkpoint trained or distilled with fastsam3d)")
+        from fastsam3d_cli.weights import resolve_weights
+
+        path = Path(resolve_weights(weights_name, offline=offline, progress=progress))
+    else:
+        path, weights_name = Path(checkpoint).expanduser(), None
+    net, info = load_model(path, preset=preset if (model is not None or checkpoint is None) else None,
+                           device=torch_device, attention=attention)
+    digest = _sha256_cached(path)
+    return LoadedModel(net, str(info.preset), path.absolute(), digest, weights_name, torch_device,
+                       str(getattr(net, "attention", attention)), (time.perf_counter() - start) * 1000.0)
+
+
+# ------------------------------------------------------------------------------------------ paths
+def default_output_path(volume: Path) -> Path:
+    """`<input stem>_mask.nii.gz` beside the input."""
+    return volume.with_name(f"{image_stem(volume)}_mask.nii.gz")
+
+
+def image_stem(path: Path) -> str:
+    """File name without its image suffix (`ct.nii.gz` → `ct`)."""
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def sidecar_path(output: Path) -> Path:
+    """The sidecar beside the labelmap: its image suffix replaced by `.json` (`mask.nii.gz` → `mask.json`)."""
+    return output.with_name(f"{image_stem(output)}.json")
+
+
+def _check_output_suffix(path: Path, what: str) -> None:
+    if not path.name.lower().endswith(IMAGE_SUFFIXES):
+        raise UsageError(f"{what} {path} has no image file suffix",
+                         f"end it with one of {', '.join(IMAGE_SUFFIXES)} (e.g. mask.nii.gz)")
+
+
+@dataclass
+class _Outputs:
+    labelmap: Path
+    sidecar: Path
+    preview: Path | None
+    probabilities_dir: Path | None
+
+
+def _plan_outputs(volume: Path, output: Path | None, preview: Path | None, probabilities_dir: Path | None,
+                  overwrite: bool) -> _Outputs:
+    """Validate every output location before any work (BadInputError / UsageError; nothing written)."""
+    from fastsam3d_cli.atomic import check_output_path
+
+    labelmap = Path(output).expanduser() if output is not None else default_output_path(Path(volume).expanduser())
+    _check_output_suffix(labelmap, "output")
+    labelmap = check_output_path(labelmap, overwrite, "output")
+    if volume.exists() and labelmap.exists() and labelmap.samefile(volume):
+        raise BadInputError(f"output {labelmap} is the input volume", "choose another -o; inputs are never modified")
+    sidecar = check_output_path(sidecar_path(labelmap), overwrite, "sidecar")
+    if preview is not None:
+        if not str(preview).lower().endswith(".png"):
+            raise UsageError(f"--preview {preview} must end in .png", "e.g. --preview preview.png")
+        preview = check_output_path(Path(preview).expanduser(), overwrite, "preview")
+    if probabilities_dir is not None:
+        probabilities_dir = Path(probabilities_dir).expanduser().absolute()
+        if probabilities_dir.exists() and not probabilities_dir.is_dir():
+            raise BadInputError(f"--probabilities {probabilities_dir} is a file, not a folder", "give a folder")
+        parent = probabilities_dir if probabilities_dir.is_dir() else probabilities_dir.parent
+        if not parent.is_dir():
+            raise BadInputError(f"output folder {parent} does not exist", "create it first")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise BadInputError(f"output folder {parent} is not writable", "choose a writable --probabilities folder")
+    return _Outputs(labelmap, sidecar, preview, probabilities_dir)
+
+
+def probability_path(folder: Path, labelmap: Path, label: int, name: str) -> Path:
+    """`<folder>/<labelmap stem>_prob_<label>_<name>.nii.gz`."""
+    from fastsam3d_cli.clickfile import safe_file_part
+
+    return folder / f"{image_stem(labelmap)}_prob_{label}_{safe_file_part(name)}.nii.gz"
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None = None, *,
+               model: str | None = None, checkpoint: str | Path | None = None, device: str = "auto",
+               attention: str = "auto", preview: str | Path | None = None,
+               probabilities: str | Path | None = None, overwrite: bool = False, max_crops: int = 8,
+               channel: int | None = None, offline: bool | None = None, loaded: LoadedModel | None = None,
+               progress: Progress | None = None) -> dict[str, Any]:
+    """Segment every object of a click file on `volume`; write the labelmap and its sidecar; return the sidecar.
+
+    `loaded` re-uses a model loaded by `load_inference_model` (benchmarks, batch use); otherwise `model` /
+    `checkpoint` / `device` / `attention` are loaded here. Writes: the labelmap (`output`, default
+    `<stem>_mask.nii.gz` beside the input), `<output stem>.json`, and optionally a preview PNG and
+    per-object probability maps (float32 NIfTI, linear interpolation onto the input grid) in `probabilities`.
+    """
+    from fastsam3d_cli.clickfile import check_inside, read_click_file, to_lps
+    from fastsam3d_cli.device import resolve_device
+    from fastsam3d_cli.imaging import read_image
+    from fastsam3d_cli.predictor import Predictor
+
+    say = progress or (lambda stage: None)
+    wall_start = time.perf_counter()
+    if int(max_crops) < 1:
+        raise UsageError(f"--max-crops {max_crops} is invalid", "use 1 or more (1 turns crop extension off)")
+    if channel is not None and channel < 0:
+        raise UsageError(f"--channel {channel} is invalid", "channels are numbered from 0")
+    if loaded is None:
+        model_choice(model)
+    volume_path = Path(volume).expanduser()
+    outputs = _plan_outputs(volume_path, Path(output) if output is not None else None,
+                            Path(preview) if preview is not None else None,
+                            Path(probabilities) if probabilities is not None else None, overwrite)
+    torch_device = loaded.device if loaded is not None else resolve_device(device)
+
+    say("reading")
+    read_start = time.perf_counter()
+    click_file = read_click_file(clicks)
+    image = read_image(volume_path, channel)
+    points_lps = [to_lps(obj.points, click_file.space, image) for obj in click_file.objects]
+    for obj, lps in zip(click_file.objects, points_lps):
+        check_inside(obj, lps, image, click_file.space)
+    nifti_header = _nifti_header(volume_path, image)
+    input_sha256 = _sha256(volume_path)
+    clicks_sha256 = _sha256(Path(clicks))
+    read_ms = (time.perf_counter() - read_start) * 1000.0
+
+    if loaded is None:
+        say("loading the model")
+        loaded = load_inference_model(model, checkpoint, torch_device, attention, offline, progress=progress is not None)
+    run_start = time.perf_counter()
+    predictor = Predictor(loaded.model, loaded.device, max_crops=max_crops)
+    say("preprocessing")
+    predictor.set_volume(image)
+    for obj, lps in zip(click_file.objects, points_lps):
+        say(f"segmenting {obj.name}")
+        predictor.add_clicks(lps, obj.point_labels, space="lps", object=obj.name, return_mask=False)
+
+    say("pasting back")
+    labels = compose_labelmap(predictor, click_file.objects)
+    result = _sidecar(volume_path, image, input_sha256, click_file, Path(clicks), clicks_sha256, outputs, labels,
+                      predictor, loaded, channel, max_crops, nifti_header)
+    say("writing")
+    _write_outputs(outputs, labels, image, nifti_header, predictor, click_file, result,
+                   timings_start=(read_ms, run_start, wall_start, loaded))
+    return result
+
+
+def compose_labelmap(predictor: Any, objects: Sequence[Any]) -> np.ndarray:
+    """One labelmap on the input grid (ijk): uint8, or uint16 if a label exceeds 255; higher probability wins."""
+    size = tuple(predictor.input_image.GetSize())
+    dtype = np.uint8 if max(o.label for o in objects) <= 255 else np.uint16
+    labels = np.zeros(size, dtype=dtype)
+    best: np.ndarray | None = None  # the winning logit per voxel, once two objects could overlap
+    for obj in objects:
+        patch = predictor.input_logits(obj.name)
+        if patch is None:
+            continue
+        start, logits = patch
+        region = tuple(slice(s, s + n) for s, n in zip(start, logits.shape))
+        if len(objects) == 1:
+            labels[region][logits > 0] = obj.label
+            continue
+        if best is None:
+            best = np.full(size, -np.inf, dtype=np.float32)
+        wins = (logits > 0) & (logits > best[region])
+        labels[region][wins] = obj.label
+        best[region][wins] = logits[wins]
+    return labels
+
+
+# ------------------------------------------------------------------------------------------ sidecar
+def _sidecar(volume: Path, image: Any, input_sha256: str, click_file: Any, clicks_path: Path, clicks_sha256: str,
+             outputs: _Outputs, labels: np.ndarray, predictor: Any, loaded: LoadedModel, channel: int | None,
+             max_crops: int, nifti_header: Any) -> dict[str, Any]:
+    import torch
+
+    from fastsam3d_cli import __version__
+
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1) if labels.size else np.zeros(1, int)
+    objects, warnings = [], []
+    for obj in click_file.objects:
+        report = predictor.object_report(obj.name)
+        voxels = int(counts[obj.label]) if obj.label < len(counts) else 0
+        objects.append({"name": obj.name, "label": obj.label, "voxels": voxels,
+                        "volume_ml": round(voxels * voxel_ml, 4), **{k: v for k, v in report.items() if k != "name"}})
+        if report["unused_clicks"]:
+            warnings.append(f"object '{obj.name}': clicks {report['unused_clicks']} lie outside its {max_crops} "
+                            "crop(s) and were not used; raise --max-crops")
+        if voxels == 0:
+            warnings.append(f"object '{obj.name}' is empty in the output")
+    warnings.extend(_header_warnings(nifti_header))
+    canonical = predictor.canonical_grid
+    probabilities = ({o.name: str(probability_path(outputs.probabilities_dir, outputs.labelmap, o.label, o.name))
+                      for o in click_file.objects} if outputs.probabilities_dir is not None else None)
+    return {
+        "fastsam3d": __version__,
+        "input": {"path": str(volume.absolute()), "sha256": input_sha256, "channel": channel,
+                  **_grid(image), "pixel_type": image.GetPixelIDTypeAsString()},
+        "clicks_file": {"path": str(clicks_path.absolute()), "sha256": clicks_sha256, "format": click_file.format,
+                        "space": click_file.space},
+        "outputs": {"labelmap": str(outputs.labelmap), "sidecar": str(outputs.sidecar),
+                    "preview": str(outputs.preview) if outputs.preview else None, "probabilities": probabilities},
+        "labelmap_dtype": str(labels.dtype),
+        "model": {"preset": loaded.preset, "weights_name": loaded.weights_name, "checkpoint": str(loaded.checkpoint),
+                  "checkpoint_sha256": loaded.checkpoint_sha256},
+        "device": str(loaded.device), "attention": loaded.attention, "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+        "pipeline": {"spacing_mm": predictor.spacing_mm, "crop_size": predictor.crop_size,
+                     "clicks": "one new point per decoder step + the previous low-res logits (zeros first)",
+                     "max_crops": max_crops, "extension_step": predictor.extension_step,
+                     "overlap": "higher probability wins", "canonical_grid": _grid(canonical)},
+        "crops_run": sum(o["crops_run"] for o in objects),
+        "objects": objects,
+        "warnings": warnings,
+        "timings_ms": {},
+    }
+
+
+def _grid(image: Any) -> dict[str, Any]:
+    return {"size": list(image.GetSize()), "spacing": [round(v, 6) for v in image.GetSpacing()],
+            "origin_lps": [round(v, 6) for v in image.GetOrigin()],
+            "direction_lps": [round(v, 6) for v in image.GetDirection()]}
+
+
+def _timings(predictor: Any, read_ms: float, run_start: float, wall_start: float, loaded: LoadedModel,
+             write_ms: float) -> dict[str, Any]:
+    def total(stage: str) -> float:
+        return sum(t["ms"] for t in predictor.timings if t["stage"] == stage)
+
+    decode = [{"object": t["object"], "click": t["click"], "crop": t["crop"], "ms": round(t["ms"], 2)}
+              for t in predictor.timings if t["stage"] == "decode"]
+    encode = [{"crop": t["crop"], "ms": round(t["ms"], 2)} for t in predictor.timings if t["stage"] == "encode"]
+    now = time.perf_counter()
+    return {"read": round(read_ms, 2), "preprocess": round(total("preprocess"), 2), "encode": round(total("encode"), 2),
+            "decode": round(total("decode"), 2), "paste": round(total("paste"), 2), "write": round(write_ms, 2),
+            "after_model_load": round(read_ms + (now - run_start) * 1000.0, 2),
+            "load_model": round(loaded.load_ms, 2) if loaded.load_ms else 0.0,
+            "wall": round((now - wall_start) * 1000.0, 2),
+            "encode_per_crop": encode, "decode_per_click": decode}
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _write_outputs(outputs: _Outputs, labels: np.ndarray, image: Any, nifti_header: Any, predictor: Any,
+                   click_file: Any, result: dict[str, Any], timings_start: tuple) -> None:
+    """Write everything to temporary files, then rename them all; nothing is left behind on failure."""
+    import json
+
+    from fastsam3d_cli.atomic import atomic_path
+
+    read_ms, run_start, wall_start, loaded = timings_start
+    write_start = time.perf_counter()
+    created_dir = False
+    try:
+        with contextlib.ExitStack() as stack:
+            labelmap_tmp = stack.enter_context(atomic_path(outputs.labelmap))
+            write_volume(labels, image, nifti_header, labelmap_tmp)
+            if outputs.probabilities_dir is not None:
+                if not outputs.probabilities_dir.exists():
+                    outputs.probabilities_dir.mkdir()
+                    created_dir = True
+                for obj in click_file.objects:
+                    path = probability_path(outputs.probabilities_dir, outputs.labelmap, obj.label, obj.name)
+                    tmp = stack.enter_context(atomic_path(path))
+                    write_volume(predictor.probabilities(obj.name), image, nifti_header, tmp)
+            if outputs.preview is not None:
+                from fastsam3d_cli.preview import write_preview
+
+                tmp = stack.enter_context(atomic_path(outputs.preview))
+                write_preview(tmp, image, labels, _preview_objects(predictor, click_file))
+            sidecar_tmp = stack.enter_context(atomic_path(outputs.sidecar))
+            write_ms = (time.perf_counter() - write_start) * 1000.0
+            result["timings_ms"] = _timings(predictor, read_ms, run_start, wall_start, loaded, write_ms)
+            sidecar_tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        if created_dir:
+            with contextlib.suppress(OSError):
+                outputs.probabilities_dir.rmdir()
+        raise
+
+
+def _preview_objects(predictor: Any, click_file: Any) -> list[dict[str, Any]]:
+    from fastsam3d_cli.clickfile import lps_to_ijk
+
+    items = []
+    for obj in click_file.objects:
+        state = predictor.object_state(obj.name)
+        lps = np.array([c.lps for c in state.clicks])
+        items.append({"name": obj.name, "label": obj.label, "clicks_ijk": lps_to_ijk(lps, predictor.input_image),
+                      "includes": [c.include for c in state.clicks]})
+    return items
+
+
+def write_volume(array: np.ndarray, image: Any, nifti_header: Any, path: Path) -> None:
+    """Write an ijk array on `image`'s grid to `path`.
+
+    NIfTI output of a NIfTI input keeps the input header (qform, sform, codes, pixdim, units) with only the
+    data type, scaling and description changed; everything else gets SimpleITK's `CopyInformation`.
+    """
+    import SimpleITK as sitk
+
+    from fastsam3d_cli.imaging import image_from_array_ijk
+
+    if nifti_header is not None and path.name.lower().endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        header = nifti_header.copy()
+        header.set_data_dtype(array.dtype)
+        header.set_slope_inter(1.0, 0.0)
+        header["cal_min"], header["cal_max"] = 0, 0
+        header["descrip"] = b"fastsam3d"
+        header["intent_code"] = 0
+        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        nii = image_class(np.asarray(array), None, header)
+        nii.set_qform(nifti_header.get_qform(), code=int(nifti_header["qform_code"]))
+        nii.set_sform(nifti_header.get_sform(), code=int(nifti_header["sform_code"]))
+        _restore_header_geometry(nii.header, nifti_header)
+        nib.save(nii, str(path))
+        return
+    sitk.WriteImage(image_from_array_ijk(array, image), str(path), useCompression=True)
+
+
+def _restore_header_geometry(header: Any, source: Any) -> None:
+    """Copy the raw qform/sform fields (bit-exact) that set_qform/set_sform may have recomputed."""
+    for field in ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+                  "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units"):
+        header[field] = source[field]
+    pixdim = header["pixdim"].copy()
+    pixdim[:4] = source["pixdim"][:4]
+    header["pixdim"] = pixdim
+
+
+def _nifti_header(path: Path, image: Any) -> Any:
+    """The input's NIfTI header when the input is a 3D-compatible NIfTI on the same voxel grid, else None."""
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        return None
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+    except Exception:  # noqa: BLE001 - SimpleITK read it; fall back to its geometry
+        return None
+    if tuple(int(v) for v in header.get_data_shape()[:3]) != tuple(image.GetSize()):
+        return None
+    return header
+
+
+def _header_warnings(header: Any) -> list[str]:
+    if header is None or int(header["qform_code"]) == 0 or int(header["sform_code"]) == 0:
+        return []
+    if np.allclose(header.get_qform(), header.get_sform(), atol=1e-3):
+        return []
+    return ["the input's qform and sform differ; world (ras/lps) clicks were placed with the geometry SimpleITK "
+            "reads (see input.origin_lps/direction_lps); both are kept unchanged in the output"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256_cached(path: Path) -> str:
+    """sha256 of a checkpoint, remembered per (path, size, mtime) within this process."""
+    stat = path.stat()
+    key = (str(path.absolute()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = _sha256(path)
+    return _SHA_CACHE[key]
