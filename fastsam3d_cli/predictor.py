@@ -128,11 +128,9 @@ class Predictor:
             raise UsageError(f"--max-crops {max_crops} is invalid", "use 1 or more (1 turns crop extension off)")
         self.model = model
         self.device = torch.device(device) if device is not None else _model_device(model)
-        if self.device.type == "cpu":
-            # Subnormal floats (|x| < 1.2e-38) in the decoder's activations make CPU decoding up to 10× slower
-            # (measured: 1.05 s → 0.09 s per click with FastSAM3D-size weights); flushing them to zero changes
-            # no result above that magnitude. Process-wide, like every CPU inference runtime that sets FTZ/DAZ.
-            torch.set_flush_denormal(True)
+        from fastsam3d_cli.model.sam3d import flush_denormals_on_cpu
+
+        flush_denormals_on_cpu(self.device)  # an injected model may not come from build_model/load_model
         config = getattr(model, "config", None)
         self.crop_size = int(config.image_size) if config is not None else 128
         self.low_res_size = int(config.low_res_size) if config is not None else self.crop_size // 4
