@@ -55,6 +55,17 @@ SPARSE_SEGMENT = 512  # flat tokens per segment (the whole 8³ grid)
 SPARSE_DILATION = 8  # group = tokens of one segment with equal flat index mod 8 (64 tokens each)
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+         scale: float | None = None) -> torch.Tensor:
+    """scaled_dot_product_attention on (BH, N, hd) tensors, passed as 4-D so CPU takes the fused kernel.
+
+    With 3-D inputs torch falls back to the unfused math path on CPU (several times slower per call).
+    """
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None],
+                                         attn_mask=None if mask is None else mask[None], scale=scale)
+    return out[0]
+
+
 # --------------------------------------------------------------------------------- relative position
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """Relative-position embeddings for every (query, key) position pair along one axis.
@@ -171,7 +182,7 @@ class EncoderAttention(nn.Module):
         if self.backend == "exact":
             out = self._exact(q, k, v, grid)
         elif self.backend == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias(q, grid))
+            out = sdpa(q, k, v, self._bias(q, grid))
         elif self.backend == "flash":
             out = self._flash(q, k, v, grid)
         elif self.backend == "sparse":
@@ -208,7 +219,7 @@ class EncoderAttention(nn.Module):
         keys = torch.cat([k, k_pad], dim=1)
         values = torch.cat([v, v_pad], dim=1)
         bias = torch.cat([real_bias, log_pad[..., None]], dim=-1).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+        out = sdpa(q, keys, values, bias)
         return self._merge_heads(out, b, (n, n, n))
 
     def _zero_token_qkv(self, b: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
