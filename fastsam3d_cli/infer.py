@@ -52,6 +52,7 @@ class LoadedModel:
     device: Any  # torch.device
     attention: str  # resolved backend
     load_ms: float
+    dtype: str = "float32"  # weights/activation type the model runs in
 
 
 def model_choice(name: str | None) -> tuple[str, str | None]:
@@ -62,9 +63,25 @@ def model_choice(name: str | None) -> tuple[str, str | None]:
     return MODEL_CHOICES[key]
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str) -> Any:
+    """torch dtype for a --dtype value (UsageError otherwise)."""
+    import torch
+
+    if name not in DTYPES:
+        raise UsageError(f"unknown --dtype '{name}'", f"choose one of: {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
 def load_inference_model(model: str | None = None, checkpoint: str | Path | None = None, device: Any = "auto",
-                         attention: str = "auto", offline: bool | None = None, progress: bool = False) -> LoadedModel:
+                         attention: str = "auto", offline: bool | None = None, progress: bool = False,
+                         dtype: str = "float32") -> LoadedModel:
     """Load `--checkpoint` (preset inferred unless `model` is given), or the named model's cached weights.
+
+    dtype: "float32" (exact), or "bfloat16"/"float16" to run the model in reduced precision (bfloat16 is
+    about 2–3× faster on CPUs with AVX512-BF16/AMX and on GPUs; masks can differ along outlines).
 
     WeightsError (exit 4): checkpoint missing, corrupt or for another preset; named weights not cached
     while offline (the message names the `fastsam3d weights download/import` command).
@@ -73,6 +90,7 @@ def load_inference_model(model: str | None = None, checkpoint: str | Path | None
     from fastsam3d_cli.model.checkpoint import load_model
 
     torch_device = device if not isinstance(device, str) else resolve_device(device)
+    weights_dtype = torch_dtype(dtype)
     preset, weights_name = model_choice(model)
     start = time.perf_counter()
     if checkpoint is None:
@@ -86,9 +104,10 @@ def load_inference_model(model: str | None = None, checkpoint: str | Path | None
         path, weights_name = Path(checkpoint).expanduser(), None
     net, info = load_model(path, preset=preset if (model is not None or checkpoint is None) else None,
                            device=torch_device, attention=attention)
+    net = net.to(weights_dtype)
     digest = _sha256_cached(path)
     return LoadedModel(net, str(info.preset), path.absolute(), digest, weights_name, torch_device,
-                       str(getattr(net, "attention", attention)), (time.perf_counter() - start) * 1000.0)
+                       str(getattr(net, "attention", attention)), (time.perf_counter() - start) * 1000.0, dtype)
 
 
 # ------------------------------------------------------------------------------------------ paths
@@ -165,7 +184,7 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
                attention: str = "auto", preview: str | Path | None = None,
                probabilities: str | Path | None = None, overwrite: bool = False, max_crops: int = 8,
                channel: int | None = None, offline: bool | None = None, loaded: LoadedModel | None = None,
-               progress: Progress | None = None) -> dict[str, Any]:
+               progress: Progress | None = None, dtype: str = "float32") -> dict[str, Any]:
     """Segment every object of a click file on `volume`; write the labelmap and its sidecar; return the sidecar.
 
     `loaded` re-uses a model loaded by `load_inference_model` (benchmarks, batch use); otherwise `model` /
@@ -186,6 +205,7 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
         raise UsageError(f"--channel {channel} is invalid", "channels are numbered from 0")
     if loaded is None:
         model_choice(model)
+        torch_dtype(dtype)
     volume_path = Path(volume).expanduser()
     outputs = _plan_outputs(volume_path, Path(output) if output is not None else None,
                             Path(preview) if preview is not None else None,
@@ -206,7 +226,8 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
 
     if loaded is None:
         say("loading the model")
-        loaded = load_inference_model(model, checkpoint, torch_device, attention, offline, progress=progress is not None)
+        loaded = load_inference_model(model, checkpoint, torch_device, attention, offline,
+                                      progress=progress is not None, dtype=dtype)
     run_start = time.perf_counter()
     predictor = Predictor(loaded.model, loaded.device, max_crops=max_crops)
     say("preprocessing")
@@ -284,7 +305,7 @@ def _sidecar(volume: Path, image: Any, input_sha256: str, click_file: Any, click
         "labelmap_dtype": str(labels.dtype),
         "model": {"preset": loaded.preset, "weights_name": loaded.weights_name, "checkpoint": str(loaded.checkpoint),
                   "checkpoint_sha256": loaded.checkpoint_sha256},
-        "device": str(loaded.device), "attention": loaded.attention, "torch": torch.__version__,
+        "device": str(loaded.device), "attention": loaded.attention, "dtype": loaded.dtype, "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
         "pipeline": {"spacing_mm": predictor.spacing_mm, "crop_size": predictor.crop_size,
                      "clicks": "one new point per decoder step + the previous low-res logits (zeros first)",

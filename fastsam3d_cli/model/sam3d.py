@@ -55,13 +55,18 @@ class Sam3D(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating-point type of the weights; inputs are cast to it (float32, or bfloat16/float16 for speed)."""
+        return next(self.parameters()).dtype
+
     # ------------------------------------------------------------------------------ the API
     def encode(self, volume: torch.Tensor) -> torch.Tensor:
         """Image embedding (B, 384, 8, 8, 8) of z-normalised crops `volume` (B, 1, 128, 128, 128)."""
         size = self.config.image_size
         if volume.ndim != 5 or volume.shape[1] != 1 or tuple(volume.shape[2:]) != (size,) * 3:
             raise ValueError(f"volume must be (B, 1, {size}, {size}, {size}); got {tuple(volume.shape)}")
-        return self.image_encoder(volume)
+        return self.image_encoder(volume.to(self.dtype))
 
     def decode(self, embedding: torch.Tensor, points: torch.Tensor | None, point_labels: torch.Tensor | None,
                mask_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +86,10 @@ class Sam3D(nn.Module):
                 raise ValueError(f"points must be (B, N, 3) and labels (B, N); got {tuple(points.shape)}, "
                                  f"{tuple(point_labels.shape)}")
         prompt = None if points is None else (points, point_labels)
+        if mask_logits is not None:
+            mask_logits = mask_logits.to(self.dtype)
         sparse, dense = self.prompt_encoder(prompt, mask_logits, batch_size=embedding.shape[0])
-        return self.mask_decoder(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense,
+        return self.mask_decoder(embedding.to(self.dtype), self.prompt_encoder.get_dense_pe(), sparse, dense,
                                  multimask_output=False)
 
     def upsample_logits(self, low_res_logits: torch.Tensor) -> torch.Tensor:
