@@ -596,27 +596,6 @@ def _check_end_to_end_inputs(volume: str | Path, clicks_file: str | Path) -> Non
         check_inside(obj, to_lps(obj.points, click_file.space, image), image, click_file.space)
 
 
-class _Float32Interface:
-    """A reduced-precision Sam3D behind the float32 interface the inference pipeline speaks.
-
-    The Predictor feeds float32 crops and logits; this casts them to the model's dtype and returns float32
-    logits (the casts a real bf16/fp16 pipeline needs too, so they are part of what is timed)."""
-
-    def __init__(self, model, dtype: torch.dtype) -> None:
-        self.model, self.dtype, self.config = model, dtype, model.config
-
-    def encode(self, volume: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(volume.to(self.dtype))
-
-    def decode(self, embedding, points, point_labels, mask_logits=None):
-        previous = None if mask_logits is None else mask_logits.to(self.dtype)
-        low_res, iou = self.model.decode(embedding, points, point_labels, previous)
-        return low_res.float(), iou.float()
-
-    def upsample_logits(self, low_res_logits: torch.Tensor) -> torch.Tensor:
-        return self.model.upsample_logits(low_res_logits)
-
-
 def _time_end_to_end(model, row: ConfigResult, device: torch.device, settings: dict) -> None:
     """Time `infer_file` (volume + click file → labelmap + sidecar in a temporary folder) with this model.
 
@@ -627,11 +606,10 @@ def _time_end_to_end(model, row: ConfigResult, device: torch.device, settings: d
 
     from fastsam3d_cli.infer import LoadedModel, infer_file
 
-    dtype = DTYPES[row.dtype]
-    runner = model if dtype == torch.float32 else _Float32Interface(model, dtype)
-    loaded = LoadedModel(model=runner, preset=row.model, checkpoint=Path("(random weights: benchmark)"),
+    # The model core casts float32 inputs to the weights' dtype, as `infer --dtype` relies on.
+    loaded = LoadedModel(model=model, preset=row.model, checkpoint=Path("(random weights: benchmark)"),
                          checkpoint_sha256="-", weights_name=None, device=device, attention=row.backend or "",
-                         load_ms=0.0)
+                         load_ms=0.0, dtype=row.dtype)
     with tempfile.TemporaryDirectory(prefix="fastsam3d-benchmark-") as folder:
         output = Path(folder) / "mask.nii.gz"
 
