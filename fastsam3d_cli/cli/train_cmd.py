@@ -1,0 +1,177 @@
+"""`fastsam3d train`: interactive training with simulated clicks on prepared data (API: `fastsam3d_cli.train.train`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from fastsam3d_cli.cli.common import (cli_errors, print_error, print_json, progress_enabled, state, stderr_console,
+                                      stdout_console)
+
+EPILOG = (
+    "Examples:\n\n"
+    "  fastsam3d train prepared --model fastsam3d-tiny -o runs/tiny --epochs 20\n\n"
+    "  fastsam3d train prepared --model fastsam3d --init FastSAM3D.pth --freeze-encoder --lr 8e-5 -o runs/ft\n\n"
+    "  fastsam3d train prepared --model fastsam3d-tiny -o runs/tiny --resume          (continue exactly)\n\n"
+    "  torchrun --nproc-per-node 4 -m fastsam3d_cli train prepared --model sam-med3d -o runs/teacher --amp\n\n"
+    "Writes RUN_DIR/last.pth and best.pth (official checkpoint layout + optimizer, scheduler, RNG states, config), "
+    "metrics.jsonl (per epoch), steps.jsonl (per step) and train.png. Ctrl-C stops after the current step and "
+    "saves last.pth.\n\n"
+    "Exit codes: 0 ok, 2 usage, 3 bad input (dataset, run folder, --resume without a checkpoint), "
+    "4 weights (checkpoint of another model), 5 device, 130 interrupted."
+)
+RECIPE = "Recipe"
+RUN = "Run control"
+DATA = "Data"
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    from fastsam3d_cli.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not a comma-separated list of integers", f"e.g. {option} 60,90") from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `train` command to the app."""
+
+    @app.command("train", epilog=EPILOG)
+    @cli_errors
+    def train(
+        prepared_dirs: List[Path] = typer.Argument(..., metavar="PREPARED_DIR",
+                                                   help="Folders written by `fastsam3d prepare`."),
+        model: str = typer.Option(..., "--model", "-m", help="sam-med3d, fastsam3d or fastsam3d-tiny."),
+        init: Optional[Path] = typer.Option(None, "--init", metavar="CHECKPOINT",
+                                            help="Start from these weights (must fit --model).", rich_help_panel=RECIPE),
+        freeze_encoder: bool = typer.Option(False, "--freeze-encoder",
+                                            help="Train only the prompt encoder and mask decoder.", rich_help_panel=RECIPE),
+        unfreeze_patience: Optional[int] = typer.Option(
+            None, "--unfreeze-patience", metavar="EPOCHS", rich_help_panel=RECIPE,
+            help="Start with the encoder frozen; each time the epoch loss has not improved for EPOCHS epochs, "
+                 "unfreeze one more encoder block (last first) and rebuild the optimizer."),
+        epochs: int = typer.Option(100, "--epochs", help="Epochs (one pass over all prepared (case, class) pairs).",
+                                   rich_help_panel=RECIPE),
+        batch_size: int = typer.Option(1, "--batch-size", help="Samples per micro-batch (per process).",
+                                       rich_help_panel=RECIPE),
+        accumulate: int = typer.Option(1, "--accumulate", metavar="K",
+                                       help="Micro-batches per optimizer step (gradient accumulation).",
+                                       rich_help_panel=RECIPE),
+        lr: float = typer.Option(8e-4, "--lr", help="Encoder learning rate; prompt encoder and decoder use 0.1×.",
+                                 rich_help_panel=RECIPE),
+        lr_milestones: Optional[str] = typer.Option(None, "--lr-milestones", metavar="E1,E2",
+                                                    help="Epochs after which the lr is multiplied by 0.1 "
+                                                         "(default: 60% and 90% of --epochs).", rich_help_panel=RECIPE),
+        iterations: int = typer.Option(11, "--iterations",
+                                       help="Decoder iterations (simulated clicks) per sample.", rich_help_panel=RECIPE),
+        seed: int = typer.Option(2023, "--seed", help="Seed of initial weights, augmentation and clicks.",
+                                 rich_help_panel=RECIPE),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="RUN_DIR",
+                                              help="Run folder (default: runs/<model>-<date-time>)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in RUN_DIR exactly from last.pth."),
+        device: str = typer.Option("auto", "--device", envvar="FASTSAM3D_DEVICE",
+                                   help="auto, cpu, cuda or cuda:N (under torchrun: the process's GPU).",
+                                   rich_help_panel=RUN),
+        amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 autocast + grad scaling), CUDA only.",
+                                 rich_help_panel=RUN),
+        workers: int = typer.Option(0, "--workers", help="Data-loading processes.", rich_help_panel=RUN),
+        attention: str = typer.Option("auto", "--attention", help="Encoder attention: auto, exact, sdpa or flash.",
+                                      rich_help_panel=RUN),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps",
+                                                help="Stop after this many optimizer steps in total (resumable).",
+                                                rich_help_panel=RUN),
+        time_limit: Optional[float] = typer.Option(None, "--time-limit", metavar="MINUTES",
+                                                   help="Stop this invocation after MINUTES (resumable).",
+                                                   rich_help_panel=RUN),
+        save_every: Optional[int] = typer.Option(None, "--save-every", metavar="STEPS",
+                                                 help="Also write last.pth every STEPS steps.", rich_help_panel=RUN),
+        classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes to train on (default all).",
+                                              rich_help_panel=DATA),
+        min_foreground: int = typer.Option(1000, "--min-foreground", metavar="VOXELS",
+                                           help="Redraw crops with fewer label voxels than this.", rich_help_panel=DATA),
+        json_output: bool = typer.Option(False, "--json", help="Print one JSON object with the summary on stdout."),
+    ) -> None:
+        """Train a model to segment from clicks (SAM-Med3D recipe: simulated clicks, Dice + CE, AdamW, DDP)."""
+        from fastsam3d_cli.train import train as run_training
+
+        class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+        with _StepProgress(enabled=progress_enabled(json_output)) as progress:
+            result = run_training(
+                prepared_dirs, model, init=init, freeze_encoder=freeze_encoder, epochs=epochs, batch_size=batch_size,
+                accumulate=accumulate, lr=lr, output=output, resume=resume, device=device, amp=amp, workers=workers,
+                seed=seed, iterations=iterations, unfreeze_patience=unfreeze_patience,
+                lr_milestones=_int_list(lr_milestones, "--lr-milestones"), max_steps=max_steps,
+                time_limit_s=None if time_limit is None else time_limit * 60.0, save_every_steps=save_every,
+                classes=class_names, min_foreground_voxels=min_foreground, attention=attention,
+                log=None if state.quiet or json_output else _log, on_step=progress.update)
+        if not result.is_main:
+            return
+        if json_output:
+            print_json(result.to_json())
+        elif not state.quiet:
+            _render(result)
+        if result.outcome.stop_reason == "interrupted":
+            print_error(f"interrupted at step {result.outcome.global_step}; {result.run_dir / 'last.pth'} is saved — "
+                        "continue with --resume")
+            raise typer.Exit(130)
+
+
+def _log(message: str) -> None:
+    stderr_console.print(message, markup=False, highlight=False)
+
+
+class _StepProgress:
+    """A Rich progress bar over optimizer steps with the latest loss and Dice (stderr; no-op when disabled)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> "_StepProgress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console)
+            self._progress.__enter__()
+        return self
+
+    def update(self, record: dict[str, Any], total: int) -> None:
+        if self._progress is None:
+            return
+        text = f"epoch {record['epoch']:.2f} loss {record['loss']:.4f} dice {record.get('dice', float('nan')):.4f}"
+        if self._task is None:
+            self._task = self._progress.add_task(text, total=total, completed=record["step"] - 1)
+        self._progress.update(self._task, completed=record["step"], total=total, description=text)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+
+
+def _render(result: Any) -> None:  # noqa: ANN401 - TrainResult, imported lazily
+    from rich.table import Table
+
+    outcome = result.outcome
+    table = Table(title=f"{result.preset}: {result.run_dir}", title_justify="left")
+    for column in ("epoch", "step", "loss", "Dice", "lr", "seconds", ""):
+        table.add_column(column, justify="right" if column else "left")
+    for record in outcome.epoch_records[-10:]:
+        lr = record.get("lr") or [0.0]
+        table.add_row(str(record["epoch"]), str(record["step"]), f"{record['loss']:.4f}",
+                      f"{record.get('dice') or float('nan'):.4f}", f"{max(lr):.2e}", f"{record['seconds']:.0f}",
+                      "best" if record.get("best") else "")
+    if outcome.epoch_records:
+        stdout_console.print(table)
+    stdout_console.print(
+        f"{outcome.stop_reason}: {outcome.epochs_completed} epoch(s), {outcome.global_step} step(s) on "
+        f"{result.samples} sample(s), {result.world_size} process(es), {result.device}, {outcome.wall_s:.0f} s. "
+        f"Checkpoints: {outcome.last_checkpoint}"
+        + (f", {outcome.best_checkpoint} (best {outcome.best_metric} {outcome.best_value:.4f})"
+           if outcome.best_checkpoint and outcome.best_value is not None else ""), highlight=False, markup=False)

@@ -1,0 +1,372 @@
+"""`train`: interactive segmentation training with simulated clicks — the SAM-Med3D / FastSAM3D recipe.
+
+Per training sample (reference/models.md §5.1): encode the 128³ crop once, then `iterations` decoder
+steps (11 in the reference). Each step adds ONE new simulated click (the `random` method: a uniform voxel of
+the current error region) and feeds back the previous step's low-res logits (zeros before the first click);
+at one random step in [2, iterations−2) and at the last step the decoder sees the mask only (no point).
+The loss is Dice + cross-entropy on the 128³ upsampled logits, summed over the steps.
+
+Optimisation: AdamW (wd 0.1), the prompt encoder and mask decoder at 0.1× the learning rate, a step
+schedule (×0.1 at 60% and 90% of the epochs unless `lr_milestones` is given), gradient accumulation,
+AMP on CUDA, DDP under torchrun — all in `trainer.Trainer`, which distillation reuses with its own task.
+
+`freeze_encoder` trains only the prompt encoder and decoder (FastSAM3D's decoder fine-tune).
+`unfreeze_patience` P (FastSAM3D's train_unfreeze.py): start with the encoder frozen; whenever the epoch
+loss has not improved for P epochs, unfreeze one more encoder stage — the last block together with the
+neck first, then the earlier blocks from the end backwards, finally the patch embedding — and rebuild
+the optimizer and scheduler (the schedule keeps its global epoch count).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastsam3d_cli.clicks import clicks_to_prompt, random_click
+from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
+from fastsam3d_cli.losses import dice_ce_loss, dice_score
+from fastsam3d_cli.trainer import (CURVES_PNG, LAST_CHECKPOINT, METRICS_LOG, STEPS_LOG, StepContext, Trainer,
+                                   TrainerSettings, TrainingTask, TrainOutcome, load_training_checkpoint)
+
+DEFAULT_ITERATIONS = 11
+DECODER_LR_SCALE = 0.1
+MODEL_SPACING_MM = 1.5
+
+
+# -------------------------------------------------------------------------------- the interaction loop
+@dataclass
+class InteractionResult:
+    loss: torch.Tensor  # summed over decoder steps, scalar
+    final_logits: torch.Tensor  # (B, 1, S, S, S) logits after the last step
+
+
+def mask_only_steps(iterations: int, rng: np.random.Generator) -> set[int]:
+    """Steps decoded without a point: one random step in [2, iterations−2) (when that range exists) and the last."""
+    steps = {iterations - 1} if iterations >= 2 else set()
+    if iterations - 2 > 2:
+        steps.add(int(rng.integers(2, iterations - 2)))
+    return steps
+
+
+def interactive_loss(model: nn.Module, embedding: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
+                     iterations: int, rng: np.random.Generator) -> InteractionResult:
+    """Simulate `iterations` interaction steps on a batch and sum the Dice+CE loss of every step.
+
+    embedding: (B, 384, 8, 8, 8) from `model.encode`; target: (B, 1, S, S, S) {0, 1}; valid: same shape,
+    False = ignore voxel (None = all valid). Clicks are drawn from the current prediction (logits > 0).
+    """
+    batch = target.shape[0]
+    low = model.config.low_res_size
+    low_res = torch.zeros((batch, 1, low, low, low), device=embedding.device, dtype=embedding.dtype)
+    logits = torch.zeros_like(target)
+    truth = target > 0.5
+    weight = None if valid is None else valid.to(target.dtype)
+    without_point = mask_only_steps(iterations, rng)
+    total = target.new_zeros(())
+    for index in range(iterations):
+        if index in without_point:
+            points = labels = None
+        else:
+            prediction = logits.detach() > 0
+            clicks = [random_click(prediction[b, 0], truth[b, 0], rng, None if valid is None else valid[b, 0])
+                      for b in range(batch)]
+            points, labels = clicks_to_prompt(clicks, embedding.device)
+        low_res, _ = model.decode(embedding, points, labels, low_res)
+        logits = model.upsample_logits(low_res)
+        total = total + dice_ce_loss(logits, target, weight)
+    return InteractionResult(total, logits)
+
+
+# ---------------------------------------------------------------------------------------- the task
+class InteractiveSegmentationTask(TrainingTask):
+    """Trains a Sam3D to segment from clicks: the `TrainingTask` of `fastsam3d train`."""
+
+    name = "train"
+    best_metric = "dice"
+    best_mode = "max"
+
+    def __init__(self, model: nn.Module, dataset: Any, iterations: int = DEFAULT_ITERATIONS,
+                 freeze_encoder: bool = False, unfreeze_patience: int | None = None,
+                 decoder_lr_scale: float = DECODER_LR_SCALE) -> None:
+        self.model, self.dataset = model, dataset
+        self.iterations = int(iterations)
+        self.decoder_lr_scale = float(decoder_lr_scale)
+        self.unfreeze_patience = unfreeze_patience
+        self.freeze_encoder = bool(freeze_encoder or unfreeze_patience is not None)
+        self.unfrozen_stages = 0
+        self.best_epoch_loss: float | None = None
+        self.epochs_without_improvement = 0
+        self._apply_freezing()
+
+    # ---- which parameters train
+    def encoder_stages(self) -> list[list[nn.Parameter]]:
+        """Encoder parameter groups in unfreezing order: neck + last block, earlier blocks backwards, patch embedding."""
+        encoder = self.model.image_encoder
+        blocks = list(encoder.blocks)
+        stages = [list(encoder.neck.parameters()) + list(blocks[-1].parameters())]
+        stages += [list(block.parameters()) for block in reversed(blocks[:-1])]
+        stages.append(list(encoder.patch_embed.parameters()) + [encoder.pos_embed])
+        return stages
+
+    def _apply_freezing(self) -> None:
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(True)
+        if self.freeze_encoder:
+            for parameter in self.model.image_encoder.parameters():
+                parameter.requires_grad_(False)
+            for stage in self.encoder_stages()[:self.unfrozen_stages]:
+                for parameter in stage:
+                    parameter.requires_grad_(True)
+
+    @property
+    def encoder_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.model.image_encoder.parameters())
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        encoder = [p for p in self.model.image_encoder.parameters() if p.requires_grad]
+        prompt_and_decoder = [p for module in (self.model.prompt_encoder, self.model.mask_decoder)
+                              for p in module.parameters() if p.requires_grad]
+        groups = []
+        if encoder:
+            groups.append({"params": encoder, "lr": lr, "name": "image_encoder"})
+        groups.append({"params": prompt_and_decoder, "lr": lr * self.decoder_lr_scale, "name": "prompt_encoder+mask_decoder"})
+        return groups
+
+    # ---- one micro-batch
+    def step(self, batch: Mapping[str, Any], context: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        image, target = batch["image"], batch["label"]
+        valid = batch.get("valid")
+        if valid is not None and bool(valid.all()):
+            valid = None
+        with torch.set_grad_enabled(self.encoder_trainable):
+            embedding = self.model.encode(image)
+        result = interactive_loss(self.model, embedding, target, valid, self.iterations, context.rng())
+        prediction = result.final_logits.detach() > 0
+        dices = [dice_score(prediction[b], target[b] > 0.5, None if valid is None else valid[b])
+                 for b in range(target.shape[0])]
+        return result.loss, {"dice": float(np.nanmean(dices)) if not all(math.isnan(d) for d in dices) else math.nan}
+
+    # ---- progressive unfreezing
+    def end_of_epoch(self, record: Mapping[str, Any], log: Callable[[str], None]) -> bool:
+        if self.unfreeze_patience is None:
+            return False
+        loss = float(record["loss"])
+        if self.best_epoch_loss is None or loss < self.best_epoch_loss:
+            self.best_epoch_loss, self.epochs_without_improvement = loss, 0
+            return False
+        self.epochs_without_improvement += 1
+        if self.epochs_without_improvement < self.unfreeze_patience or self.unfrozen_stages >= len(self.encoder_stages()):
+            return False
+        self.unfrozen_stages += 1
+        self.epochs_without_improvement = 0
+        self._apply_freezing()
+        log(f"loss has not improved for {self.unfreeze_patience} epoch(s): unfroze encoder stage "
+            f"{self.unfrozen_stages}/{len(self.encoder_stages())}")
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iterations": self.iterations, "freeze_encoder": self.freeze_encoder,
+                "unfreeze_patience": self.unfreeze_patience, "unfrozen_stages": self.unfrozen_stages,
+                "best_epoch_loss": self.best_epoch_loss, "epochs_without_improvement": self.epochs_without_improvement}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.unfrozen_stages = int(state.get("unfrozen_stages", 0))
+        self.best_epoch_loss = state.get("best_epoch_loss")
+        self.epochs_without_improvement = int(state.get("epochs_without_improvement", 0))
+        self._apply_freezing()
+
+    # ---- checkpoints
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"preset": self.model.config.name, "config": self.model.config.to_dict()}
+
+    def check_checkpoint(self, payload: Mapping[str, Any], path: Path) -> None:
+        check_preset(payload, self.model.config.name, path)
+
+    def sample_names(self, indices: list[int]) -> list[str]:
+        return [self.dataset.describe(i) for i in indices]
+
+
+def check_preset(payload: Mapping[str, Any], preset: str, path: Path) -> None:
+    """WeightsError (exit 4) when a training checkpoint belongs to another model preset."""
+    if payload.get("preset") != preset:
+        raise WeightsError(f"{path} is a checkpoint of model '{payload.get('preset')}', not '{preset}'",
+                           f"resume with --model {payload.get('preset')}, or start a new run")
+
+
+# ------------------------------------------------------------------------------------------ the API
+@dataclass
+class TrainResult:
+    """Summary of a `train` call (on this rank); `model` is the trained Sam3D (in train mode, on its device)."""
+
+    run_dir: Path
+    preset: str
+    device: str
+    world_size: int
+    rank: int
+    samples: int
+    excluded_samples: int
+    outcome: TrainOutcome
+    model: nn.Module | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def to_json(self) -> dict[str, Any]:
+        o = self.outcome
+        last_epoch = o.epoch_records[-1] if o.epoch_records else None
+        return {"run_dir": str(self.run_dir), "model": self.preset, "device": self.device,
+                "processes": self.world_size, "samples": self.samples, "excluded_samples": self.excluded_samples,
+                "epochs_completed": o.epochs_completed, "global_step": o.global_step, "stop_reason": o.stop_reason,
+                "resumed_from_step": o.resumed_from_step,
+                "last_epoch": last_epoch, "best": {"metric": o.best_metric, "value": o.best_value},
+                "checkpoints": {"last": str(o.last_checkpoint) if o.last_checkpoint else None,
+                                "best": str(o.best_checkpoint) if o.best_checkpoint else None},
+                "metrics": str(self.run_dir / METRICS_LOG), "steps": str(self.run_dir / STEPS_LOG),
+                "plot": str(self.run_dir / CURVES_PNG), "wall_s": round(o.wall_s, 2), "warnings": self.warnings}
+
+
+def default_run_dir(preset: str) -> Path:
+    """runs/<model>-<YYYYmmdd-HHMMSS> under the current folder."""
+    return Path("runs") / f"{preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> Path:
+    """Validate the run folder before anything is written (exit 3 for every problem)."""
+    run_dir = Path(run_dir).expanduser().absolute()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BadInputError(f"run folder {run_dir} is a file", "choose a folder with --output")
+    last = run_dir / LAST_CHECKPOINT
+    if resume and not last.is_file():
+        raise BadInputError(f"--resume but {run_dir} holds no {LAST_CHECKPOINT}",
+                            "give the --output folder of an earlier run, or drop --resume to start a new one")
+    if not resume and last.exists():
+        raise BadInputError(f"{run_dir} already holds a training run ({LAST_CHECKPOINT})",
+                            "pass --resume to continue it, or choose another --output")
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadInputError(f"run folder {run_dir} cannot be created: {existing} is a file",
+                            "choose another location with --output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInputError(f"run folder {run_dir} is not writable", "choose a writable location with --output")
+    return run_dir
+
+
+_OPTION_NAMES = {"min_foreground_voxels": "--min-foreground", "time_limit_s": "--time-limit",
+                 "save_every_steps": "--save-every"}
+
+
+def _check_numbers(**values: Any) -> None:
+    """UsageError (exit 2) for out-of-range numbers, named as the command-line option."""
+    minimums = {"epochs": 1, "batch_size": 1, "accumulate": 1, "iterations": 1, "workers": 0, "max_steps": 0,
+                "unfreeze_patience": 1, "min_foreground_voxels": 1, "max_shift": 0, "save_every_steps": 1}
+    for name, value in values.items():
+        if value is None:
+            continue
+        option = _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+        if name in ("lr", "time_limit_s") and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"{option} must be positive (got {value:g})", "give a positive number")
+        if name in minimums and value < minimums[name]:
+            raise UsageError(f"{option} must be at least {minimums[name]} (got {value})",
+                             f"give a value >= {minimums[name]}")
+
+
+def default_milestones(epochs: int) -> tuple[int, ...]:
+    """×0.1 at 60% and 90% of the epochs (SAM-Med3D: 120/180 of 200; FastSAM3D: 60/90 of 100)."""
+    return tuple(sorted({max(1, round(epochs * 0.6)), max(1, round(epochs * 0.9))}))
+
+
+def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path | None = None,
+          freeze_encoder: bool = False, epochs: int = 100, batch_size: int = 1, accumulate: int = 1,
+          lr: float = 8e-4, output: str | Path | None = None, resume: bool = False, device: str = "auto",
+          amp: bool = False, workers: int = 0, seed: int = 2023, iterations: int = DEFAULT_ITERATIONS,
+          unfreeze_patience: int | None = None, lr_milestones: Sequence[int] | None = None, lr_gamma: float = 0.1,
+          weight_decay: float = 0.1, max_steps: int | None = None, time_limit_s: float | None = None,
+          save_every_steps: int | None = None, classes: Sequence[str] | None = None,
+          min_foreground_voxels: int = 1000, max_shift: int = 16, attention: str = "auto",
+          log: Callable[[str], None] | None = None,
+          on_step: Callable[[dict[str, Any], int], None] | None = None) -> TrainResult:
+    """Train (or fine-tune, or resume) a model on prepared folders; see the module docstring for the recipe.
+
+    Every input is checked before anything is written: bad numbers → UsageError (2); empty or wrong-layout
+    data, an unwritable run folder, `resume` without `last.pth`, a new run into an existing one →
+    BadInputError (3); an `init`/resume checkpoint of another model → WeightsError (4). Under torchrun
+    each process calls this; rank 0 writes the run folder.
+    """
+    from fastsam3d_cli import distributed
+    from fastsam3d_cli.device import resolve_device
+    from fastsam3d_cli.model import build_model, get_config
+    from fastsam3d_cli.prepared import list_prepared_samples
+    from fastsam3d_cli.training_data import InteractiveCropDataset
+
+    _check_numbers(epochs=epochs, batch_size=batch_size, accumulate=accumulate, iterations=iterations,
+                   workers=workers, max_steps=max_steps, unfreeze_patience=unfreeze_patience, lr=lr,
+                   time_limit_s=time_limit_s, min_foreground_voxels=min_foreground_voxels, max_shift=max_shift,
+                   save_every_steps=save_every_steps)
+    if init is not None and resume:
+        raise UsageError("--init and --resume together", "--resume continues the run's own weights; drop --init")
+    config = get_config(model)
+    milestones = tuple(sorted(int(m) for m in lr_milestones)) if lr_milestones is not None else default_milestones(epochs)
+    env = distributed.detect_environment()
+    torch_device = distributed.device_for_rank(env, resolve_device(device))
+    if not prepared_dirs:
+        raise UsageError("no PREPARED_DIR given", "give at least one folder written by fastsam3d prepare")
+    samples = [s for folder in prepared_dirs for s in list_prepared_samples(Path(folder), classes=classes)]
+    run_dir = check_run_dir(Path(output) if output is not None else default_run_dir(config.name), resume)
+    resume_payload = None
+    if resume:
+        resume_payload = load_training_checkpoint(run_dir / LAST_CHECKPOINT, InteractiveSegmentationTask.name)
+        check_preset(resume_payload, config.name, run_dir / LAST_CHECKPOINT)
+    warnings: list[str] = []
+    if amp and torch_device.type != "cuda":
+        warnings.append("--amp only applies on CUDA; training in float32 on the CPU")
+    spacings = sorted({s.spacing_mm for s in samples if s.spacing_mm is not None})
+    if any(abs(s - MODEL_SPACING_MM) > 1e-6 for s in spacings):
+        warnings.append(f"data prepared at {', '.join(f'{s:g}' for s in spacings)} mm; the models work at "
+                        f"{MODEL_SPACING_MM:g} mm")
+
+    torch.manual_seed(seed)  # the same initial weights on every rank and every rerun
+    if init is not None:
+        from fastsam3d_cli.model.checkpoint import load_model
+
+        network, _ = load_model(init, preset=config.name, device=torch_device, attention=attention)
+    else:
+        network = build_model(config.name, attention=attention, device=torch_device)
+    network.train()
+    dataset = InteractiveCropDataset(samples, seed=seed, max_shift=max_shift,
+                                     min_foreground_voxels=min_foreground_voxels, crop_size=config.image_size)
+    if dataset.excluded:
+        warnings.append(f"{len(dataset.excluded)} of {len(samples)} sample(s) have fewer than {min_foreground_voxels} "
+                        "label voxels and are left out")
+    task = InteractiveSegmentationTask(network, dataset, iterations=iterations, freeze_encoder=freeze_encoder,
+                                       unfreeze_patience=unfreeze_patience)
+    settings = TrainerSettings(run_dir=run_dir, epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
+                               weight_decay=weight_decay, lr_milestones=milestones, lr_gamma=lr_gamma, amp=amp,
+                               workers=workers, seed=seed, max_steps=max_steps, time_limit_s=time_limit_s,
+                               save_every_steps=save_every_steps)
+    created = distributed.init_process_group(env, torch_device)
+    try:
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier(env)
+        emit = distributed.rank_aware(log, env)
+        for warning in warnings:
+            emit(f"warning: {warning}")
+        emit(f"training {config.name} on {len(dataset)} sample(s), {torch_device}, {env.world_size} process(es) → {run_dir}")
+        trainer = Trainer(task, settings, torch_device, env, log=emit, on_step=on_step)
+        outcome = trainer.run(resume_payload)
+        distributed.barrier(env)
+    finally:
+        distributed.cleanup(created)
+    return TrainResult(run_dir, config.name, str(torch_device), env.world_size, env.rank, len(dataset),
+                       len(dataset.excluded), outcome, network, warnings + outcome.warnings)
