@@ -89,8 +89,10 @@ class TwoWayTransformer3D(nn.Module):
     def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
                 point_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding, image_pe (B, C, X, Y, Z); point_embedding (B, T, C) → tokens (B,T,C), image (B,XYZ,C)."""
-        keys = image_embedding.flatten(2).permute(0, 2, 1)
-        key_pe = image_pe.flatten(2).permute(0, 2, 1)
+        # Contiguous (B, XYZ, C) copies: every later add and projection then runs on dense memory
+        # (a transposed view made each elementwise op ~10× slower on CPU).
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
