@@ -2,7 +2,7 @@
 # Install: source this file, or copy it to ~/.local/share/bash-completion/completions/fastsam3d
 _fastsam3d_children() {
     case "$1" in
-        "") echo "infer prepare benchmark weights" ;;
+        "") echo "infer prepare train distill validate benchmark weights" ;;
         "weights") echo "list download verify path import remove" ;;
     esac
 }
@@ -20,7 +20,7 @@ _fastsam3d_completion() {
             case "$prev" in
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--version -V --debug --quiet -q" -- "$cur"))
-            else COMPREPLY=($(compgen -W "infer prepare benchmark weights" -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -W "infer prepare train distill validate benchmark weights" -- "$cur")); fi ;;
         "infer")
             case "$prev" in
                 --clicks|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -29,12 +29,13 @@ _fastsam3d_completion() {
                 --checkpoint) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --device) return ;;
                 --attention) return ;;
+                --dtype) return ;;
                 --max-crops) return ;;
                 --channel) return ;;
                 --preview) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --probabilities) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--clicks -c --output -o --model -m --checkpoint --device --attention --max-crops --channel --offline --preview --probabilities --overwrite --json" -- "$cur"))
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--clicks -c --output -o --model -m --checkpoint --device --attention --dtype --max-crops --channel --offline --preview --probabilities --overwrite --json" -- "$cur"))
             else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "prepare")
             case "$prev" in
@@ -47,6 +48,69 @@ _fastsam3d_completion() {
                 --shard) return ;;
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --spacing --min-volume-mm3 --classes --channel --workers --shard --resample-labels --json" -- "$cur"))
+            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        "train")
+            case "$prev" in
+                --model|-m) return ;;
+                --init) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --unfreeze-patience) return ;;
+                --epochs) return ;;
+                --batch-size) return ;;
+                --accumulate) return ;;
+                --lr) return ;;
+                --lr-milestones) return ;;
+                --iterations) return ;;
+                --seed) return ;;
+                --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --device) return ;;
+                --workers) return ;;
+                --attention) return ;;
+                --max-steps) return ;;
+                --time-limit) return ;;
+                --save-every) return ;;
+                --classes) return ;;
+                --min-foreground) return ;;
+            esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --init --freeze-encoder --unfreeze-patience --epochs --batch-size --accumulate --lr --lr-milestones --iterations --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --min-foreground --json" -- "$cur"))
+            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        "distill")
+            case "$prev" in
+                --teacher) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --teacher-model) return ;;
+                --student|-s) return ;;
+                --student-init) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --cache-features) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --cache-dtype) return ;;
+                --epochs-per-stage) return ;;
+                --lr) return ;;
+                --batch-size) return ;;
+                --accumulate) return ;;
+                --seed) return ;;
+                --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --device) return ;;
+                --workers) return ;;
+                --attention) return ;;
+                --max-steps) return ;;
+                --time-limit) return ;;
+                --save-every) return ;;
+                --classes) return ;;
+                --max-samples) return ;;
+            esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--teacher --teacher-model --student -s --student-init --cache-features --cache-dtype --epochs-per-stage --init-from-teacher --no-init-from-teacher --freeze-copied --lr --batch-size --accumulate --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --max-samples --json" -- "$cur"))
+            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        "validate")
+            case "$prev" in
+                --checkpoint) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --model|-m) return ;;
+                --clicks) return ;;
+                --seed) return ;;
+                --classes) return ;;
+                --device) return ;;
+                --attention) return ;;
+                --plot) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --csv) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--checkpoint --model -m --clicks --seed --classes --device --attention --plot --csv --overwrite --json" -- "$cur"))
             else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "benchmark")
             case "$prev" in
