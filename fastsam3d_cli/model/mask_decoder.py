@@ -55,15 +55,19 @@ def upscale_and_project(src: torch.Tensor, upscaling: nn.Sequential, hyper_in: t
     weight2 = conv2.weight.permute(0, 2, 3, 4, 1).reshape(c1, 8 * c2)
     bias2 = conv2.bias.repeat(8)
     gelu_in_place = isinstance(act2, nn.GELU) and act2.approximate == "none"
-    masks = []
+    rows = x.shape[1]
+    m = hyper_in.shape[1]
+    chunk = min(UPSCALE_CHUNK_ROWS, rows)
+    features = x.new_empty(chunk, 8 * c2)  # reused for every chunk: no large allocation per chunk
+    masks = x.new_empty(b, rows * 8, m)
     for item in range(b):
         hyper = hyper_in[item].t()  # (C2, M)
-        for start in range(0, x.shape[1], UPSCALE_CHUNK_ROWS):
-            y = torch.addmm(bias2, x[item, start:start + UPSCALE_CHUNK_ROWS], weight2)
+        for start in range(0, rows, chunk):
+            stop = min(start + chunk, rows)
+            y = torch.addmm(bias2, x[item, start:stop], weight2, out=features[:stop - start])
             y = torch._C._nn.gelu_(y) if gelu_in_place else act2(y)
-            masks.append(y.view(-1, c2) @ hyper)  # (rows·8, M)
-    m = hyper_in.shape[1]
-    grid = torch.cat(masks).reshape(b, 2 * d, 2 * h, 2 * w, 2, 2, 2, m).permute(0, 7, 1, 4, 2, 5, 3, 6)
+            torch.mm(y.view(-1, c2), hyper, out=masks[item, start * 8:stop * 8])  # (rows·8, M)
+    grid = masks.reshape(b, 2 * d, 2 * h, 2 * w, 2, 2, 2, m).permute(0, 7, 1, 4, 2, 5, 3, 6)
     return grid.reshape(b, m, 4 * d, 4 * h, 4 * w)
 
 

@@ -12,7 +12,13 @@ from fastsam3d_cli.model.common import MLPBlock
 
 
 class Attention(nn.Module):
-    """Multi-head attention with optional down-projection of q/k/v (keys q_proj, k_proj, v_proj, out_proj)."""
+    """Multi-head attention with optional down-projection of q/k/v (keys q_proj, k_proj, v_proj, out_proj).
+
+    The decoder's cross-attentions pair 512 image tokens with only a handful of prompt tokens. There the
+    projections of the many tokens are reassociated with the few tokens' vectors (`_few_keys`,
+    `_few_queries`): the same softmax(q·kᵀ/√d)·v, within float rounding, with ~3.5× fewer multiply-adds
+    on the image side (a 384×(heads·tokens) product instead of a 384×192 projection).
+    """
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
         super().__init__()
@@ -29,14 +35,63 @@ class Attention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
+    def _per_head(self, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """A projection's weight (heads, d, C_in) and bias (heads, d)."""
+        head_dim = self.internal_dim // self.num_heads
+        return (linear.weight.reshape(self.num_heads, head_dim, -1),
+                linear.bias.reshape(self.num_heads, head_dim))
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, Nq, C), k and v (B, Nk, C) → (B, Nq, C)."""
+        n_q, n_k = q.shape[1], k.shape[1]
+        if n_k < n_q and n_k * self.num_heads < self.internal_dim:
+            return self._few_keys(q, k, v)
+        if n_q < n_k and n_q * self.num_heads < self.internal_dim:
+            return self._few_queries(q, k, v)
         q = self._split_heads(self.q_proj(q))
         k = self._split_heads(self.k_proj(k))
         v = self._split_heads(self.v_proj(v))
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q·kᵀ/√d)·v, as the reference
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+    def _few_keys(self, x_q: torch.Tensor, x_k: torch.Tensor, x_v: torch.Tensor) -> torch.Tensor:
+        """Many queries, few keys: fold q_proj into the keys and out_proj into the values.
+
+        logits_h = (x_q W_qhᵀ + b_qh) k_hᵀ/√d = x_q (W_qhᵀ k_hᵀ)/√d + b_qh k_hᵀ/√d, and
+        out = Σ_h P_h (v_h W_ohᵀ) + b_o — two products with heads·N_k columns instead of 192.
+        """
+        b, n_q, _ = x_q.shape
+        scale = (self.internal_dim // self.num_heads) ** -0.5
+        k = self._split_heads(self.k_proj(x_k))  # (B, H, Nk, d)
+        v = self._split_heads(self.v_proj(x_v))
+        w_q, b_q = self._per_head(self.q_proj)
+        n_k = k.shape[2]
+        key_matrix = torch.matmul(k * scale, w_q).reshape(b, -1, x_q.shape[-1])  # (B, H·Nk, C)
+        key_bias = torch.matmul(k * scale, b_q[:, :, None]).reshape(b, 1, -1)
+        logits = torch.baddbmm(key_bias, x_q, key_matrix.transpose(1, 2))  # (B, Nq, H·Nk)
+        probs = logits.reshape(b, n_q, self.num_heads, n_k).softmax(dim=-1).reshape(b, n_q, -1)
+        w_o = self.out_proj.weight.reshape(self.out_proj.out_features, self.num_heads, -1).permute(1, 2, 0)  # (H, d, C)
+        values_out = torch.matmul(v, w_o).reshape(b, -1, self.out_proj.out_features)  # (B, H·Nk, C)
+        return torch.baddbmm(self.out_proj.bias.expand(b, 1, -1), probs, values_out)
+
+    def _few_queries(self, x_q: torch.Tensor, x_k: torch.Tensor, x_v: torch.Tensor) -> torch.Tensor:
+        """Few queries, many keys: fold k_proj into the queries and v_proj after the weighted sum.
+
+        logits_h = q_h (x_k W_khᵀ + b_kh)ᵀ/√d = (q_h W_kh) x_kᵀ/√d + q_h b_khᵀ/√d, and since each row of P_h
+        sums to 1, P_h (x_v W_vhᵀ + b_vh) = (P_h x_v) W_vhᵀ + b_vh.
+        """
+        b, n_q, _ = x_q.shape
+        scale = (self.internal_dim // self.num_heads) ** -0.5
+        q = self._split_heads(self.q_proj(x_q))  # (B, H, Nq, d)
+        w_k, b_k = self._per_head(self.k_proj)
+        query_matrix = torch.matmul(q * scale, w_k).reshape(b, -1, x_k.shape[-1])  # (B, H·Nq, C)
+        query_bias = torch.matmul(q * scale, b_k[:, :, None]).reshape(b, -1, 1)
+        probs = torch.baddbmm(query_bias, query_matrix, x_k.transpose(1, 2)).softmax(dim=-1)  # (B, H·Nq, Nk)
+        pooled = torch.bmm(probs, x_v).reshape(b, self.num_heads, n_q, -1)  # (B, H, Nq, C)
+        w_v, b_v = self._per_head(self.v_proj)
+        out = torch.matmul(pooled, w_v.transpose(1, 2)) + b_v[None, :, None, :]  # (B, H, Nq, d)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n_q, -1))
 
 
 class TwoWayAttentionBlock3D(nn.Module):
