@@ -320,11 +320,41 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def cpu_snapshot() -> dict | None:
+    """Machine-wide busy CPU seconds (/proc/stat, steal included), this process's CPU seconds, and a clock."""
+    import resource
+
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    ticks = [int(v) for v in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"busy_s": (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK"),
+            "self_s": usage.ru_utime + usage.ru_stime, "wall_s": time.monotonic()}
+
+
+def other_processes_cores(start: dict | None, end: dict | None) -> float | None:
+    """Average number of cores used by OTHER processes (and the hypervisor: steal) between two snapshots."""
+    if not start or not end or end["wall_s"] <= start["wall_s"]:
+        return None
+    others = (end["busy_s"] - start["busy_s"]) - (end["self_s"] - start["self_s"])
+    return max(0.0, others / (end["wall_s"] - start["wall_s"]))
+
+
 def busy_machine_warning(env: dict) -> str | None:
     """A warning when other processes competed for the CPU during the run (timings then run slow and noisy).
 
-    Heuristic on the 1-minute load average: at the start it is other work; at the end it also holds this
-    run's own torch threads, which are subtracted."""
+    Measured from /proc/stat where available: CPU time used by everything but this process during the run
+    (more than a quarter of a core on average warns). Elsewhere, a heuristic on the 1-minute load average.
+    """
+    others = env.get("other_processes_cores")
+    if others is not None:
+        if others <= 0.25:
+            return None
+        return (f"other processes (or the hypervisor) used {others:.2f} of {env['cpu_cores_available']} core(s) on "
+                "average during the run, so timings may be slow and noisy; rerun on a quiet machine")
     start, end = env.get("load_average_1m"), env.get("load_average_1m_end")
     if start is None or end is None:
         return None
@@ -558,6 +588,7 @@ def run_benchmark(models: Sequence[str] = ("fastsam3d",), attentions: Sequence[s
         torch.set_num_threads(threads)
     try:
         env = environment(torch_device)
+        cpu_start = cpu_snapshot()
         memory_method = ""
         rows = [ConfigResult(model, attention, dtype) for model in models for attention in attentions for dtype in dtypes]
         for number, row in enumerate(rows, start=1):
@@ -565,6 +596,8 @@ def run_benchmark(models: Sequence[str] = ("fastsam3d",), attentions: Sequence[s
                 progress(f"[{number}/{len(rows)}] {row.label} on {torch_device}")
             memory_method = _run_config(row, torch_device, settings) or memory_method
         env["load_average_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        others = other_processes_cores(cpu_start, cpu_snapshot())
+        env["other_processes_cores"] = None if others is None else round(others, 3)
     finally:
         torch.set_num_threads(previous_threads)
     if not any(row.status == "ok" for row in rows):

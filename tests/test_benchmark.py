@@ -42,6 +42,19 @@ def test_budget_plan():
     assert plan_repeats(2, elapsed_s=100, seconds_per_iteration=12, budget_s=60) == 2  # fewer asked than floor
 
 
+def test_busy_machine_warning_from_measured_cpu_time():
+    from fastsam3d_cli.benchmark import other_processes_cores
+
+    start = {"busy_s": 100.0, "self_s": 10.0, "wall_s": 0.0}
+    alone = {"busy_s": 120.0, "self_s": 29.5, "wall_s": 10.0}  # 20 s busy, 19.5 s of it ours
+    shared = {"busy_s": 130.0, "self_s": 20.0, "wall_s": 10.0}  # 30 s busy, 10 s ours
+    assert other_processes_cores(start, alone) == pytest.approx(0.05)
+    assert other_processes_cores(start, shared) == pytest.approx(2.0)
+    env = {"cpu_cores_available": 2, "torch_threads": 2, "load_average_1m": 3.0, "load_average_1m_end": 3.0}
+    assert busy_machine_warning({**env, "other_processes_cores": 0.05}) is None  # a high load average alone is not proof
+    assert "used 2.00 of 2 core(s)" in busy_machine_warning({**env, "other_processes_cores": 2.0})
+
+
 def test_busy_machine_warning():
     env = {"load_average_1m": 0.1, "load_average_1m_end": 2.2, "torch_threads": 2, "cpu_cores_available": 2}
     assert busy_machine_warning(env) is None  # only this run's own threads
