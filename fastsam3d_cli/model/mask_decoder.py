@@ -54,19 +54,23 @@ def upscale_and_project(src: torch.Tensor, upscaling: nn.Sequential, hyper_in: t
     # Level 2: columns ordered (child, channel) so the hypernetwork dot is a plain matmul per chunk.
     weight2 = conv2.weight.permute(0, 2, 3, 4, 1).reshape(c1, 8 * c2)
     bias2 = conv2.bias.repeat(8)
-    gelu_in_place = isinstance(act2, nn.GELU) and act2.approximate == "none"
-    rows = x.shape[1]
-    m = hyper_in.shape[1]
+    rows, m = x.shape[1], hyper_in.shape[1]
     chunk = min(UPSCALE_CHUNK_ROWS, rows)
-    features = x.new_empty(chunk, 8 * c2)  # reused for every chunk: no large allocation per chunk
-    masks = x.new_empty(b, rows * 8, m)
-    for item in range(b):
-        hyper = hyper_in[item].t()  # (C2, M)
-        for start in range(0, rows, chunk):
-            stop = min(start + chunk, rows)
-            y = torch.addmm(bias2, x[item, start:stop], weight2, out=features[:stop - start])
-            y = torch._C._nn.gelu_(y) if gelu_in_place else act2(y)
-            torch.mm(y.view(-1, c2), hyper, out=masks[item, start * 8:stop * 8])  # (rows·8, M)
+    if torch.is_grad_enabled():  # training: plain differentiable ops
+        parts = [act2(torch.addmm(bias2, x[item, start:start + chunk], weight2)).view(-1, c2) @ hyper_in[item].t()
+                 for item in range(b) for start in range(0, rows, chunk)]
+        masks = torch.cat(parts).reshape(b, rows * 8, m)
+    else:  # inference: one reused feature buffer, results written in place
+        gelu_in_place = isinstance(act2, nn.GELU) and act2.approximate == "none"
+        features = x.new_empty(chunk, 8 * c2)
+        masks = x.new_empty(b, rows * 8, m)
+        for item in range(b):
+            hyper = hyper_in[item].t()  # (C2, M)
+            for start in range(0, rows, chunk):
+                stop = min(start + chunk, rows)
+                y = torch.addmm(bias2, x[item, start:stop], weight2, out=features[:stop - start])
+                y = torch._C._nn.gelu_(y) if gelu_in_place else act2(y)
+                torch.mm(y.view(-1, c2), hyper, out=masks[item, start * 8:stop * 8])  # (rows·8, M)
     grid = masks.reshape(b, 2 * d, 2 * h, 2 * w, 2, 2, 2, m).permute(0, 7, 1, 4, 2, 5, 3, 6)
     return grid.reshape(b, m, 4 * d, 4 * h, 4 * w)
 

@@ -74,8 +74,18 @@ class PromptEncoder3D(nn.Module):
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the embedding grid, (1, C, 8, 8, 8)."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """Positional encoding of the embedding grid, (1, C, 8, 8, 8).
+
+        It depends only on the (untrained) Gaussian buffer, so it is cached per buffer state, device, dtype
+        and inference mode — one less sin/cos pass over the grid per click.
+        """
+        matrix = self.pe_layer.positional_encoding_gaussian_matrix
+        key = (id(matrix), matrix._version, matrix.device, matrix.dtype, torch.is_inference_mode_enabled())
+        cached = getattr(self, "_dense_pe_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.pe_layer(self.image_embedding_size).unsqueeze(0))
+            self._dense_pe_cache = cached
+        return cached[1]
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """points (B, N, 3) voxel indices in the crop, labels (B, N) → (B, N+1, C) with the padding point."""
