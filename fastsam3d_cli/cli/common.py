@@ -39,6 +39,60 @@ def progress_enabled(json_output: bool = False) -> bool:
     return not (json_output or state.quiet) and sys.stderr.isatty()
 
 
+class ProgressBars:
+    """Rich progress bars on stderr, one per named task, created on first update; a no-op when disabled.
+
+    Every command shares this so bars look alike: description, bar, done/total, elapsed, remaining.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> "ProgressBars":
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console,
+                                      transient=True)
+            self._progress.__enter__()
+        return self
+
+    def update(self, name: str, completed: int, total: int, description: str) -> None:
+        """Set task `name` to `completed` of `total`, with a new description."""
+        if self._progress is None:
+            return
+        if name not in self._tasks:
+            self._tasks[name] = self._progress.add_task(description, total=total, completed=max(completed - 1, 0))
+        self._progress.update(self._tasks[name], completed=completed, total=total, description=description)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+
+
+def log_to_stderr(message: str) -> None:
+    """An informational line on stderr (no markup: paths may contain brackets)."""
+    stderr_console.print(message, markup=False, highlight=False)
+
+
+def finish_training_command(result: Any, json_output: bool, render: Callable[[Any], None]) -> None:
+    """Shared ending of `train` and `distill`: print (rank 0 only), and exit 130 after a Ctrl-C stop."""
+    if not result.is_main:
+        return
+    if json_output:
+        print_json(result.to_json())
+    elif not state.quiet:
+        render(result)
+    if result.outcome.stop_reason == "interrupted":
+        print_error(f"interrupted at step {result.outcome.global_step}; {result.run_dir / 'last.pth'} is saved — "
+                    "continue with --resume")
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
+
+
 def print_error(message: str) -> None:
     """One line on stderr, prefixed so it stands out in logs."""
     # Plain write (not Rich) so a long path is never wrapped onto a second line.

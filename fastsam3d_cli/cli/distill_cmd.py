@@ -7,8 +7,8 @@ from typing import Any, List, Optional
 
 import typer
 
-from fastsam3d_cli.cli.common import (cli_errors, print_error, print_json, progress_enabled, state, stderr_console,
-                                      stdout_console)
+from fastsam3d_cli.cli.common import (ProgressBars, cli_errors, finish_training_command, log_to_stderr,
+                                      progress_enabled, state, stdout_console)
 
 EPILOG = (
     "Examples:\n\n"
@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
         if cache_dtype not in ("float16", "float32"):
             raise UsageError(f"--cache-dtype '{cache_dtype}' is not supported", "choose float16 or float32")
         class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-        with _DistillProgress(enabled=progress_enabled(json_output)) as progress:
+        with ProgressBars(progress_enabled(json_output)) as bars:
             result = run_distillation(
                 prepared_dirs, teacher, student=student, teacher_model=None if teacher_model == "auto" else teacher_model,
                 student_init=student_init, cache_features=cache_features, cache_dtype=cache_dtype,
@@ -109,60 +109,14 @@ def register(app: typer.Typer) -> None:
                 freeze_copied=freeze_copied, lr=lr, batch_size=batch_size, accumulate=accumulate, workers=workers,
                 seed=seed, device=device, attention=attention, amp=amp, classes=class_names, max_samples=max_samples,
                 max_steps=max_steps, time_limit_s=None if time_limit is None else time_limit * 60.0,
-                save_every_steps=save_every, log=None if state.quiet or json_output else _log,
-                on_cache=progress.cache, on_step=progress.step)
-        if not result.is_main:
-            return
-        if json_output:
-            print_json(result.to_json())
-        elif not state.quiet:
-            _render(result)
-        if result.outcome.stop_reason == "interrupted":
-            print_error(f"interrupted at step {result.outcome.global_step}; {result.run_dir / 'last.pth'} is saved — "
-                        "continue with --resume")
-            raise typer.Exit(130)
+                save_every_steps=save_every, log=None if state.quiet or json_output else log_to_stderr,
+                on_cache=lambda done, total: bars.update("cache", done, total, "teacher features"),
+                on_step=lambda record, total: bars.update("train", int(record["step"]), total, _step_text(record)))
+        finish_training_command(result, json_output, _render)
 
 
-def _log(message: str) -> None:
-    stderr_console.print(message, markup=False, highlight=False)
-
-
-class _DistillProgress:
-    """Rich progress on stderr: teacher caching (samples), then optimizer steps with the stage and its loss."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._progress: Any = None
-        self._tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> "_DistillProgress":
-        if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console)
-            self._progress.__enter__()
-        return self
-
-    def _update(self, name: str, description: str, completed: int, total: int) -> None:
-        if self._progress is None:
-            return
-        if name not in self._tasks:
-            self._tasks[name] = self._progress.add_task(description, total=total, completed=max(completed - 1, 0))
-        self._progress.update(self._tasks[name], completed=completed, total=total, description=description)
-
-    def cache(self, done: int, total: int) -> None:
-        self._update("cache", "teacher features", done, total)
-
-    def step(self, record: dict[str, Any], total: int) -> None:
-        stage = int(record.get("stage", 0))
-        self._update("train", f"stage {stage} · epoch {record['epoch']:.2f} · loss {record['loss']:.4g}",
-                     int(record["step"]), total)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(None, None, None)
+def _step_text(record: dict[str, Any]) -> str:
+    return f"stage {int(record.get('stage', 0))} · epoch {record['epoch']:.2f} · loss {record['loss']:.4g}"
 
 
 def _fmt(value: Optional[float]) -> str:

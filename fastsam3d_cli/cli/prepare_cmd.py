@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from fastsam3d_cli.cli.common import (cli_errors, print_json, progress_enabled, state, stderr_console,
+from fastsam3d_cli.cli.common import (ProgressBars, cli_errors, print_json, progress_enabled, state, stderr_console,
                                       stdout_console)
 
 EPILOG = (
@@ -50,10 +50,13 @@ def register(app: typer.Typer) -> None:
         from fastsam3d_cli.prepare import parse_class_list, parse_shard, prepare_datasets
 
         shard_parts = parse_shard(shard)
-        with _ProgressBar(enabled=progress_enabled(json_output)) as bar:
+        with ProgressBars(progress_enabled(json_output)) as bars:
+            def report(done: int, total: int, what: str) -> None:
+                bars.update("cases", done, total, f"preparing cases (done: {what})" if what else "preparing cases")
+
             result = prepare_datasets(raw_dataset_dirs, output_dir, spacing_mm=spacing, min_volume_mm3=min_volume_mm3,
                                       classes=parse_class_list(classes), channel=channel, workers=workers,
-                                      shard=shard_parts, resample_labels=resample_labels, progress=bar.update)
+                                      shard=shard_parts, resample_labels=resample_labels, progress=report)
         if not state.quiet:
             for warning in result.warnings:
                 stderr_console.print(f"warning: {warning}", markup=False, highlight=False)
@@ -61,38 +64,6 @@ def register(app: typer.Typer) -> None:
             print_json(result.to_json())
         else:
             _render(result)
-
-
-class _ProgressBar:
-    """A Rich progress bar over cases on stderr (no-op when disabled)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._progress = None
-        self._task = None
-
-    def __enter__(self) -> "_ProgressBar":
-        if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-
-            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                      MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                                      transient=True, console=stderr_console)
-            self._progress.__enter__()
-        return self
-
-    def update(self, done: int, total: int, what: str) -> None:
-        if self._progress is None:
-            return
-        if self._task is None:
-            self._task = self._progress.add_task("preparing cases", total=total)
-        self._progress.update(self._task, completed=done,
-                              description=f"preparing cases (done: {what})" if what else "preparing cases")
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(None, None, None)
 
 
 def _render(result) -> None:  # noqa: ANN001 - PrepareResult, imported lazily

@@ -6,8 +6,8 @@ from typing import Any, List, Optional
 
 import typer
 
-from fastsam3d_cli.cli.common import (cli_errors, print_error, print_json, progress_enabled, state, stderr_console,
-                                      stdout_console)
+from fastsam3d_cli.cli.common import (ProgressBars, cli_errors, finish_training_command, log_to_stderr,
+                                      progress_enabled, state, stdout_console)
 
 EPILOG = (
     "Examples:\n\n"
@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         from fastsam3d_cli.train import train as run_training
 
         class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-        with _StepProgress(enabled=progress_enabled(json_output)) as progress:
+        with ProgressBars(progress_enabled(json_output)) as bars:
             result = run_training(
                 prepared_dirs, model, init=init, freeze_encoder=freeze_encoder, epochs=epochs, batch_size=batch_size,
                 accumulate=accumulate, lr=lr, output=output, resume=resume, device=device, amp=amp, workers=workers,
@@ -107,52 +107,13 @@ def register(app: typer.Typer) -> None:
                 lr_milestones=_int_list(lr_milestones, "--lr-milestones"), max_steps=max_steps,
                 time_limit_s=None if time_limit is None else time_limit * 60.0, save_every_steps=save_every,
                 classes=class_names, min_foreground_voxels=min_foreground, attention=attention,
-                log=None if state.quiet or json_output else _log, on_step=progress.update)
-        if not result.is_main:
-            return
-        if json_output:
-            print_json(result.to_json())
-        elif not state.quiet:
-            _render(result)
-        if result.outcome.stop_reason == "interrupted":
-            print_error(f"interrupted at step {result.outcome.global_step}; {result.run_dir / 'last.pth'} is saved — "
-                        "continue with --resume")
-            raise typer.Exit(130)
+                log=None if state.quiet or json_output else log_to_stderr,
+                on_step=lambda record, total: bars.update("steps", record["step"], total, _step_text(record)))
+        finish_training_command(result, json_output, _render)
 
 
-def _log(message: str) -> None:
-    stderr_console.print(message, markup=False, highlight=False)
-
-
-class _StepProgress:
-    """A Rich progress bar over optimizer steps with the latest loss and Dice (stderr; no-op when disabled)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._progress: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> "_StepProgress":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console)
-            self._progress.__enter__()
-        return self
-
-    def update(self, record: dict[str, Any], total: int) -> None:
-        if self._progress is None:
-            return
-        text = f"epoch {record['epoch']:.2f} loss {record['loss']:.4f} dice {record.get('dice', float('nan')):.4f}"
-        if self._task is None:
-            self._task = self._progress.add_task(text, total=total, completed=record["step"] - 1)
-        self._progress.update(self._task, completed=record["step"], total=total, description=text)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(None, None, None)
+def _step_text(record: dict[str, Any]) -> str:
+    return f"epoch {record['epoch']:.2f} loss {record['loss']:.4f} dice {record.get('dice', float('nan')):.4f}"
 
 
 def _render(result: Any) -> None:  # noqa: ANN401 - TrainResult, imported lazily

@@ -7,7 +7,8 @@ from typing import Any, List, Optional
 
 import typer
 
-from fastsam3d_cli.cli.common import cli_errors, print_json, progress_enabled, state, stderr_console, stdout_console
+from fastsam3d_cli.cli.common import (ProgressBars, cli_errors, print_json, progress_enabled, state, stderr_console,
+                                      stdout_console)
 
 EPILOG = (
     "Examples:\n\n"
@@ -54,10 +55,12 @@ def register(app: typer.Typer) -> None:
         from fastsam3d_cli.validate import validate as run_validation
 
         class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-        with _PairProgress(progress_enabled(json_output)) as progress:
+        with ProgressBars(progress_enabled(json_output)) as bars:
             result = run_validation(prepared_dirs, checkpoint, model, clicks=clicks, seed=seed, device=device,
                                     attention=attention, classes=class_names, csv_path=csv_path, plot_path=plot,
-                                    overwrite=overwrite, progress=progress.update)
+                                    overwrite=overwrite,
+                                    progress=lambda done, total, what: bars.update("pairs", done, total,
+                                                                                   f"validated {what}"))
         if json_output:
             print_json(result.to_json())
             return
@@ -65,33 +68,6 @@ def register(app: typer.Typer) -> None:
             for message in result.skipped:
                 stderr_console.print(f"warning: {message}", markup=False, highlight=False)
         _render(result)
-
-
-class _PairProgress:
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._progress: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> "_PairProgress":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeRemainingColumn(), console=stderr_console, transient=True)
-            self._progress.__enter__()
-        return self
-
-    def update(self, done: int, total: int, what: str) -> None:
-        if self._progress is None:
-            return
-        if self._task is None:
-            self._task = self._progress.add_task("validating", total=total)
-        self._progress.update(self._task, completed=done, description=f"validated {what}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(None, None, None)
 
 
 def _fmt(value: float) -> str:
