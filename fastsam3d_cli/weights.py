@@ -20,8 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,6 +30,7 @@ from urllib.parse import urlparse
 from fastsam3d_cli import __version__
 from fastsam3d_cli.atomic import atomic_path, write_text_atomic
 from fastsam3d_cli.errors import UsageError, WeightsError
+from fastsam3d_cli.filelock import OwnerLock
 
 HOME_ENV = "FASTSAM3D_HOME"
 OFFLINE_ENV = "FASTSAM3D_OFFLINE"
@@ -41,9 +40,6 @@ DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_ATTEMPTS = 5  # a download that keeps making progress is resumed this many times in all
 CHUNK_BYTES = 1 << 20  # for hashing
 NETWORK_CHUNK_BYTES = 1 << 16  # small: a cut-off connection loses the partly read chunk (urllib3)
-LOCK_POLL_S = 0.1
-LOCK_HEARTBEAT_S = 5.0  # a lock holder refreshes the lock file's mtime this often ...
-LOCK_STALE_S = 60.0  # ... so a lock untouched for this long belongs to a dead process
 
 
 @dataclass(frozen=True)
@@ -257,7 +253,7 @@ def download(name: str, *, progress: bool = False, offline: Optional[bool] = Non
     timeout_s = timeout_from_env() if timeout_s is None else timeout_s
     folder = _writable_cache()
     target = folder / spec.filename
-    with _CacheLock(_lock_path(target), on_wait=_announce_wait(spec) if progress else None):
+    with _cache_lock(_lock_path(target), on_wait=_announce_wait(spec) if progress else None):
         _remove_partials(target)
         record = _read_index(folder).get(name)
         if target.is_file():
@@ -285,7 +281,7 @@ def import_file(name: str, file: Path) -> WeightsEntry:
                            f"give the path of a copy of {spec.filename}")
     folder = _writable_cache()
     target = folder / spec.filename
-    with _CacheLock(_lock_path(target)), _cache_write_errors(folder), atomic_path(target) as tmp:
+    with _cache_lock(_lock_path(target)), _cache_write_errors(folder), atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
         digest = sha256_file(tmp)
         if spec.sha256 and digest != spec.sha256:
@@ -309,7 +305,7 @@ def remove(name: str) -> list[Path]:
         return []
     _check_writable(folder)
     removed = []
-    with _CacheLock(_lock_path(target)), _cache_write_errors(folder):
+    with _cache_lock(_lock_path(target)), _cache_write_errors(folder):
         removed = _remove_partials(target)
         if target.is_file():
             target.unlink()
@@ -438,7 +434,7 @@ def _read_index(folder: Path) -> dict[str, dict]:
 
 def _write_record(folder: Path, name: str, sha256: Optional[str], size_bytes: int = 0, source: str = "") -> None:
     """Set (or with sha256=None delete) the record of `name` in index.json, atomically and under a lock."""
-    with _CacheLock(folder / ".index.lock"):
+    with _cache_lock(folder / ".index.lock"):
         records = _read_index(folder)
         if sha256 is None:
             records.pop(name, None)
@@ -493,92 +489,11 @@ def _remove_partials(target: Path) -> list[Path]:
     return leftovers
 
 
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill would terminate the process there; rely on the heartbeat age instead
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class _CacheLock:
-    """An exclusive lock file created with O_CREAT|O_EXCL (works across processes and threads).
-
-    The holder writes its pid/host into it and refreshes its mtime every few seconds. A waiter breaks
-    the lock when its holder is a dead process on this host, or when it has not been refreshed for
-    LOCK_STALE_S (a holder that died on another host of a shared file system).
-    """
-
-    def __init__(self, path: Path, on_wait: Optional[Callable[[dict], None]] = None) -> None:
-        self.path = path
-        self.on_wait = on_wait
-        self._stop = threading.Event()
-        self._heartbeat: Optional[threading.Thread] = None
-
-    def __enter__(self) -> "_CacheLock":
-        announced = False
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if self._is_stale(holder):
-                    self._break()
-                    continue
-                if self.on_wait and not announced:
-                    self.on_wait(holder)
-                    announced = True
-                time.sleep(LOCK_POLL_S)
-                continue
-            except OSError as exc:
-                raise WeightsError(f"cannot create lock file {self.path} ({exc.strerror or exc})",
-                                   f"set {HOME_ENV} to a writable folder") from None
-            with os.fdopen(fd, "w") as handle:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, handle)
-            break
-        self._heartbeat = threading.Thread(target=self._beat, name="fastsam3d-lock-heartbeat", daemon=True)
-        self._heartbeat.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        if self._heartbeat is not None:
-            self._heartbeat.join()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(LOCK_HEARTBEAT_S):
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
-
-    def _holder(self) -> dict:
-        try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # gone, or being written right now
-            return {}
-        return holder if isinstance(holder, dict) else {}
-
-    def _is_stale(self, holder: dict) -> bool:
-        try:
-            age_s = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return False  # released meanwhile; the next attempt takes it
-        if age_s > LOCK_STALE_S:
-            return True
-        pid = holder.get("pid")
-        return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
-
-    def _break(self) -> None:
-        """Remove a stale lock: rename first so two waiters cannot both delete a fresh lock."""
-        grave = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}.{threading.get_ident()}")
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(self.path, grave)
-            grave.unlink()
+def _cache_lock(path: Path, on_wait: Optional[Callable[[dict], None]] = None) -> OwnerLock:
+    """The cache's lock for `path`; failing to create it is a weights error naming the fix."""
+    return OwnerLock(path, on_wait=on_wait,
+                     on_error=lambda exc: WeightsError(f"cannot create lock file {path} ({exc.strerror or exc})",
+                                                       f"set {HOME_ENV} to a writable folder"))
 
 
 def _announce_wait(spec: WeightsSpec) -> Callable[[dict], None]:

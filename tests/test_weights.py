@@ -24,7 +24,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastsam3d_cli import weights
+from fastsam3d_cli import filelock, weights
 from fastsam3d_cli.errors import ExitCode, UsageError, WeightsError
 
 CLI_ENV = {"NO_COLOR": "1", "COLUMNS": "200"}
@@ -444,7 +444,7 @@ def test_lock_not_refreshed_for_a_minute_is_broken(home, monkeypatch, server):
     (home / "weights").mkdir(parents=True)
     lock = home / "weights" / ".FastSAM3D.pth.lock"
     lock.write_text(json.dumps({"pid": os.getpid(), "host": "another-node", "since": 0}))
-    old = time.time() - weights.LOCK_STALE_S - 5
+    old = time.time() - filelock.LOCK_STALE_S - 5
     os.utime(lock, (old, old))
     assert _download_within(10).path.read_bytes() == PAYLOAD
     assert not lock.exists()
