@@ -1,10 +1,39 @@
 """fastsam3d: interactive 3D medical segmentation with SAM-Med3D and FastSAM3D.
 
 The command line (`fastsam3d`) is a thin layer over importable functions; everything it does can be
-driven from Python. Heavy modules (torch, SimpleITK) are imported lazily so `fastsam3d --help` is fast.
+driven from Python:
+
+    from fastsam3d_cli import Predictor, infer_file, prepare_datasets, run_benchmark, build_model, load_model
+    from fastsam3d_cli.train import train            # train / validate / distill live in modules of the
+    from fastsam3d_cli.validate import validate      # same name, so they are imported from there
+    from fastsam3d_cli.distill import distill
+
+Heavy modules (torch, SimpleITK) are imported on first use, so `import fastsam3d_cli` and
+`fastsam3d --help` stay fast.
 """
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# Public name → module that defines it (imported lazily by __getattr__).
+_API = {
+    "Predictor": "fastsam3d_cli.predictor",
+    "infer_file": "fastsam3d_cli.infer",
+    "prepare_datasets": "fastsam3d_cli.prepare",
+    "list_prepared_samples": "fastsam3d_cli.prepared",
+    "run_benchmark": "fastsam3d_cli.benchmark",
+    "resolve_weights": "fastsam3d_cli.weights",
+    "build_model": "fastsam3d_cli.model",
+    "load_model": "fastsam3d_cli.model.checkpoint",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'fastsam3d_cli' has no attribute '{name}'")

@@ -87,3 +87,17 @@ def test_bash_completion_completes_commands_subcommands_and_options():
     assert "infer" in _bash_complete(["fastsam3d", "in"])
     assert _bash_complete(["fastsam3d", "weights", "dow"]) == ["download"]
     assert "--clicks" in _bash_complete(["fastsam3d", "infer", "--cli"])
+
+
+def test_python_api_is_importable_from_the_package():
+    import fastsam3d_cli
+    from fastsam3d_cli.distill import distill
+    from fastsam3d_cli.train import train
+    from fastsam3d_cli.validate import validate
+
+    for name in ("Predictor", "infer_file", "prepare_datasets", "list_prepared_samples", "run_benchmark",
+                 "resolve_weights", "build_model", "load_model"):
+        assert callable(getattr(fastsam3d_cli, name)), name
+    assert all(callable(f) for f in (train, validate, distill))
+    with pytest.raises(AttributeError):
+        fastsam3d_cli.no_such_thing  # noqa: B018
