@@ -80,7 +80,8 @@ class PromptEncoder3D(nn.Module):
         and inference mode — one less sin/cos pass over the grid per click.
         """
         matrix = self.pe_layer.positional_encoding_gaussian_matrix
-        key = (id(matrix), matrix._version, matrix.device, matrix.dtype, torch.is_inference_mode_enabled())
+        version = None if matrix.is_inference() else matrix._version  # inference tensors keep no counter
+        key = (id(matrix), matrix.data_ptr(), version, matrix.device, matrix.dtype, torch.is_inference_mode_enabled())
         cached = getattr(self, "_dense_pe_cache", None)
         if cached is None or cached[0] != key:
             cached = (key, self.pe_layer(self.image_embedding_size).unsqueeze(0))
