@@ -39,7 +39,7 @@ from fastsam3d_cli.feature_cache import (CacheIdentity, FeatureCache, cache_size
 from fastsam3d_cli.model.config import ModelConfig
 from fastsam3d_cli.model.image_encoder import ImageEncoderViT3D
 from fastsam3d_cli.model.sam3d import Sam3D
-from fastsam3d_cli.trainer import CURVES_PNG, StepContext, Trainer, TrainingTask, TrainOutcome
+from fastsam3d_cli.trainer import StepContext, Trainer, TrainingTask, TrainOutcome
 
 # Encoder parts outside the block stack, copied from the teacher where shapes agree.
 SHAREABLE_PREFIXES = ("patch_embed.", "pos_embed", "neck.")
@@ -301,7 +301,13 @@ class DistillationTask(TrainingTask):
         self.evaluations.setdefault(str(first.number), {})["start_mse"] = self.measure(first)
         self.neck_mse_init = self.measure(self.schedule.stages[-1])
 
-    def end_of_epoch(self, record: Mapping[str, Any], log: Callable[[str], None]) -> bool:
+    def plot(self, step_records: list[dict[str, Any]], epoch_records: list[dict[str, Any]], path: Path,
+             title: str) -> None:
+        """Per-step MSE coloured by stage, and each stage's MSE before/after (instead of loss/Dice curves)."""
+        plot_distillation(step_records, self.stage_summaries(), path,
+                          f"distill {self.teacher_identity['name']} → {self.model.config.name}: {path.parent.name}")
+
+    def end_of_epoch(self, record: dict[str, Any], log: Callable[[str], None]) -> bool:
         epoch = int(record["epoch"]) - 1
         stage = self.schedule.stage_for_epoch(epoch)
         self.epoch_losses.setdefault(str(stage.number), []).append(float(record["loss"]))
@@ -441,21 +447,6 @@ def plot_distillation(steps: Sequence[Mapping[str, Any]], stages: Sequence[Mappi
     with atomic_path(Path(path)) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
-
-
-class DistillationTrainer(Trainer):
-    """The shared Trainer, drawing the distillation's own curves instead of the segmentation ones."""
-
-    def _plot(self) -> None:
-        if not self.env.is_main:
-            return
-        task = self.task
-        assert isinstance(task, DistillationTask)
-        try:
-            plot_distillation(self.step_records, task.stage_summaries(), self.run_dir / CURVES_PNG,
-                              f"distill {task.teacher_identity['name']} → {task.model.config.name}: {self.run_dir.name}")
-        except Exception as exc:  # noqa: BLE001 - a plot must never stop training
-            self.warnings.append(f"could not draw {CURVES_PNG}: {exc}")
 
 
 # ------------------------------------------------------------------------------------ the cache step
@@ -652,7 +643,7 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
         if copied:
             emit(f"copied from the teacher: {', '.join(sorted({c.split('.')[0] for c in copied}))} "
                  f"({len(copied)} tensors{', frozen' if freeze_copied else ''})")
-        trainer = DistillationTrainer(task, settings, torch_device, env, log=emit, on_step=on_step)
+        trainer = Trainer(task, settings, torch_device, env, log=emit, on_step=on_step)
         task.log = emit
         if not resume:
             task.measure_start()

@@ -154,7 +154,7 @@ class InteractiveSegmentationTask(TrainingTask):
         return result.loss, {"dice": float(np.nanmean(dices)) if not all(math.isnan(d) for d in dices) else math.nan}
 
     # ---- progressive unfreezing
-    def end_of_epoch(self, record: Mapping[str, Any], log: Callable[[str], None]) -> bool:
+    def end_of_epoch(self, record: dict[str, Any], log: Callable[[str], None]) -> bool:
         if self.unfreeze_patience is None:
             return False
         loss = float(record["loss"])

@@ -113,8 +113,12 @@ class TrainingTask(ABC):
     def step(self, batch: Mapping[str, Any], context: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss (scalar, differentiable, not yet divided for accumulation) and metrics (floats) of one micro-batch."""
 
-    def end_of_epoch(self, record: Mapping[str, Any], log: Callable[[str], None]) -> bool:
-        """Called after each epoch with its record; return True when the trainable parameters changed."""
+    def end_of_epoch(self, record: dict[str, Any], log: Callable[[str], None]) -> bool:
+        """Called after each epoch with its record; return True when the trainable parameters changed.
+
+        The record is the epoch's `metrics.jsonl` line: keys added here (e.g. a distillation stage's MSE)
+        are written with it, and may serve as `best_metric`.
+        """
         return False
 
     def state_dict(self) -> dict[str, Any]:
@@ -141,6 +145,13 @@ class TrainingTask(ABC):
 
     def sample_names(self, indices: list[int]) -> list[str]:
         return [str(i) for i in indices]
+
+    def plot(self, step_records: list[dict[str, Any]], epoch_records: list[dict[str, Any]], path: Path,
+             title: str) -> None:
+        """Draw the run's curves into `path` (PNG). Default: loss and Dice per step and per epoch."""
+        from fastsam3d_cli.plots import plot_training_curves
+
+        plot_training_curves(step_records, epoch_records, path, title=title)
 
 
 class _TaskModule(nn.Module):
@@ -408,11 +419,9 @@ class Trainer:
     def _plot(self) -> None:
         if not self.env.is_main:
             return
-        from fastsam3d_cli.plots import plot_training_curves
-
         try:
-            plot_training_curves(self.step_records, self.epoch_records, self.run_dir / CURVES_PNG,
-                                 title=f"{self.task.name}: {self.run_dir.name}")
+            self.task.plot(self.step_records, self.epoch_records, self.run_dir / CURVES_PNG,
+                           title=f"{self.task.name}: {self.run_dir.name}")
         except Exception as exc:  # noqa: BLE001 - a plot must never stop training
             self._warn(f"could not draw {CURVES_PNG}: {exc}")
 
