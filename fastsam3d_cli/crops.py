@@ -11,7 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-CROP_SIZE = 128
+CROP_SIZE = 128  # voxels per side of the model input
+MODEL_SPACING_MM = 1.5  # the isotropic spacing every published model was trained at (prepare's default)
 
 
 @dataclass(frozen=True)

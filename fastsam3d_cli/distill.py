@@ -554,10 +554,11 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     from fastsam3d_cli.device import resolve_device
     from fastsam3d_cli.model.checkpoint import load_model
     from fastsam3d_cli.prepared import list_prepared_samples
-    from fastsam3d_cli.train import MODEL_SPACING_MM, _check_numbers, check_run_dir
+    from fastsam3d_cli.crops import MODEL_SPACING_MM
+    from fastsam3d_cli.train import check_numbers, check_run_dir
     from fastsam3d_cli.trainer import LAST_CHECKPOINT, TrainerSettings, load_training_checkpoint
 
-    _check_numbers(batch_size=batch_size, accumulate=accumulate, workers=workers, max_steps=max_steps, lr=lr,
+    check_numbers(batch_size=batch_size, accumulate=accumulate, workers=workers, max_steps=max_steps, lr=lr,
                    time_limit_s=time_limit_s, save_every_steps=save_every_steps)
     if epochs_per_stage < 1:
         raise UsageError(f"--epochs-per-stage must be at least 1 (got {epochs_per_stage})", "give a value >= 1")

@@ -45,12 +45,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from fastsam3d_cli.clickfile import ClickObject, check_inside, lps_to_ijk, to_lps
-from fastsam3d_cli.crops import CropBox, box_centered_on, crop_view_of, extract_crop, znormalize_foreground
+from fastsam3d_cli.crops import (MODEL_SPACING_MM, CropBox, box_centered_on, crop_view_of, extract_crop,
+                                 znormalize_foreground)
 from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.imaging import (affine_lps, array_ijk, read_image, resample_onto, resample_to_spacing,
                                    resampled_grid, to_canonical)
 
-MODEL_SPACING_MM = 1.5  # the spacing every published model was trained at
 DEFAULT_MAX_CROPS = 8
 UNCOVERED_LOGIT = -100.0  # logit pasted where no crop predicted anything (probability ~0)
 SYNTHETIC_CLICK_MARGIN = 16  # a synthesised click stays this many voxels inside its crop

@@ -32,6 +32,7 @@ import SimpleITK as sitk
 
 from fastsam3d_cli import __version__
 from fastsam3d_cli.atomic import atomic_path, write_text_atomic
+from fastsam3d_cli.crops import MODEL_SPACING_MM
 from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.imaging import (describe_grid_difference, image_from_array_ijk, read_image,
                                    resample_like, resample_to_spacing, same_grid)
@@ -52,7 +53,7 @@ IGNORE_ENCODING = (f"{IGNORE_DIR}/<case>.nii.gz beside {LABELS_DIR}: uint8, 1 = 
 class PrepareSettings:
     """What decides the content of a prepared case (part of its fingerprint)."""
 
-    spacing_mm: float = 1.5
+    spacing_mm: float = MODEL_SPACING_MM
     min_volume_mm3: float = 10.0
     resample_labels: bool = False
 
@@ -519,7 +520,7 @@ def case_fingerprint(dataset: RawDataset, case: RawCase, settings: PrepareSettin
 
 
 # ------------------------------------------------------------------------------------------ the API
-def prepare_datasets(raw_dirs: Sequence[Path | str], output_dir: Path | str, *, spacing_mm: float = 1.5,
+def prepare_datasets(raw_dirs: Sequence[Path | str], output_dir: Path | str, *, spacing_mm: float = MODEL_SPACING_MM,
                      min_volume_mm3: float = 10.0, classes: Sequence[str] | None = None, channel: int | None = None,
                      workers: int = 1, shard: tuple[int, int] | None = None, resample_labels: bool = False,
                      progress: ProgressCallback | None = None) -> PrepareResult:

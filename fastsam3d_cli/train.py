@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fastsam3d_cli.clicks import clicks_to_prompt, random_click
+from fastsam3d_cli.crops import MODEL_SPACING_MM
 from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
 from fastsam3d_cli.losses import dice_ce_loss, dice_score
 from fastsam3d_cli.trainer import (CURVES_PNG, LAST_CHECKPOINT, METRICS_LOG, STEPS_LOG, StepContext, Trainer,
@@ -37,7 +38,6 @@ from fastsam3d_cli.trainer import (CURVES_PNG, LAST_CHECKPOINT, METRICS_LOG, STE
 
 DEFAULT_ITERATIONS = 11
 DECODER_LR_SCALE = 0.1
-MODEL_SPACING_MM = 1.5
 
 
 # -------------------------------------------------------------------------------- the interaction loop
@@ -266,7 +266,7 @@ _OPTION_NAMES = {"min_foreground_voxels": "--min-foreground", "time_limit_s": "-
                  "save_every_steps": "--save-every"}
 
 
-def _check_numbers(**values: Any) -> None:
+def check_numbers(**values: Any) -> None:
     """UsageError (exit 2) for out-of-range numbers, named as the command-line option."""
     minimums = {"epochs": 1, "batch_size": 1, "accumulate": 1, "iterations": 1, "workers": 0, "max_steps": 0,
                 "unfreeze_patience": 1, "min_foreground_voxels": 1, "max_shift": 0, "save_every_steps": 1}
@@ -309,7 +309,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     from fastsam3d_cli.prepared import list_prepared_samples
     from fastsam3d_cli.training_data import InteractiveCropDataset
 
-    _check_numbers(epochs=epochs, batch_size=batch_size, accumulate=accumulate, iterations=iterations,
+    check_numbers(epochs=epochs, batch_size=batch_size, accumulate=accumulate, iterations=iterations,
                    workers=workers, max_steps=max_steps, unfreeze_patience=unfreeze_patience, lr=lr,
                    time_limit_s=time_limit_s, min_foreground_voxels=min_foreground_voxels, max_shift=max_shift,
                    save_every_steps=save_every_steps)

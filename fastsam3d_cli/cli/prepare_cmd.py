@@ -8,6 +8,7 @@ import typer
 
 from fastsam3d_cli.cli.common import (ProgressBars, cli_errors, print_json, progress_enabled, state, stderr_console,
                                       stdout_console)
+from fastsam3d_cli.crops import MODEL_SPACING_MM
 
 EPILOG = (
     "Examples:\n\n"
@@ -29,7 +30,7 @@ def register(app: typer.Typer) -> None:
         output_dir: Path = typer.Option(
             ..., "--output", "-o", metavar="PREPARED_DIR",
             help="Output folder: <class>/<modality>_<dataset>/{imagesTr,labelsTr}/ + manifest.json."),
-        spacing: float = typer.Option(1.5, "--spacing", help="Isotropic output spacing in mm."),
+        spacing: float = typer.Option(MODEL_SPACING_MM, "--spacing", help="Isotropic output spacing in mm."),
         min_volume_mm3: float = typer.Option(
             10.0, "--min-volume-mm3",
             help="Skip a class in a case when smaller than this (measured before resampling)."),
