@@ -9,7 +9,7 @@ import pytest
 from fastsam3d_cli.clickfile import (all_spaces, check_inside, lps_to_ijk, parse_click_data, read_click_file,
                                      safe_file_part, to_lps)
 from fastsam3d_cli.errors import BadInputError, ExitCode
-from test_infer_phantoms import RAS_STORED, make_image, rotation
+from infer_phantoms import RAS_STORED, make_image, rotation
 
 LIVER = {"name": "liver", "label": 1, "points": [[1.0, 2.0, 3.0], [4, 5, 6]], "point_labels": [1, 0]}
 

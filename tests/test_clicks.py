@@ -7,7 +7,7 @@ import torch
 
 from fastsam3d_cli.clicks import (SimulatedClick, clicks_to_prompt, distance_inside, error_regions, random_click,
                                   ritm_click, simulate_click, validation_click_method)
-from test_train_phantoms import ellipsoid
+from train_phantoms import ellipsoid
 
 SHAPE = (32, 32, 32)
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from fastsam3d_cli.distributed import (DistributedEnv, backend_for, detect_environment, device_for_rank,
                                        rank_aware)
 from fastsam3d_cli.errors import UsageError
-from test_train_phantoms import make_prepared
+from train_phantoms import make_prepared
 
 TORCHRUN = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 

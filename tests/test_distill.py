@@ -14,8 +14,8 @@ from fastsam3d_cli.feature_cache import FeatureCache, sha256_file
 from fastsam3d_cli.model import build_model
 from fastsam3d_cli.model.checkpoint import load_model, read_checkpoint
 from fastsam3d_cli.model.image_encoder import ImageEncoderViT3D
-from test_distill_builders import STUDENT, TEACHER, save_teacher, small_config
-from test_train_phantoms import make_prepared
+from distill_builders import STUDENT, TEACHER, save_teacher, small_config
+from train_phantoms import make_prepared
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from fastsam3d_cli import feature_cache
 from fastsam3d_cli.cli import app
 from fastsam3d_cli.distill import distill
-from test_distill_builders import CLI_ENV, STUDENT, TEACHER, TINY_COMPATIBLE_TEACHER, save_teacher
-from test_train_phantoms import make_prepared, tree
+from distill_builders import CLI_ENV, STUDENT, TEACHER, TINY_COMPATIBLE_TEACHER, save_teacher
+from train_phantoms import make_prepared, tree
 
 runner = CliRunner()
 

@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from fastsam3d_cli.model.checkpoint import read_checkpoint
-from test_distill_builders import STUDENT, save_teacher
-from test_train_phantoms import make_prepared
+from distill_builders import STUDENT, save_teacher
+from train_phantoms import make_prepared
 
 
 def _free_port() -> int:

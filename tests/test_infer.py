@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from fastsam3d_cli.errors import BadInputError
 from fastsam3d_cli.imaging import array_ijk
 from fastsam3d_cli.infer import LoadedModel, default_output_path, infer_file, load_inference_model, sidecar_path
-from test_infer_phantoms import (IDENTITY, RAS_STORED, TIE_FREE_SPACING, SphereModel, make_image,
+from infer_phantoms import (IDENTITY, RAS_STORED, TIE_FREE_SPACING, SphereModel, make_image,
                                  make_tiny_checkpoint, phantom, rotation, voxel_centres_lps, write, write_clicks)
 
 

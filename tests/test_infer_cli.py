@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from typer.testing import CliRunner
 
 from fastsam3d_cli.cli import app
-from test_infer_phantoms import CLI_ENV, make_tiny_checkpoint, phantom, voxel_centres_lps, write
+from infer_phantoms import CLI_ENV, make_tiny_checkpoint, phantom, voxel_centres_lps, write
 
 runner = CliRunner()
 GOOD_OBJECT = {"name": "organ", "label": 1, "points": [[24, 20, 16]], "point_labels": [1]}

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from fastsam3d_cli.cli import app
 from fastsam3d_cli.model import build_model
-from test_infer_phantoms import CLI_ENV, make_tiny_checkpoint, phantom, write
+from infer_phantoms import CLI_ENV, make_tiny_checkpoint, phantom, write
 
 
 def test_model_runs_in_bfloat16_with_float32_inputs():

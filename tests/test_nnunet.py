@@ -9,7 +9,7 @@ import pytest
 
 from fastsam3d_cli.errors import BadInputError
 from fastsam3d_cli.nnunet import detect_format, load_raw_dataset, parse_labels, sanitize_name
-from test_prepare_phantoms import make_v1_task, make_v2_dataset, phantom_label, write_volume
+from prepare_phantoms import make_v1_task, make_v2_dataset, phantom_label, write_volume
 
 
 def _meta(root: Path) -> dict:

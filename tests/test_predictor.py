@@ -13,7 +13,7 @@ from fastsam3d_cli.crops import CropBox, extract_crop, znormalize_foreground
 from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.imaging import array_ijk, image_from_array_ijk, same_grid
 from fastsam3d_cli.predictor import CropRun, Predictor
-from test_infer_phantoms import (IDENTITY, RAS_STORED, TIE_FREE_SPACING, IntensityModel, SphereModel,
+from infer_phantoms import (IDENTITY, RAS_STORED, TIE_FREE_SPACING, IntensityModel, SphereModel,
                                  expected_nearest_paste, make_image, phantom, rotation, voxel_centres_lps)
 
 GEOMETRIES = {

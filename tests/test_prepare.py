@@ -11,7 +11,7 @@ import pytest
 from fastsam3d_cli import prepare as prepare_module
 from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.prepare import parse_shard, prepare_datasets
-from test_prepare_phantoms import (ORIGIN, RAS_STORED, SPACING, all_files, make_v1_task, make_v2_dataset, phantom_image,
+from prepare_phantoms import (ORIGIN, RAS_STORED, SPACING, all_files, make_v1_task, make_v2_dataset, phantom_image,
                                    phantom_label, read_ijk, write_volume)
 
 PHANTOM = "CT_Dataset900_Phantom"

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fastsam3d_cli.cli import app
-from test_prepare_phantoms import CLI_ENV, ORIGIN, all_files, make_v1_task, make_v2_dataset, phantom_label, write_volume
+from prepare_phantoms import CLI_ENV, ORIGIN, all_files, make_v1_task, make_v2_dataset, phantom_label, write_volume
 
 runner = CliRunner()
 

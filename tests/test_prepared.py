@@ -10,7 +10,7 @@ import pytest
 from fastsam3d_cli.errors import BadInputError
 from fastsam3d_cli.prepare import prepare_datasets
 from fastsam3d_cli.prepared import PreparedSample, list_prepared_samples, load_manifest
-from test_prepare_phantoms import make_v1_task, make_v2_dataset, phantom_label, read_ijk
+from prepare_phantoms import make_v1_task, make_v2_dataset, phantom_label, read_ijk
 
 
 @pytest.fixture()

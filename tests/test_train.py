@@ -18,7 +18,7 @@ from fastsam3d_cli.prepared import list_prepared_samples
 from fastsam3d_cli.train import InteractiveSegmentationTask, interactive_loss, mask_only_steps, train
 from fastsam3d_cli.trainer import EpochSampler
 from fastsam3d_cli.training_data import InteractiveCropDataset, crop_sample, load_sample, validation_crop
-from test_train_phantoms import SHAPE, make_prepared, phantom_case, write_volume
+from train_phantoms import SHAPE, make_prepared, phantom_case, write_volume
 
 
 @pytest.fixture(scope="module")

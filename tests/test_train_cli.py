@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from fastsam3d_cli.cli import app
-from test_train_phantoms import CLI_ENV, make_prepared, tree, write_volume
+from train_phantoms import CLI_ENV, make_prepared, tree, write_volume
 
 runner = CliRunner()
 

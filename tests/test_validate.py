@@ -15,7 +15,7 @@ from fastsam3d_cli.cli import app
 from fastsam3d_cli.model import get_config
 from fastsam3d_cli.train import train
 from fastsam3d_cli.validate import CaseScores, ValidationResult, score_crop
-from test_train_phantoms import CLI_ENV, SHAPE, make_prepared, tree, write_volume
+from train_phantoms import CLI_ENV, SHAPE, make_prepared, tree, write_volume
 
 runner = CliRunner()
 S = 128
