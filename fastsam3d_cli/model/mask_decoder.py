@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsam3d_cli.model.common import LayerNorm3d
+from fastsam3d_cli.model.common import LayerNorm3d, two_level_block_order
 from fastsam3d_cli.model.transformer import TwoWayTransformer3D
 
 
@@ -47,10 +47,12 @@ def upscale_and_project(src: torch.Tensor, upscaling: nn.Sequential, hyper_in: t
     conv1, norm, act1, conv2, act2 = upscaling
     b, c, d, h, w = src.shape
     c1, c2 = conv1.out_channels, conv2.out_channels
-    # Level 1: (B·8³, C) @ (C, C1·8) → children grouped per parent, reordered to rows of the 16³ grid.
-    x = src.permute(0, 2, 3, 4, 1).reshape(-1, c) @ conv1.weight.reshape(c, c1 * 8)
-    x = x.reshape(b, d, h, w, c1, 2, 2, 2).permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, 8 * d * h * w, c1)
-    x = act1(F.layer_norm(x + conv1.bias, (c1,), norm.weight, norm.bias, norm.eps))
+    # Level 1: (B·8³, C) @ (C, 8·C1) with columns ordered (child, channel), so the result viewed as
+    # (B, 8³·8, C1) has one row per child, each voxel's 8 children together: no reordering copy, and the
+    # bias rides in the product. Rows stay in (voxel, child) order until the final 32³ reshape.
+    weight1 = conv1.weight.permute(0, 2, 3, 4, 1).reshape(c, 8 * c1)
+    x = torch.addmm(conv1.bias.repeat(8), src.permute(0, 2, 3, 4, 1).reshape(-1, c), weight1)
+    x = act1(F.layer_norm(x.view(b, 8 * d * h * w, c1), (c1,), norm.weight, norm.bias, norm.eps))
     # Level 2: columns ordered (child, channel) so the hypernetwork dot is a plain matmul per chunk.
     weight2 = conv2.weight.permute(0, 2, 3, 4, 1).reshape(c1, 8 * c2)
     bias2 = conv2.bias.repeat(8)
@@ -71,8 +73,9 @@ def upscale_and_project(src: torch.Tensor, upscaling: nn.Sequential, hyper_in: t
                 y = torch.addmm(bias2, x[item, start:stop], weight2, out=features[:stop - start])
                 y = torch._C._nn.gelu_(y) if gelu_in_place else act2(y)
                 torch.mm(y.view(-1, c2), hyper, out=masks[item, start * 8:stop * 8])  # (rows·8, M)
-    grid = masks.reshape(b, 2 * d, 2 * h, 2 * w, 2, 2, 2, m).permute(0, 7, 1, 4, 2, 5, 3, 6)
-    return grid.reshape(b, m, 4 * d, 4 * h, 4 * w)
+    # Rows are in two-level block order (voxel, level-1 child, level-2 child): one gather puts them on the grid.
+    _, fine_to_block = two_level_block_order(d, h, w, masks.device)
+    return masks.index_select(1, fine_to_block).transpose(1, 2).reshape(b, m, 4 * d, 4 * h, 4 * w)
 
 
 class MaskDecoder3D(nn.Module):

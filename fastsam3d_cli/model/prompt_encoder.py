@@ -10,9 +10,34 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fastsam3d_cli.model.common import LayerNorm3d
+from fastsam3d_cli.model.common import LayerNorm3d, two_level_block_order
+
+
+def downscale_mask(masks: torch.Tensor, downscaling: nn.Sequential) -> torch.Tensor:
+    """mask_downscaling(masks) as three per-voxel matrix products, channels-last.
+
+    masks (B, 1, 4S, 4S, 4S) → (B, C, S, S, S). Both stride-2, kernel-2 convolutions read disjoint 2×2×2
+    blocks, so each is a matmul over one coarse voxel's children; grouping every 8³-grid voxel's 4×4×4
+    input block up front means no reordering in between. Same arithmetic as the reference modules within
+    float rounding, several times faster on CPU than `slow_conv3d` with tiny channel counts. The result
+    is a (B, C, S, S, S) view of a channels-last tensor.
+    """
+    conv1, norm1, act1, conv2, norm2, act2, conv3 = downscaling
+    b, _, size = masks.shape[:3]
+    s = size // 4
+    c1, c2, c3 = conv1.out_channels, conv2.out_channels, conv3.out_channels
+    # Rows in two-level block order (coarse voxel, child, grandchild), 8 grandchildren per row; one gather.
+    block_to_fine, _ = two_level_block_order(s, s, s, masks.device)
+    blocks = masks.reshape(b, -1).index_select(1, block_to_fine).reshape(-1, 8)
+    x = torch.addmm(conv1.bias, blocks, conv1.weight.reshape(c1, 8).t())  # (B·S³·8, C1)
+    x = act1(F.layer_norm(x, (c1,), norm1.weight, norm1.bias, norm1.eps)).reshape(-1, 8 * c1)
+    x = torch.addmm(conv2.bias, x, conv2.weight.permute(0, 2, 3, 4, 1).reshape(c2, 8 * c1).t())  # (B·S³, C2)
+    x = act2(F.layer_norm(x, (c2,), norm2.weight, norm2.bias, norm2.eps))
+    x = torch.addmm(conv3.bias, x, conv3.weight.reshape(c3, c2).t())  # (B·S³, C)
+    return x.reshape(b, s, s, s, c3).permute(0, 4, 1, 2, 3)
 
 
 class PositionEmbeddingRandom3D(nn.Module):
@@ -77,14 +102,16 @@ class PromptEncoder3D(nn.Module):
         """Positional encoding of the embedding grid, (1, C, 8, 8, 8).
 
         It depends only on the (untrained) Gaussian buffer, so it is cached per buffer state, device, dtype
-        and inference mode — one less sin/cos pass over the grid per click.
+        and inference mode — one less sin/cos pass over the grid per click, and no per-click layout copy.
         """
         matrix = self.pe_layer.positional_encoding_gaussian_matrix
         version = None if matrix.is_inference() else matrix._version  # inference tensors keep no counter
         key = (id(matrix), matrix.data_ptr(), version, matrix.device, matrix.dtype, torch.is_inference_mode_enabled())
         cached = getattr(self, "_dense_pe_cache", None)
         if cached is None or cached[0] != key:
-            cached = (key, self.pe_layer(self.image_embedding_size).unsqueeze(0))
+            # Stored channels-last: the decoder's (B, X·Y·Z, C) token view of it is then already contiguous.
+            pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
+            cached = (key, pe.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3))
             self._dense_pe_cache = cached
         return cached[1]
 
@@ -118,7 +145,7 @@ class PromptEncoder3D(nn.Module):
         if points is not None:
             sparse = torch.cat([sparse, self._embed_points(points[0].to(weight.dtype), points[1])], dim=1)
         if masks is not None:
-            dense = self.mask_downscaling(masks)
+            dense = downscale_mask(masks, self.mask_downscaling)
         else:
             dense = weight.reshape(1, -1, 1, 1, 1).expand(batch_size, -1, *self.image_embedding_size)
         return sparse, dense
