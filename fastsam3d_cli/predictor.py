@@ -128,9 +128,9 @@ class Predictor:
             raise UsageError(f"--max-crops {max_crops} is invalid", "use 1 or more (1 turns crop extension off)")
         self.model = model
         self.device = torch.device(device) if device is not None else _model_device(model)
-        from fastsam3d_cli.model.sam3d import flush_denormals_on_cpu
+        from fastsam3d_cli.model.cpu_runtime import tune_cpu_for_inference
 
-        flush_denormals_on_cpu(self.device)  # an injected model may not come from build_model/load_model
+        tune_cpu_for_inference(self.device)  # an injected model may not come from build_model/load_model
         config = getattr(model, "config", None)
         self.crop_size = int(config.image_size) if config is not None else 128
         self.low_res_size = int(config.low_res_size) if config is not None else self.crop_size // 4

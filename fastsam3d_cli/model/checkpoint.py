@@ -26,7 +26,8 @@ import torch
 
 from fastsam3d_cli.errors import WeightsError
 from fastsam3d_cli.model.config import PRESETS, ModelConfig, get_config
-from fastsam3d_cli.model.sam3d import Sam3D, flush_denormals_on_cpu
+from fastsam3d_cli.model.cpu_runtime import tune_cpu_for_inference
+from fastsam3d_cli.model.sam3d import Sam3D
 
 # The only non-torch globals the official checkpoints pickle (FastSAM3D.pth's `args`, `used_datas`, device).
 SAFE_GLOBALS: list[Any] = [argparse.Namespace, collections.Counter, torch.device]
@@ -252,7 +253,7 @@ def load_model(checkpoint: str | Path, preset: str | None = None, device: torch.
     tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     model = model.to(device).eval()
-    flush_denormals_on_cpu(device)
+    tune_cpu_for_inference(device)
     model.set_attention(attention)
     info.preset = config.name
     return model, info
