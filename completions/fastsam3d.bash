@@ -115,6 +115,7 @@ _fastsam3d_completion() {
         "benchmark")
             case "$prev" in
                 --model|-m) return ;;
+                --checkpoint) return ;;
                 --attention|-a) return ;;
                 --device) return ;;
                 --dtype) return ;;
@@ -127,7 +128,7 @@ _fastsam3d_completion() {
                 --budget) return ;;
                 --threads) return ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --attention -a --device --dtype --batch --repeats --warmup --clicks --volume --clicks-file --json --budget --threads --no-flops" -- "$cur"))
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --checkpoint --attention -a --device --dtype --batch --repeats --warmup --clicks --volume --clicks-file --json --budget --threads --no-flops" -- "$cur"))
             else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "weights")
             case "$prev" in

@@ -96,6 +96,7 @@ complete -c fastsam3d -n '__fish_seen_subcommand_from validate' -l csv -r -F -d 
 complete -c fastsam3d -n '__fish_seen_subcommand_from validate' -l overwrite -d 'Replace existing outputs'
 complete -c fastsam3d -n '__fish_seen_subcommand_from validate' -l json -d 'Print one JSON object with every score on stdout'
 complete -c fastsam3d -n '__fish_seen_subcommand_from benchmark' -l model -s m -r -d 'Model preset, repeatable: sam-med3d, fastsam3d, fastsam3d-tiny. Default: fastsam3d. Speed-ups are relative to the first model × attention × dtype listed'
+complete -c fastsam3d -n '__fish_seen_subcommand_from benchmark' -l checkpoint -r -d 'Also time this weights file (repeatable; its preset is read from the file), e.g. a distilled student.pth. With --checkpoint and no --model only the checkpoints are timed'
 complete -c fastsam3d -n '__fish_seen_subcommand_from benchmark' -l attention -s a -r -d 'Attention backend, repeatable: auto, exact, sdpa, flash, sparse. Default: auto. A backend the device cannot run gives an '\''unavailable'\'' row; the run goes on'
 complete -c fastsam3d -n '__fish_seen_subcommand_from benchmark' -l device -r -d 'auto, cpu, cuda or cuda:N (auto = CUDA when present)'
 complete -c fastsam3d -n '__fish_seen_subcommand_from benchmark' -l dtype -r -d 'float32, bfloat16 or float16, repeatable. Default: float32'

@@ -223,6 +223,7 @@ class ConfigResult:
     model: str
     attention: str  # as requested
     dtype: str
+    checkpoint: str | None = None  # weights file (its preset is `model`); None = deterministic random weights
     backend: str | None = None  # what `attention` resolved to on the device
     status: str = "ok"
     reason: str | None = None
@@ -242,7 +243,8 @@ class ConfigResult:
 
     @property
     def label(self) -> str:
-        return f"{self.model}/{self.attention}/{self.dtype}"
+        model = f"{Path(self.checkpoint).name}:{self.model}" if self.checkpoint else self.model
+        return f"{model}/{self.attention}/{self.dtype}"
 
     def to_dict(self) -> dict:
         data = {key: value for key, value in asdict(self).items() if key != "error"}
@@ -455,6 +457,7 @@ def _run_config(row: ConfigResult, device: torch.device, settings: dict) -> str 
     Returns how peak memory was measured (None when the configuration was not run)."""
     from fastsam3d_cli.model import build_model, get_config
     from fastsam3d_cli.model.attention import resolve_backend
+    from fastsam3d_cli.model.checkpoint import load_model
 
     config = get_config(row.model)
     try:
@@ -468,8 +471,11 @@ def _run_config(row: ConfigResult, device: torch.device, settings: dict) -> str 
     try:
         memory.begin()
         torch.manual_seed(settings["seed"])
-        with torch.device(device):  # initialise the random weights where they will live (fast on a GPU)
-            model = build_model(config, attention="exact")
+        if row.checkpoint is not None:
+            model, _ = load_model(row.checkpoint, preset=row.model, device=device, attention="exact")
+        else:
+            with torch.device(device):  # initialise the random weights where they will live (fast on a GPU)
+                model = build_model(config, attention="exact")
         model = model.to(DTYPES[row.dtype]).eval()
         model.set_attention(row.attention)
         row.weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
@@ -502,10 +508,22 @@ def _run_config(row: ConfigResult, device: torch.device, settings: dict) -> str 
 
 
 # ===================================================================================== the API
-def _unique(values: Sequence[str], what: str) -> list[str]:
+def _unique(values: Sequence[str], what: str, allow_empty: bool = False) -> list[str]:
     result = list(dict.fromkeys(v.strip() for v in values))
-    if not result:
+    if not result and not allow_empty:
         raise UsageError(f"no {what} given", f"pass at least one --{what}")
+    return result
+
+
+def _checkpoint_presets(checkpoints: Sequence[str | Path]) -> list[tuple[str, str]]:
+    """(path, preset) per checkpoint file, each loaded once on the CPU before anything is timed, so a
+    missing, corrupt or unsafe file stops the run at once (WeightsError, exit 4)."""
+    from fastsam3d_cli.model.checkpoint import load_model
+
+    result = []
+    for path in dict.fromkeys(str(Path(c).expanduser()) for c in checkpoints):
+        _, info = load_model(path, device="cpu", attention="exact")
+        result.append((path, str(info.preset)))
     return result
 
 
@@ -560,18 +578,22 @@ def run_benchmark(models: Sequence[str] = ("fastsam3d",), attentions: Sequence[s
                   device: str = "auto", dtypes: Sequence[str] = ("float32",), batch: int = 1, repeats: int = 20,
                   warmup: int = 5, clicks: int = 5, budget_s: float = 60.0, threads: int | None = None,
                   volume: str | Path | None = None, clicks_file: str | Path | None = None,
-                  count_flops: bool = True, seed: int = 0,
+                  count_flops: bool = True, seed: int = 0, checkpoints: Sequence[str | Path] = (),
                   progress: Callable[[str], None] | None = None) -> BenchmarkResult:
     """Time every model × attention × dtype on one device in one run (order: models, then attentions, then dtypes).
 
     `budget_s`: seconds one configuration may take before its warm-up/repeats are reduced (0 = no cap).
     `threads`: torch intra-op threads for the run (restored afterwards); None keeps torch's default.
     `volume` + `clicks_file`: also time the file-to-file pipeline stage by stage.
-    Raises UsageError (bad options), DeviceError (device absent), or the first row's error when none ran.
+    `checkpoints`: weights files timed after the `models` presets (which use deterministic random weights);
+    each one's preset is read from the file. `models` may be empty when checkpoints are given.
+    Raises UsageError (bad options), DeviceError (device absent), WeightsError (a bad checkpoint), or the
+    first row's error when none ran.
     """
     from fastsam3d_cli.device import resolve_device
 
-    models, attentions, dtypes = _unique(models, "model"), _unique(attentions, "attention"), _unique(dtypes, "dtype")
+    models = _unique(models, "model", allow_empty=bool(checkpoints))
+    attentions, dtypes = _unique(attentions, "attention"), _unique(dtypes, "dtype")
     _validate(models, attentions, dtypes, {"batch": batch, "repeats": repeats, "warmup": warmup, "clicks": clicks,
                                            "budget_s": budget_s, "threads": threads})
     if (volume is None) != (clicks_file is None):
@@ -579,7 +601,8 @@ def run_benchmark(models: Sequence[str] = ("fastsam3d",), attentions: Sequence[s
     torch_device = resolve_device(device)
     if volume is not None:
         _check_end_to_end_inputs(volume, clicks_file)
-    settings = {"models": models, "attentions": attentions, "dtypes": dtypes, "batch": batch, "repeats": repeats,
+    checkpoint_rows = _checkpoint_presets(checkpoints)
+    settings = {"models": models, "checkpoints": [path for path, _ in checkpoint_rows], "attentions": attentions, "dtypes": dtypes, "batch": batch, "repeats": repeats,
                 "warmup": warmup, "clicks": clicks, "budget_s": budget_s, "seed": seed,
                 "volume": None if volume is None else str(volume),
                 "clicks_file": None if clicks_file is None else str(clicks_file)}
@@ -591,6 +614,8 @@ def run_benchmark(models: Sequence[str] = ("fastsam3d",), attentions: Sequence[s
         cpu_start = cpu_snapshot()
         memory_method = ""
         rows = [ConfigResult(model, attention, dtype) for model in models for attention in attentions for dtype in dtypes]
+        rows += [ConfigResult(preset, attention, dtype, checkpoint=path) for path, preset in checkpoint_rows
+                 for attention in attentions for dtype in dtypes]
         for number, row in enumerate(rows, start=1):
             if progress:
                 progress(f"[{number}/{len(rows)}] {row.label} on {torch_device}")
@@ -640,7 +665,8 @@ def _time_end_to_end(model, row: ConfigResult, device: torch.device, settings: d
     from fastsam3d_cli.infer import LoadedModel, infer_file
 
     # The model core casts float32 inputs to the weights' dtype, as `infer --dtype` relies on.
-    loaded = LoadedModel(model=model, preset=row.model, checkpoint=Path("(random weights: benchmark)"),
+    source = Path(row.checkpoint) if row.checkpoint else Path("(random weights: benchmark)")
+    loaded = LoadedModel(model=model, preset=row.model, checkpoint=source,
                          checkpoint_sha256="-", weights_name=None, device=device, attention=row.backend or "",
                          load_ms=0.0, dtype=row.dtype)
     with tempfile.TemporaryDirectory(prefix="fastsam3d-benchmark-") as folder:

@@ -141,3 +141,57 @@ def test_end_to_end_bad_inputs_exit_3_before_timing(tmp_path):
     _one_error_line(_run(*QUICK, "--volume", str(tmp_path / "missing.nii.gz"), "--clicks-file", str(clicks)), 3,
                     "missing.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clicks.json", "ct.nii.gz"]
+
+
+# ----------------------------------------------------------------------------------- --checkpoint
+def _tiny_checkpoint(path: Path, seed: int = 5):
+    from fastsam3d_cli.model import build_model
+    from fastsam3d_cli.model.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = build_model("fastsam3d-tiny")
+    save_checkpoint(path, model.state_dict())
+    return model
+
+
+def test_checkpoint_is_timed_with_its_own_weights(tmp_path, monkeypatch):
+    """A distilled/trained student is benchmarked from its file: preset read from it, its weights used."""
+    from fastsam3d_cli import benchmark
+
+    path = tmp_path / "student.pth"
+    saved = _tiny_checkpoint(path)
+    seen = []
+    timed = benchmark._interaction
+
+    def spy(model, inputs, clock):
+        seen.append(model.image_encoder.patch_embed.proj.weight.detach().clone())
+        return timed(model, inputs, clock)
+
+    monkeypatch.setattr(benchmark, "_interaction", spy)
+    result = _run("--checkpoint", str(path), "--device", "cpu", "--repeats", "1", "--warmup", "0", "--clicks", "1",
+                  "-a", "exact", "--json", "--no-flops")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [c["label"] for c in payload["configs"]] == ["student.pth:fastsam3d-tiny/exact/float32"]
+    assert payload["configs"][0]["checkpoint"] == str(path) and payload["configs"][0]["status"] == "ok"
+    assert payload["settings"]["models"] == [] and payload["settings"]["checkpoints"] == [str(path)]
+    assert seen and all(torch.equal(w, saved.image_encoder.patch_embed.proj.weight) for w in seen)
+
+
+def test_checkpoint_rows_follow_the_presets_in_the_table(tmp_path):
+    path = tmp_path / "student.pth"
+    _tiny_checkpoint(path)
+    result = _run(*QUICK, "-a", "exact", "--checkpoint", str(path), "--no-flops")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.index("fastsam3d-tiny exact fp32") < result.stdout.index("student.pth (fastsam3d-tiny)")
+
+
+def test_corrupt_checkpoint_exits_4_before_timing(tmp_path, monkeypatch):
+    from fastsam3d_cli import benchmark
+
+    path = tmp_path / "student.pth"
+    path.write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(benchmark, "_interaction", lambda *a: pytest.fail("nothing may be timed"))
+    result = _run(*QUICK, "--checkpoint", str(path))
+    _one_error_line(result, 4, "student.pth")
+    assert path.read_bytes() == b"not a checkpoint"

@@ -4,6 +4,7 @@ Parses options, calls `fastsam3d_cli.benchmark.run_benchmark`, renders Rich tabl
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -24,6 +25,10 @@ def benchmark_command(
         None, "--model", "-m", metavar="NAME",
         help="Model preset, repeatable: sam-med3d, fastsam3d, fastsam3d-tiny. Default: fastsam3d. "
              "Speed-ups are relative to the first model × attention × dtype listed."),
+    checkpoint: Optional[List[Path]] = typer.Option(
+        None, "--checkpoint", metavar="PATH",
+        help="Also time this weights file (repeatable; its preset is read from the file), e.g. a distilled "
+             "student.pth. With --checkpoint and no --model only the checkpoints are timed."),
     attention: Optional[List[str]] = typer.Option(
         None, "--attention", "-a", metavar="BACKEND",
         help="Attention backend, repeatable: auto, exact, sdpa, flash, sparse. Default: auto. "
@@ -59,7 +64,8 @@ def benchmark_command(
 
     show_progress = progress_enabled(json_output)
     result = run_benchmark(
-        models=model or ["fastsam3d"], attentions=attention or ["auto"], device=device, dtypes=dtype or ["float32"],
+        models=model or ([] if checkpoint else ["fastsam3d"]), checkpoints=checkpoint or [],
+        attentions=attention or ["auto"], device=device, dtypes=dtype or ["float32"],
         batch=batch, repeats=repeats, warmup=warmup, clicks=clicks, budget_s=budget, threads=threads,
         volume=volume, clicks_file=clicks_file, count_flops=not no_flops,
         progress=(lambda text: stderr_console.print(text, highlight=False, markup=False)) if show_progress else None)
@@ -86,7 +92,8 @@ def _speed_cell(ratio: float) -> str:
 
 def _config_cell(row) -> str:
     attention = row.attention if row.backend in (None, row.attention) else f"{row.attention}→{row.backend}"
-    return f"{row.model} {attention} {SHORT_DTYPES.get(row.dtype, row.dtype)}"
+    model = f"{Path(row.checkpoint).name} ({row.model})" if row.checkpoint else row.model
+    return f"{model} {attention} {SHORT_DTYPES.get(row.dtype, row.dtype)}"
 
 
 def _render(result) -> None:
