@@ -336,10 +336,11 @@ class Predictor:
     def _shape(self) -> tuple[int, int, int]:
         return self._require_volume()[1].size
 
-    def _crop_volume(self, box: CropBox) -> np.ndarray:
+    def _crop_volume(self, box: CropBox, normalize: bool = False) -> np.ndarray:
         """The box's voxels of the canonical grid (float32, ijk), linear from the reoriented volume, 0 outside
         the grid — identical to resampling the whole volume and cutting the crop out with zero padding.
-        Non-finite input values (NaN/inf in float volumes) become 0."""
+        Non-finite input values (NaN/inf in float volumes) become 0. `normalize`: also z-normalise over
+        voxels > 0 (the model input). Timed as one "preprocess" stage."""
         _, grid, oriented = self._require_volume()
         start = time.perf_counter()
         resampled = resample_onto(oriented, size=(box.size,) * 3, spacing=grid.spacing,
@@ -349,6 +350,8 @@ class Predictor:
         crop = np.zeros_like(values)
         inside = _inside_slices(box, grid.size)
         crop[inside] = values[inside]
+        if normalize:
+            crop = znormalize_foreground(crop)
         self._record("preprocess", start, crop=list(box.start))
         return crop
 
@@ -391,8 +394,8 @@ class Predictor:
 
         key = tuple(box.start)
         if key not in self._embeddings:
+            crop = self._crop_volume(box, normalize=True)  # timed as "preprocess"
             start = time.perf_counter()
-            crop = znormalize_foreground(self._crop_volume(box))
             volume = torch.from_numpy(crop)[None, None].to(self.device)
             with torch.inference_mode():
                 self._embeddings[key] = self.model.encode(volume)

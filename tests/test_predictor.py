@@ -280,3 +280,24 @@ def test_cpu_predictor_flushes_subnormal_floats():
     assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
     Predictor(SphereModel(), "cpu")
     assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
+
+
+def test_crop_resampling_is_timed_as_preprocess_not_encode(monkeypatch):
+    """Stages do not overlap: the crop's resampling and normalisation are "preprocess", never "encode" too."""
+    import time
+
+    import fastsam3d_cli.predictor as predictor_module
+
+    resample = predictor_module.resample_onto
+
+    def slow_resample(*args, **kwargs):
+        time.sleep(0.3)
+        return resample(*args, **kwargs)
+
+    image = _volume(**GEOMETRIES["flipped"])
+    predictor = Predictor(SphereModel(), "cpu")
+    predictor.set_volume(image)
+    monkeypatch.setattr(predictor_module, "resample_onto", slow_resample)
+    predictor.add_click(voxel_centres_lps(image)[17, 20, 9], space="lps", object="a")
+    stages = {t["stage"]: t["ms"] for t in predictor.timings if t["stage"] in ("preprocess", "encode")}
+    assert stages["preprocess"] >= 300.0 and stages["encode"] < 300.0
