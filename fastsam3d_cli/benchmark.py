@@ -314,6 +314,9 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
+        # float32 rows on CUDA run convolutions (and matmuls, when allowed) in TF32 under these settings
+        "tf32": ({"convolutions": bool(torch.backends.cudnn.allow_tf32),
+                  "matmul": bool(torch.backends.cuda.matmul.allow_tf32)} if cuda else None),
         "flash_attn": flash_attn_version(),
         "python": platform.python_version(),
         "platform": platform.platform(),

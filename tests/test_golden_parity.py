@@ -20,6 +20,16 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def full_float32_on_cuda():
+    """CUDA runs float32 convolutions (and, if enabled, matmuls) in TF32 by default: ~10 bits of mantissa,
+    several times the tolerance here. Parity is about the float32 arithmetic, so TF32 is off while it runs."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="module", params=list(MODELS))
 def golden_model(request, golden_dir):
     """(preset, model with deterministic weights, golden tensors)."""
