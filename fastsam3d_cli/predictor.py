@@ -472,7 +472,7 @@ class Predictor:
 
     def _synthetic_click(self, crops: list[CropRun], box: CropBox, parent: CropBox) -> np.ndarray | None:
         """The most confident mask voxel shared by `box` and `parent`, preferably ≥ margin inside `box`."""
-        start, canvas = self._merge(crops)
+        start, canvas = self._merge(crops, region=box)
         if canvas is None:
             return None
         shared_lo = np.maximum(np.maximum(box.start, parent.start), 0)
@@ -496,7 +496,7 @@ class Predictor:
         import torch
         import torch.nn.functional as F
 
-        start, canvas = self._merge(crops)
+        start, canvas = self._merge(crops, region=box)
         full = np.zeros((self.crop_size,) * 3, dtype=np.float32)
         if canvas is not None:
             relative = CropBox(tuple(int(s - c) for s, c in zip(box.start, start)), self.crop_size)  # type: ignore[arg-type]
@@ -505,21 +505,27 @@ class Predictor:
         factor = self.crop_size // self.low_res_size
         return F.avg_pool3d(tensor, kernel_size=factor, stride=factor)
 
-    def _merge(self, crops: Iterable[CropRun]) -> tuple[np.ndarray, np.ndarray | None]:
+    def _merge(self, crops: Iterable[CropRun], region: CropBox | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Merged logits over the crops' bounding box clipped to the volume (NaN where no crop reaches).
 
         Each voxel takes the covering crop in which it lies deepest: nearest centre in Chebyshev distance, ties
-        broken by Euclidean distance (then the earlier crop).
+        broken by Euclidean distance (then the earlier crop). `region`: merge only inside this box (what a new
+        neighbour crop needs) — the same values there, without building the whole object's canvas.
         """
         decoded = [c for c in crops if c.logits is not None]
         shape = np.asarray(self._shape)
+        if region is not None:
+            decoded = [c for c in decoded
+                       if all(a < d and c_ < b for a, b, c_, d in zip(c.box.start, c.box.stop, region.start, region.stop))]
         if not decoded:
             return np.zeros(3, dtype=int), None
         lo = np.maximum(np.min([c.box.start for c in decoded], axis=0), 0)
         hi = np.minimum(np.max([c.box.stop for c in decoded], axis=0), shape)
+        if region is not None:
+            lo, hi = np.maximum(lo, region.start), np.minimum(hi, region.stop)
         if np.any(hi <= lo):
             return lo, None
-        if len(decoded) == 1:  # the crop's own logits, clipped to the volume (a read-only view)
+        if len(decoded) == 1 and region is None:  # the crop's own logits, clipped to the volume (a read-only view)
             return lo, decoded[0].logits[_inside_slices(decoded[0].box, shape)]
         canvas = np.full(tuple(hi - lo), np.nan, dtype=np.float32)
         nearest = np.full(canvas.shape, np.inf, dtype=np.float32)

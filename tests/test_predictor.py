@@ -241,6 +241,24 @@ def test_merge_takes_the_crop_the_voxel_lies_deepest_in():
     assert (canvas[:96] == 1).all() and (canvas[96:] == -1).all()
 
 
+
+def test_merge_inside_a_region_equals_the_whole_merge_cut_to_it():
+    """A neighbour crop's prompt merges only its own region: same values as merging everything, then cutting."""
+    image = make_image(np.ones((200, 150, 90), np.int16), spacing=(1.5, 1.5, 1.5))
+    predictor = Predictor(SphereModel(), "cpu")
+    predictor.set_volume(image)
+    generator = np.random.default_rng(0)
+    crops = [CropRun(CropBox(start), "extension", logits=generator.normal(size=(128,) * 3).astype(np.float32))
+             for start in ((0, -20, -20), (64, -20, -20), (30, 40, -10))]
+    start, canvas = predictor._merge(crops)
+    for region in (CropBox((40, 10, -30)), CropBox((100, 60, 0)), CropBox((-50, -50, -50))):
+        lo, part = predictor._merge(crops, region=region)
+        relative = CropBox(tuple(int(r - s) for r, s in zip(region.start, start)))
+        expected = extract_crop(canvas, relative, fill=np.nan)
+        ours = extract_crop(part, CropBox(tuple(int(r - o) for r, o in zip(region.start, lo))), fill=np.nan)
+        np.testing.assert_array_equal(ours, expected)
+    assert predictor._merge(crops, region=CropBox((300, 0, 0)))[1] is None  # no crop reaches it
+
 def test_orientation_invariance_with_a_known_model():
     """The same anatomy stored with permuted/flipped axes gives the same physical mask (world clicks)."""
     image = _volume(shape=(40, 36, 22), spacing=TIE_FREE_SPACING, direction=RAS_STORED)
