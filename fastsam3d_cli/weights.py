@@ -6,11 +6,15 @@ Users name a checkpoint (`fastsam3d`, `sam-med3d-turbo`) and never handle paths.
     <upstream file name>   one checkpoint per registry name, e.g. `FastSAM3D.pth`
     index.json             sha256, size, source and time recorded for each checkpoint (written atomically)
     .<file name>.lock      exists while one process downloads, imports or removes that checkpoint
+    .<file name>.partial   an interrupted download (Ctrl-C, kill), continued with HTTP Range next time
+    .<file name>.partial.json  its note: URL, ETag/Last-Modified and total size (the bytes so far are the
+                           .partial file's size); both are only read and written under the lock
 
 A cached checkpoint is *verified* when its sha256 equals the one pinned in the registry or, when the
 registry cannot pin one, the one recorded when it was first downloaded or imported (trust on first use).
 Every load through `resolve_weights` re-checks it. Nothing half-written is ever left at a checkpoint's
-path: downloads and imports go to a temporary file beside it and are renamed only once verified.
+path: downloads and imports go to a temporary file beside it and are renamed only once verified. Only
+an interruption keeps a download's `.partial` file (and its note); any error deletes them.
 """
 from __future__ import annotations
 
@@ -235,11 +239,13 @@ def download(name: str, *, progress: bool = False, offline: Optional[bool] = Non
              retry_pause_s: float = 1.0) -> WeightsEntry:
     """Make sure a verified copy of `name` is cached, downloading it if needed; return its entry.
 
-    A cached copy that fails its sha256 check is replaced. The download streams to a temporary file
+    A cached copy that fails its sha256 check is replaced. The download streams to `.<file>.partial`
     beside the target, continues with HTTP Range after a cut-off (up to `attempts` requests in all, as
     long as each one brings bytes), checks size and sha256 and that the file is a checkpoint, and is
-    renamed into place. Concurrent downloads of one checkpoint serialise on a lock file; the later one
-    then finds the verified file and returns without downloading. Offline (`offline=True`, or None and
+    renamed into place. An interrupted download (KeyboardInterrupt, a kill) keeps the partial file and
+    a note (URL, ETag/Last-Modified, size); the next call for the same URL asks only for the rest.
+    Concurrent downloads of one checkpoint serialise on a lock file; the later one then finds the
+    verified file and returns without downloading. Offline (`offline=True`, or None and
     FASTSAM3D_OFFLINE=1) only a verified cached copy is returned; anything else is a WeightsError.
     """
     spec = get_spec(name)
@@ -254,10 +260,12 @@ def download(name: str, *, progress: bool = False, offline: Optional[bool] = Non
     folder = _writable_cache()
     target = folder / spec.filename
     with _cache_lock(_lock_path(target), on_wait=_announce_wait(spec) if progress else None):
-        _remove_partials(target)
+        _remove_stale_temps(target)
         record = _read_index(folder).get(name)
         if target.is_file():
             entry = _entry(spec, record)
+            if entry.verified is not False:
+                _discard_partial(target)  # a usable cached file makes an old partial download useless
             if entry.verified:
                 return entry
             if entry.verified is None:  # a file nobody recorded (copied in by hand): check and record it
@@ -290,11 +298,13 @@ def import_file(name: str, file: Path) -> WeightsEntry:
                                f"download it with `fastsam3d weights download {name}`")
         check_is_checkpoint(tmp, spec, what=str(source), fix=f"give the path of a copy of {spec.filename}")
         _write_record(folder, name, digest, tmp.stat().st_size, f"imported from {source}")
+        _discard_partial(target)
     return _entry(spec, _read_index(folder).get(name), digest=digest)
 
 
 def remove(name: str) -> list[Path]:
-    """Delete the cached checkpoint `name`, its record (so the next download records afresh) and leftovers.
+    """Delete the cached checkpoint `name`, its record (so the next download records afresh) and leftovers
+    (an interrupted download's partial file and note included).
 
     Returns the paths deleted (empty when nothing was cached).
     """
@@ -306,13 +316,22 @@ def remove(name: str) -> list[Path]:
     _check_writable(folder)
     removed = []
     with _cache_lock(_lock_path(target)), _cache_write_errors(folder):
-        removed = _remove_partials(target)
+        removed = _remove_stale_temps(target) + _discard_partial(target)
         if target.is_file():
             target.unlink()
             removed.append(target)
         if name in _read_index(folder):
             _write_record(folder, name, None)
     return removed
+
+
+def partial_download(name: str) -> Optional[tuple[Path, int]]:
+    """(path, bytes so far) of the partial download an interrupted `download(name)` kept, else None."""
+    target = cache_dir() / get_spec(name).filename
+    partial = _partial_path(target)
+    if partial.is_file() and _note_path(target).is_file():
+        return partial, partial.stat().st_size
+    return None
 
 
 def resolve_weights(name: str, *, offline: Optional[bool] = None, progress: bool = False) -> Path:
@@ -480,9 +499,10 @@ def _lock_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.lock")
 
 
-def _remove_partials(target: Path) -> list[Path]:
-    """Delete temporary files a killed process left beside `target` (only call while holding its lock)."""
-    leftovers = [p for p in target.parent.glob(f".{target.stem}.*.partial*") if p.is_file()]
+def _remove_stale_temps(target: Path) -> list[Path]:
+    """Delete temp files a killed import left beside `target`, not a resumable download (call under the lock)."""
+    keep = {_partial_path(target), _note_path(target)}
+    leftovers = [p for p in target.parent.glob(f".{target.stem}.*.partial*") if p.is_file() and p not in keep]
     for path in leftovers:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -511,23 +531,35 @@ def _announce_wait(spec: WeightsSpec) -> Callable[[dict], None]:
 
 def _fetch(spec: WeightsSpec, target: Path, record: Optional[dict], *, progress: bool, timeout_s: float,
            attempts: int, retry_pause_s: float) -> None:
-    """Download `spec` into a temporary file beside `target`, verify it, record it and rename it into place."""
+    """Download `spec` into `.<file>.partial` beside `target`, verify it, record it and rename it into place.
+
+    A partial download left by an interrupted run for the same URL is continued. Any error deletes the
+    partial file and its note; an interruption (KeyboardInterrupt, SystemExit) keeps them for the next run.
+    """
     expected_size = spec.size_bytes or (record or {}).get("size_bytes") or None
     folder = target.parent
-    with _cache_write_errors(folder), atomic_path(target) as tmp, _progress_bar(progress, spec) as report:
-        size = _stream_with_resume(spec, tmp, expected_size=expected_size, timeout_s=timeout_s,
-                                   attempts=attempts, retry_pause_s=retry_pause_s, report=report)
-        digest = sha256_file(tmp)
-        expected, check = _expected_sha256(spec, record)
-        if expected and digest != expected:
-            raise WeightsError(
-                f"checksum mismatch for '{spec.name}' from {spec.url}: sha256 {digest} != {check} "
-                f"{expected}; the file was removed", _mismatch_fix(spec, record, check))
-        check_is_checkpoint(tmp, spec, what=f"the file downloaded from {spec.url}",
-                            fix=f"{_url_origin(spec)} serves something else (a login or error page?); "
-                                f"fix it, or copy {spec.filename} here and run "
-                                f"`fastsam3d weights import {spec.name} FILE`")
-        _write_record(folder, spec.name, digest, size, spec.url)
+    partial = _partial_path(target)
+    note = _resumable_note(target, spec.url)
+    try:
+        with _cache_write_errors(folder), _progress_bar(progress, spec) as report:
+            size = _stream_with_resume(spec, target, note, expected_size=expected_size, timeout_s=timeout_s,
+                                       attempts=attempts, retry_pause_s=retry_pause_s, report=report)
+            digest = sha256_file(partial)
+            expected, check = _expected_sha256(spec, record)
+            if expected and digest != expected:
+                raise WeightsError(
+                    f"checksum mismatch for '{spec.name}' from {spec.url}: sha256 {digest} != {check} "
+                    f"{expected}; the file was removed", _mismatch_fix(spec, record, check))
+            check_is_checkpoint(partial, spec, what=f"the file downloaded from {spec.url}",
+                                fix=f"{_url_origin(spec)} serves something else (a login or error page?); "
+                                    f"fix it, or copy {spec.filename} here and run "
+                                    f"`fastsam3d weights import {spec.name} FILE`")
+            _write_record(folder, spec.name, digest, size, spec.url)
+            os.replace(partial, target)
+    except Exception:
+        _discard_partial(target)
+        raise
+    _discard_partial(target)  # the note
 
 
 def _mismatch_fix(spec: WeightsSpec, record: Optional[dict], check: str) -> str:
@@ -539,48 +571,117 @@ def _mismatch_fix(spec: WeightsSpec, record: Optional[dict], check: str) -> str:
             f"`fastsam3d weights remove {spec.name}` and download again")
 
 
-def _stream_with_resume(spec: WeightsSpec, tmp: Path, *, expected_size: Optional[int], timeout_s: float,
-                        attempts: int, retry_pause_s: float,
-                        report: Callable[[int, Optional[int]], None]) -> int:
-    """GET spec.url into `tmp`; after a cut-off, ask for the rest with a Range header. Returns the size.
+# --- resumable partial downloads -----------------------------------------------------------------
 
-    Retries only after a request that brought bytes; an error before any byte (refused, HTTP error,
-    timeout) ends at once. A server that ignores Range (200 instead of 206) restarts from byte 0.
+
+@dataclass(frozen=True)
+class _PartialNote:
+    """What `.<file>.partial.json` says about `.<file>.partial`; the bytes so far are that file's size."""
+
+    url: str
+    etag: Optional[str] = None  # strong ETags only (weak ones are not allowed in If-Range)
+    last_modified: Optional[str] = None
+    total: Optional[int] = None  # full size announced by the server
+
+    @property
+    def validator(self) -> Optional[str]:
+        """The If-Range value: the ETag, else Last-Modified."""
+        return self.etag or self.last_modified
+
+
+def _partial_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.partial")
+
+
+def _note_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.partial.json")
+
+
+def _read_note(target: Path) -> Optional[_PartialNote]:
+    """The partial download's note, or None when there is none or it is unreadable."""
+    try:
+        data = json.loads(_note_path(target).read_text(encoding="utf-8"))
+        note = _PartialNote(**{key: data.get(key) for key in ("url", "etag", "last_modified", "total")})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    texts_ok = all(isinstance(v, (str, type(None))) for v in (note.etag, note.last_modified))
+    total_ok = note.total is None or (isinstance(note.total, int) and note.total > 0)
+    ok = isinstance(note.url, str) and texts_ok and total_ok
+    return note if ok else None
+
+
+def _write_note(target: Path, note: _PartialNote) -> None:
+    """Write the note (plainly: a torn note is unreadable JSON, which discards the partial file)."""
+    _note_path(target).write_text(json.dumps(dataclasses.asdict(note)) + "\n", encoding="utf-8")
+
+
+def _discard_partial(target: Path) -> list[Path]:
+    """Delete the partial download of `target` and its note (call under the lock); returns what was deleted."""
+    removed = []
+    for path in (_partial_path(target), _note_path(target)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _resumable_note(target: Path, url: str) -> Optional[_PartialNote]:
+    """The note of a partial download that can be continued from `url`; otherwise both are deleted.
+
+    Continued only when the URL is the same, a validator (ETag/Last-Modified) guards against splicing
+    two versions of the file, and the partial file is no longer than the announced total.
+    """
+    note = _read_note(target)
+    partial = _partial_path(target)
+    size = partial.stat().st_size if partial.is_file() else 0
+    if note and note.url == url and note.validator and size and (note.total is None or size <= note.total):
+        return note
+    _discard_partial(target)
+    return None
+
+
+# --- downloading: HTTP ---------------------------------------------------------------------------
+
+
+def _stream_with_resume(spec: WeightsSpec, target: Path, note: Optional[_PartialNote], *,
+                        expected_size: Optional[int], timeout_s: float, attempts: int, retry_pause_s: float,
+                        report: Callable[[int, Optional[int]], None]) -> int:
+    """GET spec.url into `.<file>.partial`, from its current size on; after a cut-off, ask for the rest.
+
+    Returns the size. Every Range request carries If-Range (ETag/Last-Modified) when one is known; a
+    server that ignores Range or has another version (200 instead of 206) restarts from byte 0. The note
+    beside the partial file is updated before body bytes are written. Retries only after a request that
+    brought bytes; an error before any byte (refused, HTTP error, timeout) ends at once.
     """
     import requests
 
-    total = expected_size
-    validator: Optional[str] = None  # ETag/Last-Modified, so a resumed request never splices two versions
+    tmp = _partial_path(target)
+    total = expected_size or (note.total if note else None)
+    if note and total and _file_size(tmp) == total:
+        return total  # interrupted after the last byte (while verifying): nothing left to fetch
+    validator = note.validator if note else None  # so a resumed request never splices two versions
     with requests.Session() as session:
         session.headers["User-Agent"] = f"fastsam3d/{__version__}"
         session.headers["Accept-Encoding"] = "identity"  # byte counts must match Content-Length
         for attempt in range(1, attempts + 1):
-            offset = tmp.stat().st_size
+            offset = _file_size(tmp)
             received = 0
-            headers = {"Range": f"bytes={offset}-"} if offset else {}
-            if offset and validator:
-                headers["If-Range"] = validator
             try:
-                with session.get(spec.url, headers=headers, stream=True, timeout=(timeout_s, timeout_s)) as response:
+                with _request(session, spec.url, offset, validator, timeout_s) as response:
                     if response.status_code >= 400:
                         raise _http_error(spec, response)
                     resumed = bool(offset) and response.status_code == 206 and _range_start(response) == offset
                     offset = offset if resumed else 0
-                    announced = _announced_total(response, offset)
-                    if total is None:
-                        total = announced
-                    elif announced is not None and announced != total:
-                        check = "pinned" if spec.size_bytes else "recorded"
-                        raise WeightsError(f"{spec.url} announces {announced} bytes for '{spec.name}' but the "
-                                           f"{check} size is {total}", _mismatch_fix(spec, None, check))
-                    validator = _validator(response) or validator
-                    with open(tmp, "ab" if resumed else "wb") as out:
+                    total = _checked_total(spec, response, offset, total, expected_size, resumed)
+                    validator = _validator(response) or (validator if resumed else None)
+                    with open(tmp, "ab" if resumed else "wb") as out:  # truncated before the note changes
+                        note = _update_note(target, note, spec.url, response, total, resumed)
                         report(offset, total)
                         for chunk in response.iter_content(NETWORK_CHUNK_BYTES):
                             out.write(chunk)
                             received += len(chunk)
                             report(offset + received, total)
-                size = tmp.stat().st_size
+                size = _file_size(tmp)
                 if total is None or size == total:
                     return size
                 if size > total:
@@ -588,13 +689,68 @@ def _stream_with_resume(spec: WeightsSpec, tmp: Path, *, expected_size: Optional
                                        "the server or mirror is misbehaving; try again later or use another URL")
                 problem = f"the connection closed after {size} of {total} bytes"
             except requests.RequestException as exc:
-                problem = _describe_network_error(exc, spec.url, timeout_s, tmp.stat().st_size, total)
+                problem = _describe_network_error(exc, spec.url, timeout_s, _file_size(tmp), total)
             if received == 0 or attempt == attempts:
                 tries = f" (after {attempt} attempts)" if attempt > 1 else ""
                 raise WeightsError(f"download of '{spec.name}' from {spec.url} failed: {problem}{tries}",
                                    _network_fix(spec))
             time.sleep(retry_pause_s)
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+def _file_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _checked_total(spec: WeightsSpec, response: Any, offset: int, total: Optional[int],
+                   expected_size: Optional[int], resumed: bool) -> Optional[int]:
+    """The full size to expect after `response`; WeightsError when it contradicts the pinned/recorded one.
+
+    Without a pinned/recorded size, a fresh (non-resumed) response defines it: the file may have changed.
+    """
+    announced = _announced_total(response, offset)
+    if total is None or (not resumed and not expected_size):
+        return announced
+    if announced is None or announced == total:
+        return total
+    if expected_size:
+        check = "pinned" if spec.size_bytes else "recorded"
+        raise WeightsError(f"{spec.url} announces {announced} bytes for '{spec.name}' but the {check} size is "
+                           f"{total}", _mismatch_fix(spec, None, check))
+    raise WeightsError(f"{spec.url} announces {announced} bytes for '{spec.name}' while continuing a download "
+                       f"of {total} bytes; the partial file was removed", "run the same command again")
+
+
+def _request(session: Any, url: str, offset: int, validator: Optional[str], timeout_s: float) -> Any:
+    """Streamed GET, for the bytes from `offset` on (Range + If-Range) when offset > 0.
+
+    A 416 (the partial file is not a prefix of what the server has now) is answered by a plain GET.
+    """
+    headers = {}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        if validator:
+            headers["If-Range"] = validator
+    response = session.get(url, headers=headers, stream=True, timeout=(timeout_s, timeout_s))
+    if response.status_code == 416 and offset:
+        response.close()
+        response = session.get(url, stream=True, timeout=(timeout_s, timeout_s))
+    return response
+
+
+def _update_note(target: Path, note: Optional[_PartialNote], url: str, response: Any, total: Optional[int],
+                 resumed: bool) -> _PartialNote:
+    """The note for the response about to be written to the partial file; rewritten when it changed."""
+    headers = response.headers
+    etag = headers.get("ETag")
+    fresh = _PartialNote(url=url, etag=etag if etag and not etag.startswith("W/") else None,
+                         last_modified=headers.get("Last-Modified"), total=total)
+    if resumed and note is not None:  # a 206 may omit the validators; keep the ones the file was started with
+        fresh = _PartialNote(url=url, etag=fresh.etag or note.etag,
+                             last_modified=fresh.last_modified or note.last_modified, total=total)
+    if fresh != note:
+        _write_note(target, fresh)
+    return fresh
 
 
 def _range_start(response: Any) -> Optional[int]:

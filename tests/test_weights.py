@@ -2,16 +2,19 @@
 
 Every download test talks to a real HTTP server on 127.0.0.1 started inside the test (never the
 internet). The server serves one checkpoint and, per query flag, cuts the body off, ignores Range,
-sends a short body, answers with an error status, stalls, or sends another file.
+sends a short body, answers with an error status, stalls, or sends another file. It honours If-Range
+against its current ETag (`server.etag`, which a test can change to stand for a new upstream version).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import http.server
+import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,7 +73,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         flags = {k: v[0] for k, v in parse_qs(urlparse(self.path).query).items()}
         with self.server.lock:
-            self.server.requests.append({"range": self.headers.get("Range"), "flags": flags})
+            self.server.requests.append({"range": self.headers.get("Range"), "if_range": self.headers.get("If-Range"),
+                                         "flags": flags})
             number = len(self.server.requests)
         if "status" in flags:
             self._send_status(int(flags["status"]))
@@ -81,7 +85,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = {"other": lambda: OTHER_SAME_SIZE, "html": lambda: NOT_A_CHECKPOINT,
                 "tiny": _tiny_model_checkpoint}.get(flags.get("body", ""), lambda: PAYLOAD)()
         start = self._range_start()
-        if start is not None and "norange" not in flags and start < len(body):
+        current = self.headers.get("If-Range") in (None, self.server.etag)
+        if start is not None and "norange" not in flags and start < len(body) and current:
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
@@ -89,7 +94,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body) - start))
-        self.send_header("ETag", '"v1"')
+        self.send_header("ETag", self.server.etag)
         self.end_headers()
         cut = ("cut_once" in flags and number == 1) or "short" in flags or "stall_body" in flags
         remaining = body[start:start + CUT_AT] if cut else body[start:]
@@ -97,7 +102,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._write_slowly(remaining[:CUT_AT], 0)
             self.server.hold.wait(30)
             remaining = remaining[CUT_AT:]
-        self._write_slowly(remaining, float(flags.get("delay", 0)))
+        self._write_slowly(remaining, float(flags.get("delay", self.server.delay_s)))
         self.server.bytes_sent += len(remaining)
         if "stall_body" in flags:  # part of the body, then silence
             self.server.release.wait(10)
@@ -135,6 +140,8 @@ class _TestServer(http.server.ThreadingHTTPServer):
         self.bytes_sent = 0
         self.release = threading.Event()
         self.hold = threading.Event()
+        self.etag = '"v1"'
+        self.delay_s = 0.0  # pause per 20 kB when the URL sets no delay (same URL, slow or fast)
 
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # a client that hangs up mid-body (the point of several tests) is not an error here
@@ -456,6 +463,147 @@ def test_leftover_partial_of_a_killed_download_is_cleaned(home, monkeypatch, ser
     (home / "weights" / ".FastSAM3D.abc123.partial.pth").write_bytes(b"half")
     _fast_download()
     assert _cache_files(home) == ["FastSAM3D.pth", "index.json"]
+
+
+# --- resuming an interrupted download in a later run ---------------------------------------------
+
+PARTIAL_FILES = [".FastSAM3D.pth.partial", ".FastSAM3D.pth.partial.json"]
+
+
+def _interrupt_at(monkeypatch, nbytes: int) -> None:
+    """Make the next download raise KeyboardInterrupt (like Ctrl-C) once `nbytes` have been written."""
+    @contextlib.contextmanager
+    def progress_bar(enabled, spec):
+        def report(done, total):
+            if done >= nbytes:
+                raise KeyboardInterrupt
+        yield report
+    monkeypatch.setattr(weights, "_progress_bar", progress_bar)
+
+
+def _interrupted_download(monkeypatch, nbytes: int = 200_000) -> int:
+    """Run a download that Ctrl-C stops after `nbytes`; return the size of the partial file it keeps."""
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, nbytes)
+        with pytest.raises(KeyboardInterrupt):
+            _fast_download()
+    return weights.partial_download("fastsam3d")[1]
+
+
+def _note(home: Path) -> dict:
+    return json.loads((home / "weights" / ".FastSAM3D.pth.partial.json").read_text())
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_killed_cli_download_keeps_partial_and_the_next_run_resumes_with_range(home, monkeypatch, server, how):
+    _serve_fastsam3d(monkeypatch, server.url())
+    server.delay_s = 0.1  # about 5 s of body: time to stop the command mid-way
+    proc = subprocess.Popen([sys.executable, "-m", "fastsam3d_cli", "weights", "download", "fastsam3d"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **CLI_ENV})
+    partial = home / "weights" / ".FastSAM3D.pth.partial"
+    try:
+        deadline = time.monotonic() + 60
+        while (not partial.is_file() or partial.stat().st_size < 100_000) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(getattr(signal, how))
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    kept = partial.stat().st_size
+    assert 100_000 <= kept < len(PAYLOAD)
+    if how == "SIGINT":
+        assert proc.returncode == 130
+        assert stderr.strip().splitlines()[-1] == (f"fastsam3d: error: interrupted — kept {kept} bytes in {partial}; "
+                                                   "run the same command again to resume")
+        assert _cache_files(home) == PARTIAL_FILES  # no final file, no lock, nothing else
+    else:  # no chance to clean up: the lock of the dead process stays until the next run breaks it
+        assert _cache_files(home) == [".FastSAM3D.pth.lock"] + PARTIAL_FILES
+    assert _note(home) == {"url": server.url(), "etag": '"v1"', "last_modified": None, "total": len(PAYLOAD)}
+
+    server.delay_s = 0.0
+    entry = _fast_download()
+    assert server.requests[-1]["range"] == f"bytes={kept}-" and server.requests[-1]["if_range"] == '"v1"'
+    assert entry.downloaded and entry.sha256 == SHA and entry.path.read_bytes() == PAYLOAD
+    assert server.bytes_sent == len(PAYLOAD) - kept  # the killed request never finished sending
+    assert _cache_files(home) == ["FastSAM3D.pth", "index.json"]
+
+
+def test_interrupted_download_resumes_in_the_next_call(home, monkeypatch, server):
+    _serve_fastsam3d(monkeypatch, server.url())
+    kept = _interrupted_download(monkeypatch)
+    assert 200_000 <= kept < len(PAYLOAD)
+    assert _cache_files(home) == PARTIAL_FILES
+    sent = server.bytes_sent
+    entry = _fast_download()
+    assert (server.requests[-1]["range"], server.requests[-1]["if_range"]) == (f"bytes={kept}-", '"v1"')
+    assert server.bytes_sent - sent == len(PAYLOAD) - kept
+    assert entry.sha256 == SHA and entry.path.read_bytes() == PAYLOAD
+    assert _cache_files(home) == ["FastSAM3D.pth", "index.json"]
+
+
+def test_interrupted_while_verifying_needs_no_request_next_time(home, monkeypatch, server):
+    _serve_fastsam3d(monkeypatch, server.url())
+    with monkeypatch.context() as patch:
+        patch.setattr(weights, "check_is_checkpoint", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            _fast_download()
+    assert _cache_files(home) == PARTIAL_FILES and weights.partial_download("fastsam3d")[1] == len(PAYLOAD)
+    assert _fast_download().path.read_bytes() == PAYLOAD
+    assert len(server.requests) == 1
+    assert _cache_files(home) == ["FastSAM3D.pth", "index.json"]
+
+
+@pytest.mark.parametrize("change", ["server ignores Range", "new version upstream"])
+def test_next_call_restarts_from_zero_on_a_full_response(home, monkeypatch, server, change):
+    _serve_fastsam3d(monkeypatch, server.url("norange=1" if change == "server ignores Range" else ""))
+    kept = _interrupted_download(monkeypatch)
+    if change == "new version upstream":
+        server.etag = '"v2"'  # If-Range "v1" no longer matches: the server answers 200 with the whole file
+    sent = server.bytes_sent
+    entry = _fast_download()
+    assert (server.requests[-1]["range"], server.requests[-1]["if_range"]) == (f"bytes={kept}-", '"v1"')
+    assert server.bytes_sent - sent == len(PAYLOAD)  # all of it, nothing spliced
+    assert entry.sha256 == SHA and entry.path.read_bytes() == PAYLOAD
+    assert _cache_files(home) == ["FastSAM3D.pth", "index.json"]
+
+
+def test_changed_url_discards_the_partial_download(home, monkeypatch, server):
+    _serve_fastsam3d(monkeypatch, server.url())
+    _interrupted_download(monkeypatch)
+    _serve_fastsam3d(monkeypatch, server.url("mirror=1"))
+    entry = _fast_download()
+    assert server.requests[-1]["range"] is None
+    assert entry.path.read_bytes() == PAYLOAD and entry.source == server.url("mirror=1")
+    assert _cache_files(home) == ["FastSAM3D.pth", "index.json"]
+
+
+def test_checksum_mismatch_after_resuming_deletes_the_partial_download(home, monkeypatch, server):
+    _serve_fastsam3d(monkeypatch, server.url())
+    _interrupted_download(monkeypatch)
+    _pin(monkeypatch, "0" * 64)
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        _fast_download()
+    assert server.requests[-1]["range"] is not None
+    assert _cache_files(home) == []
+
+
+def test_note_that_does_not_fit_the_partial_file_restarts(home, monkeypatch, server):
+    _serve_fastsam3d(monkeypatch, server.url())
+    _interrupted_download(monkeypatch)
+    note = home / "weights" / ".FastSAM3D.pth.partial.json"
+    note.write_text(json.dumps({**_note(home), "total": 1000}))  # shorter than the partial file
+    assert _fast_download().path.read_bytes() == PAYLOAD
+    assert server.requests[-1]["range"] is None
+
+
+def test_remove_deletes_a_partial_download(home, monkeypatch, server):
+    _serve_fastsam3d(monkeypatch, server.url())
+    _interrupted_download(monkeypatch)
+    folder = home / "weights"
+    assert weights.remove("fastsam3d") == [folder / name for name in PARTIAL_FILES]
+    assert _cache_files(home) == [] and weights.partial_download("fastsam3d") is None
 
 
 def test_cache_folder_that_cannot_be_created(tmp_path, home, monkeypatch, server):

@@ -5,12 +5,12 @@ Each command calls one function of `fastsam3d_cli.weights` and renders its resul
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 
-from fastsam3d_cli.cli.common import cli_errors, print_json, progress_enabled, state, stdout_console
-from fastsam3d_cli.errors import WeightsError
+from fastsam3d_cli.cli.common import cli_errors, print_error, print_json, progress_enabled, state, stdout_console
+from fastsam3d_cli.errors import ExitCode, WeightsError
 
 weights_app = typer.Typer(
     help="Get, cache and verify the model checkpoints (`fastsam3d`, `sam-med3d-turbo`).",
@@ -87,12 +87,25 @@ def download_command(
     """Download NAME into the cache (resumable, verified). Does nothing if a verified copy is there."""
     from fastsam3d_cli.weights import download
 
-    entry = download(name, progress=progress_enabled(json_output), offline=offline)
+    try:
+        entry = download(name, progress=progress_enabled(json_output), offline=offline)
+    except KeyboardInterrupt:
+        _interrupted(name)
     if json_output:
         print_json(entry.to_dict())
         return
     _say(f"{'downloaded' if entry.downloaded else 'already cached'}: {entry.name} -> {entry.path} "
          f"(sha256 {entry.sha256}, {entry.check})")
+
+
+def _interrupted(name: str) -> NoReturn:
+    """One line after Ctrl-C: what was kept for resuming, then exit 130."""
+    from fastsam3d_cli.weights import partial_download
+
+    kept = partial_download(name)
+    print_error(f"interrupted — kept {kept[1]} bytes in {kept[0]}; run the same command again to resume" if kept
+                else "interrupted — nothing partial was left behind")
+    raise typer.Exit(int(ExitCode.INTERRUPTED))
 
 
 @weights_app.command("verify")
