@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -74,3 +76,68 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+class AtomicGroup:
+    """Outputs that must appear together: `path(final)` hands out a temporary file beside each one."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[Path, Path]] = []
+
+    def path(self, final: Path) -> Path:
+        tmp = _temp_name(Path(final))
+        self.pairs.append((tmp, Path(final)))
+        return tmp
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Defer Ctrl-C (SIGINT) and SIGTERM for a few renames: they take effect right after the last one.
+
+    The handlers are swapped for one that only remembers the signal (masking the signal would not do: the
+    kernel may hand it to another thread, e.g. one of torch's). Main thread only; elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)  # Python's SIGINT handler raises KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), received[0])
+
+
+@contextlib.contextmanager
+def atomic_group() -> Iterator[AtomicGroup]:
+    """All-or-nothing outputs: write each to `group.path(final)`; when the block succeeds, every temporary
+    file is renamed onto its final path with Ctrl-C held off. On any failure (a failing rename included)
+    no temporary file is left, and the outputs renamed so far are deleted again."""
+    group = AtomicGroup()
+    try:
+        yield group
+        with _interrupts_held():
+            renamed: list[Path] = []
+            try:
+                for tmp, final in group.pairs:
+                    if tmp.exists():
+                        os.chmod(tmp, _NEW_FILE_MODE)
+                    os.replace(tmp, final)
+                    renamed.append(final)
+            except BaseException:
+                for final in renamed:
+                    with contextlib.suppress(FileNotFoundError):
+                        final.unlink()
+                raise
+    finally:
+        for tmp, _ in group.pairs:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

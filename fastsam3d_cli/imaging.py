@@ -109,6 +109,9 @@ def _select_3d(image: sitk.Image, path: Path, channel: int | None, what: str) ->
         raise BadInputError(f"{what} {path} has {dim} dimensions", "give a 3D volume")
     if min(image.GetSize()) < 1:
         raise BadInputError(f"{what} {path} is empty (size {image.GetSize()})", "give a non-empty volume")
+    if min(image.GetSize()) == 1:
+        raise BadInputError(f"{what} {path} is a single slice (size {image.GetSize()}), i.e. a 2D image",
+                            "give a 3D volume")
     return image
 
 

@@ -171,6 +171,16 @@ def _plan_outputs(volume: Path, output: Path | None, preview: Path | None, proba
     return _Outputs(labelmap, sidecar, preview, probabilities_dir)
 
 
+def _check_probability_paths(outputs: _Outputs, objects: Sequence[Any], overwrite: bool) -> None:
+    """Every object's probability map may be written (an existing one only with --overwrite)."""
+    from fastsam3d_cli.atomic import check_output_path
+
+    if outputs.probabilities_dir is not None and outputs.probabilities_dir.is_dir():
+        for obj in objects:
+            check_output_path(probability_path(outputs.probabilities_dir, outputs.labelmap, obj.label, obj.name),
+                              overwrite, "probability map")
+
+
 def probability_path(folder: Path, labelmap: Path, label: int, name: str) -> Path:
     """`<folder>/<labelmap stem>_prob_<label>_<name>.nii.gz`."""
     from fastsam3d_cli.clickfile import safe_file_part
@@ -207,6 +217,8 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
         model_choice(model)
         torch_dtype(dtype)
     volume_path = Path(volume).expanduser()
+    if not volume_path.is_file():  # name a missing input as such, not as a missing output folder beside it
+        read_image(volume_path, channel)
     outputs = _plan_outputs(volume_path, Path(output) if output is not None else None,
                             Path(preview) if preview is not None else None,
                             Path(probabilities) if probabilities is not None else None, overwrite)
@@ -215,6 +227,7 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     say("reading")
     read_start = time.perf_counter()
     click_file = read_click_file(clicks)
+    _check_probability_paths(outputs, click_file.objects, overwrite)
     image = read_image(volume_path, channel)
     points_lps = [to_lps(obj.points, click_file.space, image) for obj in click_file.objects]
     for obj, lps in zip(click_file.objects, points_lps):
@@ -347,29 +360,26 @@ def _write_outputs(outputs: _Outputs, labels: np.ndarray, image: Any, nifti_head
     """Write everything to temporary files, then rename them all; nothing is left behind on failure."""
     import json
 
-    from fastsam3d_cli.atomic import atomic_path
+    from fastsam3d_cli.atomic import atomic_group
 
     read_ms, run_start, wall_start, loaded = timings_start
     write_start = time.perf_counter()
     created_dir = False
     try:
-        with contextlib.ExitStack() as stack:
-            labelmap_tmp = stack.enter_context(atomic_path(outputs.labelmap))
-            write_volume(labels, image, nifti_header, labelmap_tmp)
+        with atomic_group() as group:  # every output appears, or none
+            write_volume(labels, image, nifti_header, group.path(outputs.labelmap))
             if outputs.probabilities_dir is not None:
                 if not outputs.probabilities_dir.exists():
                     outputs.probabilities_dir.mkdir()
                     created_dir = True
                 for obj in click_file.objects:
                     path = probability_path(outputs.probabilities_dir, outputs.labelmap, obj.label, obj.name)
-                    tmp = stack.enter_context(atomic_path(path))
-                    write_volume(predictor.probabilities(obj.name), image, nifti_header, tmp)
+                    write_volume(predictor.probabilities(obj.name), image, nifti_header, group.path(path))
             if outputs.preview is not None:
                 from fastsam3d_cli.preview import write_preview
 
-                tmp = stack.enter_context(atomic_path(outputs.preview))
-                write_preview(tmp, image, labels, _preview_objects(predictor, click_file))
-            sidecar_tmp = stack.enter_context(atomic_path(outputs.sidecar))
+                write_preview(group.path(outputs.preview), image, labels, _preview_objects(predictor, click_file))
+            sidecar_tmp = group.path(outputs.sidecar)
             write_ms = (time.perf_counter() - write_start) * 1000.0
             result["timings_ms"] = _timings(predictor, read_ms, run_start, wall_start, loaded, write_ms)
             sidecar_tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

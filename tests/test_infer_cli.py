@@ -146,6 +146,11 @@ def _bad_volume(case: Path, kind: str) -> Path:
     if kind == "2d":
         sitk.WriteImage(sitk.Image(20, 20, sitk.sitkInt16), str(case / "flat.nii.gz"))
         return case / "flat.nii.gz"
+    if kind == "missing folder":
+        return case / "no_such_folder" / "ct.nii.gz"
+    if kind == "one slice":
+        nib.save(nib.Nifti1Image(np.ones((20, 20, 1), np.int16), np.eye(4)), str(case / "slice.nii.gz"))
+        return case / "slice.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((10, 10, 10, 3), np.int16), np.eye(4)), str(case / "4d.nii.gz"))
     return case / "4d.nii.gz"
 
@@ -153,6 +158,7 @@ def _bad_volume(case: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind, fragment", [
     ("missing", "does not exist"), ("folder", "is a folder"), ("empty", "is an empty file"),
     ("corrupt", "cannot read volume"), ("2d", "is a 2D image"), ("4d", "is 4D with 3 channels — choose one with --channel"),
+    ("missing folder", "no_such_folder/ct.nii.gz does not exist"), ("one slice", "is a single slice"),
 ])
 def test_bad_volumes(kind, fragment, case, tiny):
     volume = _bad_volume(case, kind)
@@ -195,7 +201,8 @@ def test_read_only_folder(case, tiny):
     _assert_one_line_error(result, 3, "is not writable")
 
 
-def test_weights_and_device_errors(case, tiny, tmp_path_factory):
+def test_weights_and_device_errors(case, tiny, tmp_path_factory, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # also on a machine that has CUDA
     args = [str(case / "v.nii.gz"), "-c", str(case / "clicks.json")]
     before = _listing(case)
     _assert_one_line_error(_run(*args, "--checkpoint", str(case / "none.pth")), 4, "none.pth does not exist")
@@ -253,3 +260,37 @@ def test_help_lists_the_options():
     for option in ("--clicks", "--output", "--model", "--checkpoint", "--device", "--attention", "--preview",
                    "--probabilities", "--json", "--overwrite", "--max-crops", "--channel"):
         assert option in result.stdout
+
+
+def test_existing_probability_maps_need_overwrite(case, tiny):
+    probs = case / "probs"
+    probs.mkdir()
+    existing = probs / "v_mask_prob_1_organ.nii.gz"
+    existing.write_bytes(b"an earlier result")
+    before = _listing(case)
+    args = [str(case / "v.nii.gz"), "-c", str(case / "clicks.json"), "--checkpoint", str(tiny), "--probabilities",
+            str(probs)]
+    _assert_one_line_error(_run(*args), 3, "probability map", "v_mask_prob_1_organ.nii.gz already exists", "--overwrite")
+    assert _listing(case) == before and existing.read_bytes() == b"an earlier result"
+    assert _run(*args, "--overwrite").exit_code == 0
+    assert existing.read_bytes() != b"an earlier result"
+
+
+def test_outputs_appear_together_or_not_at_all(case, tiny, monkeypatch):
+    """A failure (or Ctrl-C) while the finished outputs are renamed into place leaves none of them."""
+    import fastsam3d_cli.atomic as atomic
+
+    real_replace, calls = os.replace, []
+
+    def fail_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", fail_on_second)
+    before = _listing(case)
+    result = _run(str(case / "v.nii.gz"), "-c", str(case / "clicks.json"), "--checkpoint", str(tiny),
+                  "--preview", str(case / "p.png"))
+    assert result.exit_code == 130 and len(calls) == 2
+    assert _listing(case) == before

@@ -319,3 +319,26 @@ def test_crop_resampling_is_timed_as_preprocess_not_encode(monkeypatch):
     predictor.add_click(voxel_centres_lps(image)[17, 20, 9], space="lps", object="a")
     stages = {t["stage"]: t["ms"] for t in predictor.timings if t["stage"] in ("preprocess", "encode")}
     assert stages["preprocess"] >= 300.0 and stages["encode"] < 300.0
+
+
+def test_max_crops_bounds_the_extension():
+    _, _, _, predictor, mask = _long_ellipsoid(max_crops=2)
+    report = predictor.object_report("long")
+    assert [c["kind"] for c in report["crops"]] == ["primary", "extension"]
+    assert mask.any()
+
+
+def test_from_checkpoint_encodes_once_and_decodes_per_click(tmp_path):
+    from infer_phantoms import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "student.pth")
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", max_crops=1)
+    assert predictor.model.config.name == "fastsam3d-tiny"
+    image = _volume(**GEOMETRIES["flipped"])
+    centres = voxel_centres_lps(image)
+    predictor.set_volume(image)
+    for click in (centres[17, 20, 9], centres[20, 18, 10]):
+        mask = predictor.add_click(click, space="lps", object="a")
+        assert mask.shape == tuple(image.GetSize())
+    stages = [t["stage"] for t in predictor.timings]
+    assert stages.count("encode") == 1 and stages.count("decode") == 2
