@@ -38,6 +38,7 @@ from fastsam3d_cli.trainer import (CURVES_PNG, LAST_CHECKPOINT, METRICS_LOG, STE
 
 DEFAULT_ITERATIONS = 11
 DECODER_LR_SCALE = 0.1
+EMPTY_WARNINGS_NAMED = 10  # empty labels named one per warning line; the rest are counted
 
 
 # -------------------------------------------------------------------------------- the interaction loop
@@ -215,6 +216,7 @@ class TrainResult:
     outcome: TrainOutcome
     model: nn.Module | None = None
     warnings: list[str] = field(default_factory=list)
+    empty_samples: int = 0  # of `excluded_samples`: left out because the label is empty
 
     @property
     def is_main(self) -> bool:
@@ -225,6 +227,7 @@ class TrainResult:
         last_epoch = o.epoch_records[-1] if o.epoch_records else None
         return {"run_dir": str(self.run_dir), "model": self.preset, "device": self.device,
                 "processes": self.world_size, "samples": self.samples, "excluded_samples": self.excluded_samples,
+                "empty_samples": self.empty_samples,
                 "epochs_completed": o.epochs_completed, "global_step": o.global_step, "stop_reason": o.stop_reason,
                 "resumed_from_step": o.resumed_from_step,
                 "last_epoch": last_epoch, "best": {"metric": o.best_metric, "value": o.best_value},
@@ -307,7 +310,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     from fastsam3d_cli.device import resolve_device
     from fastsam3d_cli.model import build_model, get_config
     from fastsam3d_cli.prepared import list_prepared_samples
-    from fastsam3d_cli.training_data import InteractiveCropDataset
+    from fastsam3d_cli.training_data import InteractiveCropDataset, sample_name
 
     check_numbers(epochs=epochs, batch_size=batch_size, accumulate=accumulate, iterations=iterations,
                    workers=workers, max_steps=max_steps, unfreeze_patience=unfreeze_patience, lr=lr,
@@ -335,6 +338,19 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
         warnings.append(f"data prepared at {', '.join(f'{s:g}' for s in spacings)} mm; the models work at "
                         f"{MODEL_SPACING_MM:g} mm")
 
+    # Empty labels are found (and left out) here; no usable sample left → exit 3 before the run folder exists.
+    dataset = InteractiveCropDataset(samples, seed=seed, max_shift=max_shift,
+                                     min_foreground_voxels=min_foreground_voxels, crop_size=config.image_size)
+    for sample in dataset.empty[:EMPTY_WARNINGS_NAMED]:
+        warnings.append(f"{sample_name(sample)}: the label is empty ({sample.label_path}); sample skipped")
+    if len(dataset.empty) > EMPTY_WARNINGS_NAMED:
+        warnings.append(f"… and {len(dataset.empty) - EMPTY_WARNINGS_NAMED} more sample(s) with an empty label "
+                        f"skipped ({len(dataset.empty)} in all)")
+    too_small = len(dataset.excluded) - len(dataset.empty)
+    if too_small:
+        warnings.append(f"{too_small} of {len(samples)} sample(s) have fewer than {min_foreground_voxels} "
+                        "label voxels and are left out")
+
     torch.manual_seed(seed)  # the same initial weights on every rank and every rerun
     if init is not None:
         from fastsam3d_cli.model.checkpoint import load_model
@@ -343,11 +359,6 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     else:
         network = build_model(config.name, attention=attention, device=torch_device)
     network.train()
-    dataset = InteractiveCropDataset(samples, seed=seed, max_shift=max_shift,
-                                     min_foreground_voxels=min_foreground_voxels, crop_size=config.image_size)
-    if dataset.excluded:
-        warnings.append(f"{len(dataset.excluded)} of {len(samples)} sample(s) have fewer than {min_foreground_voxels} "
-                        "label voxels and are left out")
     task = InteractiveSegmentationTask(network, dataset, iterations=iterations, freeze_encoder=freeze_encoder,
                                        unfreeze_patience=unfreeze_patience)
     settings = TrainerSettings(run_dir=run_dir, epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
@@ -369,4 +380,5 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     finally:
         distributed.cleanup(created)
     return TrainResult(run_dir, config.name, str(torch_device), env.world_size, env.rank, len(dataset),
-                       len(dataset.excluded), outcome, network, warnings + outcome.warnings)
+                       len(dataset.excluded), outcome, network, warnings + outcome.warnings,
+                       empty_samples=len(dataset.empty))

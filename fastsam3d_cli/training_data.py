@@ -5,7 +5,9 @@ Training crop (SAM-Med3D's train-time transform, reference/models.md §3):
   centred on the label's bounding box, shifted by a random offset of up to `max_shift` voxels per axis
   (outside the volume → 0) → random flip of each axis (p = 0.5) → z-normalisation over the crop's voxels
   > 0 (AFTER cropping, the order the models were trained with). A crop with fewer than
-  `min_foreground_voxels` label voxels is redrawn: a new shift, then another sample.
+  `min_foreground_voxels` label voxels is redrawn: a new shift, then another sample. Samples whose label
+  is empty are found when the dataset is built (the manifest's voxel count, else one read of the small
+  uint8 label) and left out, so training never meets an empty target.
 Validation crop: the same without shift and flips.
 
 Randomness is a pure function of (seed, epoch, index), never of worker processes or of what ran before,
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fastsam3d_cli.crops import CROP_SIZE, CropBox, box_around_mask, extract_crop, znormalize_foreground
+from fastsam3d_cli.crops import (CROP_SIZE, CropBox, box_around_mask, box_centered_on, extract_crop,
+                                 znormalize_foreground)
 from fastsam3d_cli.errors import BadInputError
 from fastsam3d_cli.prepared import PreparedSample
 
@@ -128,22 +131,52 @@ def crop_to_tensors(crop: ModelCrop) -> dict[str, torch.Tensor]:
 
 
 # -------------------------------------------------------------------------------------------- dataset
+def sample_name(sample: PreparedSample) -> str:
+    """`dataset/case/class`, how warnings and errors name a sample."""
+    return f"{sample.dataset}/{sample.case}/{sample.class_name}"
+
+
+def describe_samples(samples: Sequence[PreparedSample], limit: int = 5) -> str:
+    """The first `limit` sample names, then how many more."""
+    names = [sample_name(s) for s in samples[:limit]]
+    if len(samples) > limit:
+        names.append(f"… {len(samples) - limit} more")
+    return ", ".join(names)
+
+
+def label_voxels(sample: PreparedSample) -> int:
+    """Label voxels of a sample: the manifest's count when known, else counted from the file (read once)."""
+    if sample.voxels is not None:
+        return int(sample.voxels)
+    return int(np.count_nonzero(read_canonical_array(sample.label_path, np.uint8)))
+
+
 class InteractiveCropDataset(Dataset):
     """Augmented 128³ training crops of prepared samples; item i of epoch e is a function of (seed, e, i).
 
     Items are dicts of (1, S, S, S) tensors `image`, `label`, `valid` plus `sample_index` (which sample was
-    used after any redraw). Samples whose prepared label has fewer than `min_foreground_voxels` voxels
-    (known from the manifest) are left out up front; crops that end up below it are redrawn.
+    used after any redraw). Left out up front (`excluded`): samples whose label is empty (`empty`: found from
+    the manifest's voxel count, or by reading the label once when the count is unknown) and samples whose
+    prepared label is known to have fewer than `min_foreground_voxels` voxels; crops that end up below it
+    are redrawn. BadInputError (exit 3) when no sample remains — raised here, before any run folder exists.
     """
 
     def __init__(self, samples: Sequence[PreparedSample], seed: int = 2023, augment: bool = True,
                  max_shift: int = MAX_SHIFT_VOXELS, min_foreground_voxels: int = MIN_FOREGROUND_VOXELS,
                  crop_size: int = CROP_SIZE, cache_size: int = 4) -> None:
-        self.samples = [s for s in samples if s.voxels is None or s.voxels >= min_foreground_voxels]
-        self.excluded = [s for s in samples if s.voxels is not None and s.voxels < min_foreground_voxels]
+        counts = [label_voxels(s) for s in samples]
+        self.empty = [s for s, n in zip(samples, counts) if n == 0]
+        small = [n == 0 or (s.voxels is not None and n < min_foreground_voxels) for s, n in zip(samples, counts)]
+        self.samples = [s for s, left_out in zip(samples, small) if not left_out]
+        self.excluded = [s for s, left_out in zip(samples, small) if left_out]
         if not self.samples:
+            if samples and len(self.empty) == len(samples):
+                raise BadInputError(f"every prepared label is empty ({len(samples)} sample(s): "
+                                    f"{describe_samples(self.empty)}): nothing to train on",
+                                    "re-run fastsam3d prepare, or check the labels (a training pair needs foreground)")
             raise BadInputError(f"no prepared sample has at least {min_foreground_voxels} label voxels "
-                                f"({len(samples)} sample(s), largest {max((s.voxels or 0) for s in samples)})",
+                                f"({len(samples)} sample(s), {len(self.empty)} with an empty label, "
+                                f"largest {max(counts, default=0)})",
                                 "lower --min-foreground, or prepare larger structures")
         self.seed, self.augment, self.max_shift = int(seed), augment, int(max_shift)
         self.min_foreground_voxels, self.crop_size = int(min_foreground_voxels), int(crop_size)
@@ -158,8 +191,7 @@ class InteractiveCropDataset(Dataset):
         return len(self.samples)
 
     def describe(self, index: int) -> str:
-        sample = self.samples[index]
-        return f"{sample.dataset}/{sample.case}/{sample.class_name}"
+        return sample_name(self.samples[index])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
@@ -177,8 +209,14 @@ class InteractiveCropDataset(Dataset):
         assert best is not None
         foreground, crop, sample_index = best
         if foreground == 0:
-            raise BadInputError(f"{self.describe(sample_index)}: the label is empty",
-                                "re-run fastsam3d prepare (it never writes empty labels)")
+            # Every draw missed the label (possible only for a label spread wider than the crop, or a file that
+            # was emptied after the dataset was built): centre a crop on one of its voxels instead. An empty
+            # target (the emptied file) is still no crash: no click is drawn and the loss is well defined.
+            arrays = load_sample(self.samples[int(index)], self._cache)
+            voxels = np.argwhere(arrays.label)
+            if len(voxels):
+                centre = voxels[int(rng.integers(len(voxels)))]
+                crop, sample_index = crop_sample(arrays, box_centered_on(centre, self.crop_size)), int(index)
         return {**crop_to_tensors(crop), "sample_index": sample_index}
 
     def _random_crop(self, arrays: SampleArrays, rng: np.random.Generator) -> ModelCrop:

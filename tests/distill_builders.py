@@ -39,3 +39,25 @@ def save_teacher(path: Path, config: ModelConfig = TEACHER, seed: int = 0) -> Pa
     model = build_model(config)
     save_checkpoint(path, model.state_dict(), config=config.to_dict())
     return path
+
+
+def register_preset(monkeypatch, config: ModelConfig = STUDENT) -> str:
+    """Make a small config selectable by name (`train --model NAME`) for one test; returns the name.
+
+    `train` takes preset names only; with STUDENT registered its runs take a fraction of a second a step.
+    """
+    from fastsam3d_cli.model.config import PRESETS
+
+    monkeypatch.setitem(PRESETS, config.name, config)
+    return config.name
+
+
+def distil_student(prepared: Path, root: Path, seed: int = 0) -> Path:
+    """A real (one epoch per stage) distillation of TEACHER into STUDENT; returns the full student.pth."""
+    from fastsam3d_cli.distill import distill
+
+    teacher = save_teacher(root / "teacher.pth", seed=seed)
+    result = distill([prepared], teacher, student=STUDENT, teacher_model=None, epochs_per_stage=1,
+                     output=root / "distill", lr=3e-4, seed=seed, device="cpu")
+    assert result.student_checkpoint is not None
+    return result.student_checkpoint

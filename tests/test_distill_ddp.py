@@ -1,5 +1,6 @@
 """`distill` under DDP: two gloo processes on CPU share the cache rank 0 wrote, agree on every stage measurement,
-and an interrupted 2-process run resumed with 2 processes ends with the uninterrupted run's student, bit for bit."""
+end with identical student weights on both ranks, and an interrupted 2-process run resumed with 2 processes ends
+with the uninterrupted run's student, bit for bit."""
 from __future__ import annotations
 
 import faulthandler
@@ -28,7 +29,18 @@ def _rank_main(rank: int, world: int, port: int, root: str) -> None:
     faulthandler.dump_traceback_later(240, exit=True)  # a deadlock fails the test with stacks instead of hanging
     torch.set_num_threads(1)
     from fastsam3d_cli import distributed
+    from fastsam3d_cli import distill as distill_module
     from fastsam3d_cli.distill import distill
+
+    # Keep a handle on each call's student (the result carries no model): every rank saves its own weights.
+    built = []
+
+    class RecordedModel(distill_module.DistillationModel):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    distill_module.DistillationModel = RecordedModel
 
     # One process group for the three calls (as under torchrun: `distill` joins an existing group and leaves
     # it alone); re-creating gloo groups on one port in quick succession is racy.
@@ -45,6 +57,8 @@ def _rank_main(rank: int, world: int, port: int, root: str) -> None:
                        "steps": result.outcome.global_step, "world": result.world_size,
                        "samples": result.outcome.samples_seen, "computed": result.cache_computed,
                        "student": result.student_checkpoint is not None}, handle)
+        if result.student_checkpoint is not None:
+            torch.save(built[-1].student_state_dict(), os.path.join(root, f"{run}.rank{rank}.pt"))
     distributed.cleanup(created)
 
 
@@ -66,3 +80,8 @@ def test_two_processes_distil_and_resume_exactly(tmp_path):
     assert [r["steps"] for r in rest] == [6, 6] and rest[0]["stages"] == whole[0]["stages"]
     a, b = read_checkpoint(tmp_path / "whole" / "student.pth"), read_checkpoint(tmp_path / "part" / "student.pth")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Every rank ends with the same student (gradients were averaged), also after the resume; rank 0 saved it.
+    for run, saved in (("whole", a), ("part", b)):
+        ranks = [torch.load(tmp_path / f"{run}.rank{r}.pt", weights_only=True) for r in range(2)]
+        assert ranks[0].keys() == ranks[1].keys() == saved.keys()
+        assert all(torch.equal(ranks[0][k], ranks[1][k]) and torch.equal(ranks[0][k], saved[k]) for k in saved)

@@ -1,6 +1,7 @@
 """`train` API on phantoms: data crops, the interaction loop, checkpoints, exact resume, freezing."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -18,7 +19,8 @@ from fastsam3d_cli.prepared import list_prepared_samples
 from fastsam3d_cli.train import InteractiveSegmentationTask, interactive_loss, mask_only_steps, train
 from fastsam3d_cli.trainer import EpochSampler
 from fastsam3d_cli.training_data import InteractiveCropDataset, crop_sample, load_sample, validation_crop
-from train_phantoms import SHAPE, make_prepared, phantom_case, write_volume
+from distill_builders import register_preset
+from train_phantoms import SHAPE, add_empty_label, make_prepared, phantom_case, write_volume
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +124,48 @@ def test_crops_with_too_few_foreground_voxels_are_redrawn(tmp_path):
     # … and a dataset where none qualifies is a clear error.
     with pytest.raises(BadInputError, match="no prepared sample has at least 1000 label voxels"):
         InteractiveCropDataset([s for s in known if s.class_name == "speck"])
+
+
+def test_empty_labels_are_left_out_when_the_dataset_is_built(tmp_path):
+    root = make_prepared(tmp_path / "prepared", cases=("p0",))
+    void_label = add_empty_label(root)  # no manifest: the voxel count is unknown until the label is read
+    samples = list_prepared_samples(root)
+    assert len(samples) == 3 and all(s.voxels is None for s in samples)
+    dataset = InteractiveCropDataset(samples, max_shift=0)
+    assert [(s.case, s.class_name) for s in dataset.empty] == [("p0", "void")] and dataset.excluded == dataset.empty
+    assert len(dataset) == 2 and all(s.class_name != "void" for s in dataset.samples)
+    for epoch in range(3):  # no draw ever lands on the empty label, and none is empty
+        dataset.set_epoch(epoch)
+        assert all(dataset[i]["label"].sum() >= 1000 for i in range(len(dataset)))
+    # A manifest's count of 0 is trusted without reading the file.
+    known = [dataclasses.replace(s, voxels=0 if s.class_name == "void" else 5000) for s in samples]
+    assert [s.class_name for s in InteractiveCropDataset(known).empty] == ["void"]
+    # Nothing usable left: one clear error, naming the sample, when the dataset is built (before any run folder).
+    void = [s for s in samples if s.class_name == "void"]
+    with pytest.raises(BadInputError, match=r"every prepared label is empty \(1 sample\(s\): "
+                                            r"CT_Dataset990_Phantom/p0/void\)"):
+        InteractiveCropDataset(void)
+    # A label emptied after the dataset was built is still no crash mid-training: an empty target comes back.
+    ball = InteractiveCropDataset([s for s in samples if s.class_name == "ball"])
+    write_volume(ball.samples[0].label_path, np.zeros(SHAPE, dtype=np.uint8))
+    item = ball[0]
+    assert item["label"].sum() == 0 and item["sample_index"] == 0
+    assert void_label.is_file()
+
+
+def test_train_skips_an_empty_label_with_a_warning(tmp_path, monkeypatch):
+    model = register_preset(monkeypatch)
+    root = make_prepared(tmp_path / "prepared", cases=("p0",))
+    add_empty_label(root)
+    lines: list[str] = []
+    result = train([root], model, epochs=1, iterations=1, output=tmp_path / "run", device="cpu", seed=1, log=lines.append)
+    assert result.outcome.stop_reason == "completed" and result.outcome.global_step == 2  # 2 usable samples
+    assert result.samples == 2 and result.excluded_samples == 1 and result.empty_samples == 1
+    warning = next(w for w in result.warnings if "empty" in w)
+    assert warning.startswith("CT_Dataset990_Phantom/p0/void: the label is empty") and "skipped" in warning
+    assert f"warning: {warning}" in lines
+    payload = result.to_json()
+    assert warning in payload["warnings"] and payload["empty_samples"] == 1
 
 
 def test_epoch_sampler_splits_each_epoch_between_ranks():
@@ -256,6 +300,40 @@ def test_init_and_freeze_encoder_train_only_the_decoder(small, tmp_path):
     assert all(torch.equal(weights[k], source[k]) for k in encoder)
     assert any(not torch.equal(weights[k], source[k]) for k in rest)
     assert tuned.outcome.epoch_records == [] and tuned.outcome.global_step == 1
+
+
+def test_unfreeze_patience_run_unfreezes_and_resumes_exactly(small, tmp_path, monkeypatch):
+    # A small registered model (0.1-0.5 s a step). lr 1e-5 barely moves the weights, so the epoch loss follows
+    # the augmentation: with seed 4 it is 1.6530, 1.6531 (no improvement → stage 1 unfrozen after epoch 2), 1.6522.
+    model = register_preset(monkeypatch)
+    common = dict(epochs=3, iterations=1, lr=1e-5, unfreeze_patience=1, device="cpu", seed=4)
+    lines: list[str] = []
+    straight = train([small], model, output=tmp_path / "straight", log=lines.append, **common)
+    unfrozen = [line for line in lines if "unfroze encoder stage" in line]
+    assert unfrozen == ["loss has not improved for 1 epoch(s): unfroze encoder stage 1/3"]
+    epochs = straight.outcome.epoch_records
+    assert epochs[1]["loss"] >= epochs[0]["loss"] and epochs[2]["loss"] < epochs[0]["loss"]
+    assert epochs[1]["trainable_params"] < epochs[2]["trainable_params"]  # the rebuilt optimizer holds more
+    payload = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    assert payload["task_state"]["unfrozen_stages"] == 1
+    assert [g["name"] for g in payload["optimizer_state_dict"]["param_groups"]] == [
+        "image_encoder", "prompt_encoder+mask_decoder"]
+    # Stage 1 (neck + last block) trained in epoch 3; the rest of the encoder never moved.
+    torch.manual_seed(4)
+    initial = build_model(model).state_dict()
+    final = _weights(tmp_path / "straight" / "last.pth")
+    stage1 = [k for k in final if k.startswith(("image_encoder.neck.", "image_encoder.blocks.1."))]
+    still = [k for k in final if k.startswith("image_encoder.") and k not in stage1]
+    assert stage1 and any(not torch.equal(final[k], initial[k]) for k in stage1)
+    assert still and all(torch.equal(final[k], initial[k]) for k in still)
+    # Stopped one step after the unfreeze, then resumed: the same weights, bit for bit.
+    first = train([small], model, output=tmp_path / "split", max_steps=5, **common)
+    assert first.outcome.global_step == 5
+    assert torch.load(tmp_path / "split" / "last.pth", weights_only=True)["task_state"]["unfrozen_stages"] == 1
+    second = train([small], model, output=tmp_path / "split", resume=True, **common)
+    assert second.outcome.resumed_from_step == 5 and second.outcome.global_step == 6
+    a, b = _weights(tmp_path / "straight" / "last.pth"), _weights(tmp_path / "split" / "last.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_unfreeze_patience_unfreezes_one_stage_at_a_time_from_the_end():

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from fastsam3d_cli.cli import app
-from train_phantoms import CLI_ENV, make_prepared, tree, write_volume
+from fastsam3d_cli.model.checkpoint import load_model, read_checkpoint, read_checkpoint_info
+from distill_builders import distil_student, register_preset
+from train_phantoms import CLI_ENV, add_empty_label, make_prepared, tree, write_volume
 
 runner = CliRunner()
 
@@ -140,6 +143,80 @@ def test_unwritable_run_folder_is_exit_3(prepared, tmp_path):
         _fails(result, 3, "is not writable")
     finally:
         locked.chmod(0o700)
+
+
+def test_unwritable_run_folder_is_exit_3_even_as_root(prepared, tmp_path, monkeypatch):
+    # Root may write into a read-only folder, so the permission answer is simulated for that folder only.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if Path(path) == locked and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    try:
+        result = _run(str(prepared), "-m", "fastsam3d-tiny", "-o", str(locked / "run"), "--device", "cpu")
+        line = _fails(result, 3, f"run folder {locked / 'run'} is not writable", "--output")
+        assert result.stderr.strip() == line  # the one line, nothing else
+        assert tree(locked) == {} and not (locked / "run").exists()
+    finally:
+        locked.chmod(0o700)
+
+
+def test_empty_label_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    model = register_preset(monkeypatch)
+    root = make_prepared(tmp_path / "prepared", cases=("p0",))
+    add_empty_label(root)
+    args = [str(root), "-m", model, "--epochs", "1", "--iterations", "1", "--device", "cpu"]
+    result = _run(*args, "-o", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert "warning: CT_Dataset990_Phantom/p0/void: the label is empty" in result.stderr
+    assert "completed: 1 epoch(s), 2 step(s) on 2 sample(s)" in result.stdout
+    as_json = _run(*args, "-o", str(tmp_path / "run-json"), "--json")
+    assert as_json.exit_code == 0, as_json.output
+    payload = json.loads(as_json.stdout)
+    assert payload["samples"] == 2 and payload["empty_samples"] == payload["excluded_samples"] == 1
+    assert any(w.startswith("CT_Dataset990_Phantom/p0/void: the label is empty") for w in payload["warnings"])
+
+
+def test_only_empty_labels_is_exit_3_before_the_run_folder_exists(tmp_path):
+    root = tmp_path / "prepared"
+    add_empty_label(root, case="p0")
+    add_empty_label(root, case="p1")
+    result = _run(str(root), "-m", "fastsam3d-tiny", "-o", str(tmp_path / "run"), "--device", "cpu")
+    line = _fails(result, 3, "every prepared label is empty (2 sample(s): CT_Dataset990_Phantom/p0/void, "
+                             "CT_Dataset990_Phantom/p1/void)", "fastsam3d prepare")
+    assert result.stderr.strip() == line
+    assert not (tmp_path / "run").exists()
+
+
+def test_decoder_fine_tune_of_a_distilled_student(tmp_path, monkeypatch):
+    # FastSAM3D's second step: `train --init student.pth --freeze-encoder` on a real (small) distillation output.
+    model = register_preset(monkeypatch)
+    root = make_prepared(tmp_path / "prepared", cases=("p0",))
+    student = distil_student(root, tmp_path)
+    run = tmp_path / "tuned"
+    result = _run(str(root), "-m", model, "--init", str(student), "--freeze-encoder", "--epochs", "1",
+                  "--iterations", "2", "--device", "cpu", "-o", str(run), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["stop_reason"] == "completed" and payload["global_step"] == 2
+    source, tuned = read_checkpoint(student), read_checkpoint(run / "last.pth")
+    assert source.keys() == tuned.keys()
+    changed = {k for k in source if not torch.equal(source[k], tuned[k])}
+    assert not any(k.startswith("image_encoder.") for k in changed)  # the student encoder is kept as distilled
+    assert any(k.startswith("mask_decoder.") for k in changed) and any(k.startswith("prompt_encoder.") for k in changed)
+    # Both checkpoints load as the model; the frozen encoder is not in the optimizer.
+    for name in ("last.pth", "best.pth"):
+        loaded, info = load_model(run / name, preset=model, device="cpu")
+        assert info.layout == "training" and loaded.config.name == model
+    checkpoint = torch.load(run / "last.pth", weights_only=True)
+    assert [g["name"] for g in checkpoint["optimizer_state_dict"]["param_groups"]] == ["prompt_encoder+mask_decoder"]
+    assert read_checkpoint_info(run / "last.pth")[1].config["name"] == model
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -63,6 +63,15 @@ def make_prepared(root: Path, cases: Sequence[str] = ("p0", "p1"), dataset: str 
     return root
 
 
+def add_empty_label(root: Path, case: str = "p0", class_name: str = "void", dataset: str = "CT_Dataset990_Phantom",
+                    seed: int = 0) -> Path:
+    """Add class `class_name` of `case` with an all-zero label (no manifest: nothing says it is empty)."""
+    image, _ = phantom_case(seed)
+    folder = root / class_name / dataset
+    write_volume(folder / "imagesTr" / f"{case}.nii.gz", image)
+    return write_volume(folder / "labelsTr" / f"{case}.nii.gz", np.zeros(SHAPE, dtype=np.uint8))
+
+
 def tree(root: Path) -> dict[str, int]:
     """Every file under `root` (relative path → size), to prove that nothing was written or lost."""
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(Path(root).rglob("*")) if p.is_file()}
