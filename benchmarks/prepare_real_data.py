@@ -60,7 +60,7 @@ def prepared_volumes_ml(out: Path, dataset: str) -> dict[str, float]:
 
 
 def run_prepare(raw: list[Path], out: Path, workers: int) -> tuple[float, dict]:
-    command = ["fastsam3d", "prepare", *map(str, raw), "-o", str(out), "--workers", str(workers), "--json"]
+    command = [sys.executable, "-m", "fastsam3d_cli", "prepare", *map(str, raw), "-o", str(out), "--workers", str(workers), "--json"]
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
