@@ -554,6 +554,7 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     from fastsam3d_cli.device import resolve_device
     from fastsam3d_cli.model.checkpoint import load_model
     from fastsam3d_cli.prepared import list_prepared_samples
+    from fastsam3d_cli.training_data import all_labels_empty_error, empty_label_warnings, label_voxels
     from fastsam3d_cli.crops import MODEL_SPACING_MM
     from fastsam3d_cli.train import check_numbers, check_run_dir
     from fastsam3d_cli.trainer import LAST_CHECKPOINT, TrainerSettings, load_training_checkpoint
@@ -572,9 +573,15 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     samples = [s for folder in prepared_dirs for s in list_prepared_samples(Path(folder), classes=classes)]
     if max_samples is not None:
         samples = samples[:max_samples]
+    # Empty labels are left out with a warning (the teacher needs a crop around foreground); none left → exit 3.
+    voxels = [label_voxels(s) for s in samples]
+    empty = [s for s, n in zip(samples, voxels) if n == 0]
+    if samples and len(empty) == len(samples):
+        raise all_labels_empty_error(empty, "distil")
+    samples = [s for s, n in zip(samples, voxels) if n != 0]
     run_dir = check_run_dir(Path(output) if output is not None else _default_run_dir(student_config.name), resume)
     cache_dir = Path(cache_features).expanduser().absolute() if cache_features else run_dir / CACHE_SUBDIR
-    warnings: list[str] = []
+    warnings: list[str] = empty_label_warnings(empty)
     if amp and torch_device.type != "cuda":
         warnings.append("--amp only applies on CUDA; training in float32 on the CPU")
     spacings = sorted({s.spacing_mm for s in samples if s.spacing_mm is not None})

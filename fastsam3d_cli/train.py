@@ -38,7 +38,6 @@ from fastsam3d_cli.trainer import (CURVES_PNG, LAST_CHECKPOINT, METRICS_LOG, STE
 
 DEFAULT_ITERATIONS = 11
 DECODER_LR_SCALE = 0.1
-EMPTY_WARNINGS_NAMED = 10  # empty labels named one per warning line; the rest are counted
 
 
 # -------------------------------------------------------------------------------- the interaction loop
@@ -310,7 +309,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     from fastsam3d_cli.device import resolve_device
     from fastsam3d_cli.model import build_model, get_config
     from fastsam3d_cli.prepared import list_prepared_samples
-    from fastsam3d_cli.training_data import InteractiveCropDataset, sample_name
+    from fastsam3d_cli.training_data import InteractiveCropDataset, empty_label_warnings
 
     check_numbers(epochs=epochs, batch_size=batch_size, accumulate=accumulate, iterations=iterations,
                    workers=workers, max_steps=max_steps, unfreeze_patience=unfreeze_patience, lr=lr,
@@ -341,11 +340,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     # Empty labels are found (and left out) here; no usable sample left → exit 3 before the run folder exists.
     dataset = InteractiveCropDataset(samples, seed=seed, max_shift=max_shift,
                                      min_foreground_voxels=min_foreground_voxels, crop_size=config.image_size)
-    for sample in dataset.empty[:EMPTY_WARNINGS_NAMED]:
-        warnings.append(f"{sample_name(sample)}: the label is empty ({sample.label_path}); sample skipped")
-    if len(dataset.empty) > EMPTY_WARNINGS_NAMED:
-        warnings.append(f"… and {len(dataset.empty) - EMPTY_WARNINGS_NAMED} more sample(s) with an empty label "
-                        f"skipped ({len(dataset.empty)} in all)")
+    warnings.extend(empty_label_warnings(dataset.empty))
     too_small = len(dataset.excluded) - len(dataset.empty)
     if too_small:
         warnings.append(f"{too_small} of {len(samples)} sample(s) have fewer than {min_foreground_voxels} "

@@ -151,6 +151,26 @@ def label_voxels(sample: PreparedSample) -> int:
     return int(np.count_nonzero(read_canonical_array(sample.label_path, np.uint8)))
 
 
+EMPTY_WARNINGS_NAMED = 10  # empty labels named one per warning line; the rest are counted
+
+
+def empty_label_warnings(empty: Sequence[PreparedSample]) -> list[str]:
+    """One warning per skipped empty label (the first ten), then one line counting the rest."""
+    lines = [f"{sample_name(s)}: the label is empty ({s.label_path}); sample skipped"
+             for s in empty[:EMPTY_WARNINGS_NAMED]]
+    if len(empty) > EMPTY_WARNINGS_NAMED:
+        lines.append(f"… and {len(empty) - EMPTY_WARNINGS_NAMED} more sample(s) with an empty label skipped "
+                     f"({len(empty)} in all)")
+    return lines
+
+
+def all_labels_empty_error(empty: Sequence[PreparedSample], what: str) -> BadInputError:
+    """The one-line error when every selected label is empty (`what`: "train" or "distil")."""
+    return BadInputError(f"every prepared label is empty ({len(empty)} sample(s): {describe_samples(empty)}): "
+                         f"nothing to {what} on",
+                         "re-run fastsam3d prepare, or check the labels (a training pair needs foreground)")
+
+
 class InteractiveCropDataset(Dataset):
     """Augmented 128³ training crops of prepared samples; item i of epoch e is a function of (seed, e, i).
 
@@ -171,9 +191,7 @@ class InteractiveCropDataset(Dataset):
         self.excluded = [s for s, left_out in zip(samples, small) if left_out]
         if not self.samples:
             if samples and len(self.empty) == len(samples):
-                raise BadInputError(f"every prepared label is empty ({len(samples)} sample(s): "
-                                    f"{describe_samples(self.empty)}): nothing to train on",
-                                    "re-run fastsam3d prepare, or check the labels (a training pair needs foreground)")
+                raise all_labels_empty_error(self.empty, "train")
             raise BadInputError(f"no prepared sample has at least {min_foreground_voxels} label voxels "
                                 f"({len(samples)} sample(s), {len(self.empty)} with an empty label, "
                                 f"largest {max(counts, default=0)})",

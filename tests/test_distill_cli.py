@@ -186,3 +186,26 @@ def test_run_folder_rules_exit_3(setup, tmp_path):
                             "fastsam3d-tiny", "-o", tmp_path / "run")
     assert result.exit_code == 3 and "does not exist" in error_line(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["used"]
+
+
+def test_empty_labels_are_skipped_with_a_warning_and_only_empty_is_exit_3(setup, tmp_path):
+    from train_phantoms import add_empty_label
+
+    prepared = make_prepared(tmp_path / "prepared", cases=("p0",))
+    add_empty_label(prepared)
+    base = ["distill", prepared, "--teacher", setup["teacher"], "--teacher-model", "auto",
+            "--student", "fastsam3d-tiny", "--epochs-per-stage", "1", "--max-steps", "1"]
+    result, out, err = invoke(*base, "-o", tmp_path / "run", "--json")
+    assert result.exit_code == 0, err
+    summary = json.loads(out)
+    assert summary["samples"] == 2 and summary["cache"]["computed_now"] == 2
+    assert any(w.startswith("CT_Dataset990_Phantom/p0/void: the label is empty") for w in summary["warnings"])
+
+    only_empty = tmp_path / "only_empty"
+    add_empty_label(only_empty, case="p0")
+    before = tree(tmp_path)
+    result, out, err = invoke("distill", only_empty, *base[2:], "-o", tmp_path / "run2")
+    assert result.exit_code == 3
+    assert "every prepared label is empty (1 sample(s): CT_Dataset990_Phantom/p0/void): nothing to distil on" \
+        in error_line(err)
+    assert tree(tmp_path) == before and not (tmp_path / "run2").exists()
