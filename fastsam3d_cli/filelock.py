@@ -54,8 +54,9 @@ class OwnerLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if self._is_stale(holder):
-                    self._break()
+                stale = self._stale_identity(holder)
+                if stale is not None:
+                    self._break(stale)
                     continue
                 if self.on_wait and not announced:
                     self.on_wait(holder)
@@ -92,19 +93,45 @@ class OwnerLock:
             return {}
         return holder if isinstance(holder, dict) else {}
 
-    def _is_stale(self, holder: dict) -> bool:
-        try:
-            age_s = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return False  # released meanwhile; the next attempt takes it
-        if age_s > LOCK_STALE_S:
-            return True
-        pid = holder.get("pid")
-        return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
+    def _identity(self, path: Path, holder: dict) -> tuple:
+        status = path.stat()
+        return status.st_ino, status.st_mtime_ns, json.dumps(holder, sort_keys=True)
 
-    def _break(self) -> None:
-        """Remove a stale lock: rename first so two waiters cannot both delete a fresh lock."""
+    def _stale_identity(self, holder: dict) -> Optional[tuple]:
+        """(inode, mtime, holder) of the lock file if it is stale (dead holder or no heartbeat), else None."""
+        try:
+            identity = self._identity(self.path, holder)
+        except FileNotFoundError:
+            return None  # released meanwhile; the next attempt takes it
+        if time.time() - identity[1] / 1e9 > LOCK_STALE_S:
+            return identity
+        pid = holder.get("pid")
+        if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+            return identity
+        return None
+
+    def _break(self, stale: tuple) -> None:
+        """Remove the stale lock file judged by `stale` (its inode, mtime and holder). Renamed first, so two
+        waiters cannot both delete it; if what was renamed is not that file (a second waiter broke it and
+        took the lock in between, or its holder refreshed it), it is put back."""
         grave = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}.{threading.get_ident()}")
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.rename(self.path, grave)
-            grave.unlink()
+        except FileNotFoundError:
+            return
+        try:
+            try:
+                holder = json.loads(grave.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                holder = {}
+            if self._identity(grave, holder if isinstance(holder, dict) else {}) != stale:
+                try:
+                    os.link(grave, self.path)  # atomic: never replaces a lock created meanwhile
+                except FileExistsError:
+                    pass
+                except OSError:  # a file system without hard links
+                    if not self.path.exists():
+                        os.rename(grave, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                grave.unlink()
