@@ -381,7 +381,7 @@ class Predictor:
             if len(anchored) >= self.max_crops:
                 return  # reported as an unused click (raise max_crops)
             box = self._lattice_box(state, click.index)
-            crop = CropRun(box, "click", low_res=self._transfer_prompt(anchored, box))
+            crop = CropRun(box, "click", low_res=self._transfer_prompt(self._merge(anchored, region=box), box))
             state.crops.insert(len(anchored), crop)
             targets = [crop]
         for crop in targets:
@@ -455,7 +455,8 @@ class Predictor:
 
     def _decode_extension(self, state: ObjectState, box: CropBox, parent: CropRun) -> CropRun | None:
         """A neighbour crop prompted with the mask so far and the clicks inside it (else one synthesised click)."""
-        crop = CropRun(box, "extension", low_res=self._transfer_prompt(state.crops, box))
+        merged = self._merge(state.crops, region=box)  # one merge for the prompt and the synthetic click
+        crop = CropRun(box, "extension", low_res=self._transfer_prompt(merged, box))
         inside = [n for n, c in enumerate(state.clicks) if _well_inside(box, c.index, SYNTHETIC_CLICK_MARGIN)]
         if inside:
             for number in inside:
@@ -463,16 +464,19 @@ class Predictor:
                 self._decode_step(state, crop, click.index, click.include, click=number + 1)
                 crop.clicks.append(number)
             return crop
-        synthetic = self._synthetic_click(state.crops, box, parent.box)
+        synthetic = self._synthetic_click(merged, box, parent.box)
         if synthetic is None:
             return None
         crop.synthetic_click = synthetic
         self._decode_step(state, crop, synthetic, True, click="synthetic")
         return crop
 
-    def _synthetic_click(self, crops: list[CropRun], box: CropBox, parent: CropBox) -> np.ndarray | None:
-        """The most confident mask voxel shared by `box` and `parent`, preferably ≥ margin inside `box`."""
-        start, canvas = self._merge(crops, region=box)
+    def _synthetic_click(self, merged: tuple[np.ndarray, np.ndarray | None], box: CropBox,
+                         parent: CropBox) -> np.ndarray | None:
+        """The most confident mask voxel shared by `box` and `parent`, preferably ≥ margin inside `box`.
+
+        merged: `_merge(crops, region=box)` of the crops so far."""
+        start, canvas = merged
         if canvas is None:
             return None
         shared_lo = np.maximum(np.maximum(box.start, parent.start), 0)
@@ -491,12 +495,14 @@ class Predictor:
                 return np.asarray(best, dtype=np.float64) + lo_c + start
         return None
 
-    def _transfer_prompt(self, crops: list[CropRun], box: CropBox) -> Any:
-        """Low-res prompt (1, 1, 32, 32, 32) for a new crop: the merged logits so far, 0 where unknown."""
+    def _transfer_prompt(self, merged: tuple[np.ndarray, np.ndarray | None], box: CropBox) -> Any:
+        """Low-res prompt (1, 1, 32, 32, 32) for a new crop: the merged logits so far, 0 where unknown.
+
+        merged: `_merge(crops, region=box)` of the crops so far."""
         import torch
         import torch.nn.functional as F
 
-        start, canvas = self._merge(crops, region=box)
+        start, canvas = merged
         full = np.zeros((self.crop_size,) * 3, dtype=np.float32)
         if canvas is not None:
             relative = CropBox(tuple(int(s - c) for s, c in zip(box.start, start)), self.crop_size)  # type: ignore[arg-type]
