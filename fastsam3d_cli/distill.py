@@ -554,8 +554,8 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     from fastsam3d_cli.device import resolve_device
     from fastsam3d_cli.model.checkpoint import load_model
     from fastsam3d_cli.prepared import list_prepared_samples
-    from fastsam3d_cli.training_data import all_labels_empty_error, empty_label_warnings, label_voxels
-    from fastsam3d_cli.crops import MODEL_SPACING_MM
+    from fastsam3d_cli.training_data import (all_labels_empty_error, empty_label_warnings, label_voxels,
+                                             run_warnings)
     from fastsam3d_cli.train import check_numbers, check_run_dir
     from fastsam3d_cli.trainer import LAST_CHECKPOINT, TrainerSettings, load_training_checkpoint
 
@@ -581,13 +581,7 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     samples = [s for s, n in zip(samples, voxels) if n != 0]
     run_dir = check_run_dir(Path(output) if output is not None else _default_run_dir(student_config.name), resume)
     cache_dir = Path(cache_features).expanduser().absolute() if cache_features else run_dir / CACHE_SUBDIR
-    warnings: list[str] = empty_label_warnings(empty)
-    if amp and torch_device.type != "cuda":
-        warnings.append("--amp only applies on CUDA; training in float32 on the CPU")
-    spacings = sorted({s.spacing_mm for s in samples if s.spacing_mm is not None})
-    if any(abs(s - MODEL_SPACING_MM) > 1e-6 for s in spacings):
-        warnings.append(f"data prepared at {', '.join(f'{s:g}' for s in spacings)} mm; the models work at "
-                        f"{MODEL_SPACING_MM:g} mm")
+    warnings = empty_label_warnings(empty) + run_warnings(samples, amp, torch_device)
 
     # Teacher and student weights (exit 4 on any mismatch), before anything is written.
     # The teacher always runs a fast exact-equivalent backend (sdpa/flash): `exact` is ~10× slower on windows.

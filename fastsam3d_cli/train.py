@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from fastsam3d_cli.clicks import clicks_to_prompt, random_click
-from fastsam3d_cli.crops import MODEL_SPACING_MM
 from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
 from fastsam3d_cli.losses import dice_ce_loss, dice_score
 from fastsam3d_cli.trainer import (CURVES_PNG, LAST_CHECKPOINT, METRICS_LOG, STEPS_LOG, StepContext, Trainer,
@@ -309,7 +308,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     from fastsam3d_cli.device import resolve_device
     from fastsam3d_cli.model import build_model, get_config
     from fastsam3d_cli.prepared import list_prepared_samples
-    from fastsam3d_cli.training_data import InteractiveCropDataset, empty_label_warnings
+    from fastsam3d_cli.training_data import InteractiveCropDataset, empty_label_warnings, run_warnings
 
     check_numbers(epochs=epochs, batch_size=batch_size, accumulate=accumulate, iterations=iterations,
                    workers=workers, max_steps=max_steps, unfreeze_patience=unfreeze_patience, lr=lr,
@@ -329,13 +328,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     if resume:
         resume_payload = load_training_checkpoint(run_dir / LAST_CHECKPOINT, InteractiveSegmentationTask.name)
         check_preset(resume_payload, config.name, run_dir / LAST_CHECKPOINT)
-    warnings: list[str] = []
-    if amp and torch_device.type != "cuda":
-        warnings.append("--amp only applies on CUDA; training in float32 on the CPU")
-    spacings = sorted({s.spacing_mm for s in samples if s.spacing_mm is not None})
-    if any(abs(s - MODEL_SPACING_MM) > 1e-6 for s in spacings):
-        warnings.append(f"data prepared at {', '.join(f'{s:g}' for s in spacings)} mm; the models work at "
-                        f"{MODEL_SPACING_MM:g} mm")
+    warnings = run_warnings(samples, amp, torch_device)
 
     # Empty labels are found (and left out) here; no usable sample left → exit 3 before the run folder exists.
     dataset = InteractiveCropDataset(samples, seed=seed, max_shift=max_shift,

@@ -164,6 +164,20 @@ def empty_label_warnings(empty: Sequence[PreparedSample]) -> list[str]:
     return lines
 
 
+def run_warnings(samples: Sequence[PreparedSample], amp: bool, device: torch.device) -> list[str]:
+    """Warnings train and distill give before a run: --amp off CUDA, data not prepared at the model spacing."""
+    from fastsam3d_cli.crops import MODEL_SPACING_MM
+
+    warnings = []
+    if amp and device.type != "cuda":
+        warnings.append("--amp only applies on CUDA; training in float32 on the CPU")
+    spacings = sorted({s.spacing_mm for s in samples if s.spacing_mm is not None})
+    if any(abs(s - MODEL_SPACING_MM) > 1e-6 for s in spacings):
+        warnings.append(f"data prepared at {', '.join(f'{s:g}' for s in spacings)} mm; the models work at "
+                        f"{MODEL_SPACING_MM:g} mm")
+    return warnings
+
+
 def all_labels_empty_error(empty: Sequence[PreparedSample], what: str) -> BadInputError:
     """The one-line error when every selected label is empty (`what`: "train" or "distil")."""
     return BadInputError(f"every prepared label is empty ({len(empty)} sample(s): {describe_samples(empty)}): "

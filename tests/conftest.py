@@ -42,3 +42,14 @@ def data_dir() -> Path:
 def cli_env() -> dict[str, str]:
     """Environment for typer.testing.CliRunner: no colours, wide lines, plain tracebacks."""
     return {"NO_COLOR": "1", "COLUMNS": "200", "_TYPER_STANDARD_TRACEBACK": "1", "TERM": "dumb"}
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny tensors: one intra-op thread is much faster than two fighting over a busy CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

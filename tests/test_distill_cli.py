@@ -4,7 +4,6 @@ from __future__ import annotations
 import errno
 import json
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from fastsam3d_cli import feature_cache
@@ -16,12 +15,7 @@ from train_phantoms import make_prepared, tree
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
