@@ -53,3 +53,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_raises_keyboard_interrupt():
+    """Tests of Ctrl-C handling need Python's own SIGINT handler. A shell that starts pytest as a background
+    job (`pytest &`) makes it ignore SIGINT, and the command subprocesses the tests start inherit that; so
+    the default handler is installed for the session (exec'd children then get the default again)."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, previous)
