@@ -108,7 +108,7 @@ def markdown(result: dict, command: str) -> str:
         f"Measured {env['date_utc']} on {env['device']} ({env['device_name']}), torch {env['torch']}, "
         f"CUDA {env['cuda'] or '-'}, flash-attn {env['flash_attn'] or 'not installed'}, "
         f"{env['torch_threads']} torch thread(s) of {env['cpu_cores_available']} core(s), "
-        f"load average {env['load_average_1m']:.2f} → {env.get('load_average_1m_end') or 0:.2f} "
+        f"CPU GEMMs on {env.get('cpu_gemm', 'aten')}, load average {env['load_average_1m']:.2f} → {env.get('load_average_1m_end') or 0:.2f} "
         f"(other processes may have been running).",
         f"Command: `{command}`",
         f"Batch {settings['batch']}; ms per call, median [p5–p95] over n timed repeats after the first call and "

@@ -296,6 +296,7 @@ def environment(device: torch.device) -> dict:
     """Where the numbers were measured: device, versions, threads, load (other processes running)."""
     from fastsam3d_cli import __version__
     from fastsam3d_cli.device import flash_attn_version
+    from fastsam3d_cli.model.gemm import uses_onednn
 
     cuda = device.type == "cuda"
     try:
@@ -311,6 +312,8 @@ def environment(device: torch.device) -> dict:
         "cpu_cores_available": affinity,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
+        # CPU inference GEMMs: oneDNN (fastsam3d_cli.model.gemm) or aten/MKL (FASTSAM3D_CPU_GEMM=aten)
+        "cpu_gemm": "onednn" if uses_onednn() else "aten",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,

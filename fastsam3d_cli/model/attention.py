@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastsam3d_cli.errors import DeviceError, UsageError
+from fastsam3d_cli.model.common import Linear
 
 AttentionBackend = Literal["auto", "exact", "sdpa", "flash", "sparse"]
 BACKENDS: tuple[str, ...] = ("auto", "exact", "sdpa", "flash", "sparse")
@@ -140,8 +141,8 @@ class EncoderAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.use_rel_pos = use_rel_pos
         self.rel_pos_layout = rel_pos_layout
         if use_rel_pos:

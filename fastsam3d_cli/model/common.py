@@ -6,6 +6,15 @@ import functools
 import torch
 from torch import nn
 
+from .gemm import linear
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and state_dict keys) whose CPU inference runs on oneDNN (`gemm.py`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
 
 class LayerNorm3d(nn.Module):
     """LayerNorm over the channel axis of a (B, C, D, H, W) tensor (SAM's LayerNorm2d, in 3D)."""
@@ -28,8 +37,8 @@ class MLPBlock(nn.Module):
 
     def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
-        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
-        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+        self.lin1 = Linear(embedding_dim, mlp_dim)
+        self.lin2 = Linear(mlp_dim, embedding_dim)
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

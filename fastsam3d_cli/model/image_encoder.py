@@ -15,6 +15,7 @@ from torch import nn
 from fastsam3d_cli.model.attention import EncoderAttention
 from fastsam3d_cli.model.common import LayerNorm3d, MLPBlock
 from fastsam3d_cli.model.config import EncoderConfig
+from fastsam3d_cli.model.gemm import linear
 
 
 class PatchEmbed3D(nn.Module):
@@ -38,7 +39,7 @@ class PatchEmbed3D(nn.Module):
         patches = x.reshape(b, c, d // p, p, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
         patches = patches.reshape(-1, c * p ** 3)
         weight = self.proj.weight.reshape(self.proj.out_channels, -1)
-        tokens = torch.addmm(self.proj.bias, patches, weight.t()) if self.proj.bias is not None else patches @ weight.t()
+        tokens = linear(patches, weight, self.proj.bias)
         return tokens.reshape(b, d // p, h // p, w // p, -1)
 
 

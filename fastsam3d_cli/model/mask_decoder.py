@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastsam3d_cli.model.common import LayerNorm3d, two_level_block_order
+from fastsam3d_cli.model.gemm import linear
 from fastsam3d_cli.model.transformer import TwoWayTransformer3D
 
 
@@ -50,27 +51,27 @@ def upscale_and_project(src: torch.Tensor, upscaling: nn.Sequential, hyper_in: t
     # Level 1: (B·8³, C) @ (C, 8·C1) with columns ordered (child, channel), so the result viewed as
     # (B, 8³·8, C1) has one row per child, each voxel's 8 children together: no reordering copy, and the
     # bias rides in the product. Rows stay in (voxel, child) order until the final 32³ reshape.
-    weight1 = conv1.weight.permute(0, 2, 3, 4, 1).reshape(c, 8 * c1)
-    x = torch.addmm(conv1.bias.repeat(8), src.permute(0, 2, 3, 4, 1).reshape(-1, c), weight1)
+    weight1 = conv1.weight.permute(0, 2, 3, 4, 1).reshape(c, 8 * c1).t()  # (8·C1, C), as `linear` takes it
+    x = linear(src.permute(0, 2, 3, 4, 1).reshape(-1, c), weight1, conv1.bias.repeat(8))
     x = act1(F.layer_norm(x.view(b, 8 * d * h * w, c1), (c1,), norm.weight, norm.bias, norm.eps))
     # Level 2: columns ordered (child, channel) so the hypernetwork dot is a plain matmul per chunk.
-    weight2 = conv2.weight.permute(0, 2, 3, 4, 1).reshape(c1, 8 * c2)
+    weight2 = conv2.weight.permute(0, 2, 3, 4, 1).reshape(c1, 8 * c2).t()  # (8·C2, C1), as `linear` takes it
     bias2 = conv2.bias.repeat(8)
     rows, m = x.shape[1], hyper_in.shape[1]
     chunk = min(UPSCALE_CHUNK_ROWS, rows)
     if torch.is_grad_enabled():  # training: plain differentiable ops
-        parts = [act2(torch.addmm(bias2, x[item, start:start + chunk], weight2)).view(-1, c2) @ hyper_in[item].t()
+        parts = [act2(linear(x[item, start:start + chunk], weight2, bias2)).view(-1, c2) @ hyper_in[item].t()
                  for item in range(b) for start in range(0, rows, chunk)]
         masks = torch.cat(parts).reshape(b, rows * 8, m)
-    else:  # inference: one reused feature buffer, results written in place
+    else:  # inference: GELU in place, results written into one buffer
         gelu_in_place = isinstance(act2, nn.GELU) and act2.approximate == "none"
-        features = x.new_empty(chunk, 8 * c2)
+        weight2 = weight2.contiguous()
         masks = x.new_empty(b, rows * 8, m)
         for item in range(b):
             hyper = hyper_in[item].t()  # (C2, M)
             for start in range(0, rows, chunk):
                 stop = min(start + chunk, rows)
-                y = torch.addmm(bias2, x[item, start:stop], weight2, out=features[:stop - start])
+                y = linear(x[item, start:stop], weight2, bias2)
                 y = torch._C._nn.gelu_(y) if gelu_in_place else act2(y)
                 torch.mm(y.view(-1, c2), hyper, out=masks[item, start * 8:stop * 8])  # (rows·8, M)
     # Rows are in two-level block order (voxel, level-1 child, level-2 child): one gather puts them on the grid.

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastsam3d_cli.model.common import LayerNorm3d, two_level_block_order
+from fastsam3d_cli.model.gemm import linear
 
 
 def downscale_mask(masks: torch.Tensor, downscaling: nn.Sequential) -> torch.Tensor:
@@ -32,11 +33,11 @@ def downscale_mask(masks: torch.Tensor, downscaling: nn.Sequential) -> torch.Ten
     # Rows in two-level block order (coarse voxel, child, grandchild), 8 grandchildren per row; one gather.
     block_to_fine, _ = two_level_block_order(s, s, s, masks.device)
     blocks = masks.reshape(b, -1).index_select(1, block_to_fine).reshape(-1, 8)
-    x = torch.addmm(conv1.bias, blocks, conv1.weight.reshape(c1, 8).t())  # (B·S³·8, C1)
+    x = linear(blocks, conv1.weight.reshape(c1, 8), conv1.bias)  # (B·S³·8, C1)
     x = act1(F.layer_norm(x, (c1,), norm1.weight, norm1.bias, norm1.eps)).reshape(-1, 8 * c1)
-    x = torch.addmm(conv2.bias, x, conv2.weight.permute(0, 2, 3, 4, 1).reshape(c2, 8 * c1).t())  # (B·S³, C2)
+    x = linear(x, conv2.weight.permute(0, 2, 3, 4, 1).reshape(c2, 8 * c1), conv2.bias)  # (B·S³, C2)
     x = act2(F.layer_norm(x, (c2,), norm2.weight, norm2.bias, norm2.eps))
-    x = torch.addmm(conv3.bias, x, conv3.weight.reshape(c3, c2).t())  # (B·S³, C)
+    x = linear(x, conv3.weight.reshape(c3, c2), conv3.bias)  # (B·S³, C)
     return x.reshape(b, s, s, s, c3).permute(0, 4, 1, 2, 3)
 
 
