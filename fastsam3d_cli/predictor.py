@@ -24,12 +24,17 @@ What happens (reference/models.md §3; the order matters):
    synthesised include click at the most confident mask voxel of the region it shares with its parent
    (preferably ≥ 16 voxels inside it) — plus the mask so far as the low-res prompt. This
    repeats from the new crops up to `max_crops` crops per object. All crops lie on one lattice (primary
-   start + multiples of the step). A click outside every crop gets its own lattice crop.
-   Merge: each voxel takes the logits of the covering crop whose centre is nearest (Chebyshev distance, ties
-   broken by Euclidean distance), i.e. the crop in which the voxel lies deepest — so no voxel is predicted
-   near a crop border when another crop sees it from further inside.
-   Extension crops are recomputed from the primary/click crops after every click (embeddings are cached,
-   so that costs decoder steps only).
+   start + multiples of the step). A click outside every crop gets its own lattice crop (at max_crops it
+   replaces the newest extension crop nobody clicked in).
+   Merge (`crop_canvas.CropCanvas`): each voxel takes the logits of the covering crop whose centre is
+   nearest (Chebyshev distance, ties broken by Euclidean distance), i.e. the crop in which the voxel lies
+   deepest — so no voxel is predicted near a crop border when another crop sees it from further inside.
+   Further clicks: a click is one decoder step in the primary/click crops containing it and in the crop
+   shown at its voxel — an extension crop is corrected by clicking where it is shown; the other crops
+   keep their prediction. An extension crop (unless clicked in) is dropped, with the crops grown from it,
+   when its parent is re-decoded and no longer touches their shared face; new extensions grow where a
+   mask now reaches an open face. The merged canvas is updated only where re-decoded crops are shown.
+   So a further click costs one or two decoder steps whatever the number of crops.
 5. The merged logits are pasted back onto the input grid through the crops' physical geometry with
    nearest-neighbour resampling (`mask`), or as sigmoid probabilities with linear resampling
    (`probabilities`).
@@ -39,16 +44,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from fastsam3d_cli.clickfile import ClickObject, check_inside, lps_to_ijk, to_lps
-from fastsam3d_cli.crops import (MODEL_SPACING_MM, CropBox, box_centered_on, crop_view_of, extract_crop,
-                                 znormalize_foreground)
+from fastsam3d_cli.crop_canvas import CropCanvas
+from fastsam3d_cli.crops import MODEL_SPACING_MM, CropBox, box_centered_on, extract_crop, znormalize_foreground
 from fastsam3d_cli.errors import BadInputError, UsageError
-from fastsam3d_cli.imaging import (affine_lps, array_ijk, read_image, resample_onto, resample_to_spacing,
+from fastsam3d_cli.imaging import (affine_lps, read_image, resample_onto, resample_to_spacing,
                                    resampled_grid, to_canonical)
 
 DEFAULT_MAX_CROPS = 8
@@ -101,6 +106,9 @@ class CropRun:
     logits: np.ndarray | None = None  # (128, 128, 128) float32 upsampled logits, axes = canonical ijk
     clicks: list[int] = field(default_factory=list)  # 0-based indices of the object's clicks applied here
     synthetic_click: np.ndarray | None = None  # canonical index of a synthesised include click, if any
+    parent: CropBox | None = None  # extension: the crop whose mask touched the shared face ...
+    face: tuple[int, int] | None = None  # ... and that face, (axis, side ±1), seen from the parent
+    version: int = 0  # bumped by every decoder step (the merged canvas re-copies changed crops only)
 
 
 @dataclass
@@ -110,6 +118,7 @@ class ObjectState:
     name: str
     clicks: list[Click] = field(default_factory=list)
     crops: list[CropRun] = field(default_factory=list)
+    canvas: CropCanvas | None = field(default=None, repr=False)  # merged logits, see `Predictor._merged`
 
 
 class Predictor:
@@ -242,10 +251,11 @@ class Predictor:
         new = [Click(p, bool(v), i) for p, v, i in zip(lps, labels, indices)]
         if not state.crops:
             state.crops.append(CropRun(self._primary_box(indices), "primary"))
+        changed: list[CropRun] = []
         for click in new:
             state.clicks.append(click)
-            self._apply_click(state, len(state.clicks) - 1)
-        self._refresh_extensions(state)
+            changed += [c for c in self._apply_click(state, len(state.clicks) - 1) if c not in changed]
+        self._update_extensions(state, changed)
         return self.mask(name) if return_mask else None
 
     def reset_object(self, object: str | None = None) -> None:  # noqa: A002
@@ -280,10 +290,11 @@ class Predictor:
         (the rest is "no object"), or None when no crop of the object reaches the input grid.
         """
         state = self.object_state(object)
-        start, canvas = self._merge(state.crops)
+        merged = self._merged(state)
+        start, canvas = merged.start, merged.logits
         if canvas is None:
             return None
-        uncovered = np.isnan(canvas) if len(state.crops) > 1 else None  # one crop covers its whole canvas
+        uncovered = merged.owner < 0 if len(merged.boxes) > 1 else None  # one crop covers its whole canvas
         if probabilities:
             values, fill = _sigmoid(canvas).astype(np.float32), 0.0
         else:
@@ -343,13 +354,18 @@ class Predictor:
         voxels > 0 (the model input). Timed as one "preprocess" stage."""
         _, grid, oriented = self._require_volume()
         start = time.perf_counter()
-        resampled = resample_onto(oriented, size=(box.size,) * 3, spacing=grid.spacing,
-                                  origin=grid.TransformIndexToPhysicalPoint(box.start), direction=grid.direction,
+        # The output grid is described with its axes reversed (spacing reversed, direction columns
+        # reversed), so SimpleITK's (z, y, x) array of it is already the crop in ijk order: no transpose copy.
+        resampled = resample_onto(oriented, size=(box.size,) * 3, spacing=tuple(reversed(grid.spacing)),
+                                  origin=grid.TransformIndexToPhysicalPoint(box.start),
+                                  direction=tuple(np.asarray(grid.direction, dtype=np.float64).reshape(3, 3)[:, ::-1].ravel()),
                                   interpolation="linear", default_value=0.0)
-        values = np.nan_to_num(array_ijk(resampled, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        crop = np.zeros_like(values)
+        crop = np.nan_to_num(sitk.GetArrayFromImage(resampled).astype(np.float32, copy=False),
+                             copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         inside = _inside_slices(box, grid.size)
-        crop[inside] = values[inside]
+        if any(s.start > 0 or s.stop < box.size for s in inside):  # zero what lies outside the grid
+            values, crop = crop, np.zeros_like(crop)
+            crop[inside] = values[inside]
         if normalize:
             crop = znormalize_foreground(crop)
         self._record("preprocess", start, crop=list(box.start))
@@ -372,21 +388,47 @@ class Predictor:
         steps = np.round((np.asarray(index) - centre) / self.extension_step).astype(int)
         return primary.shifted(tuple(int(s) * self.extension_step for s in steps))
 
-    def _apply_click(self, state: ObjectState, number: int) -> None:
-        """One decoder step with click `number` in every primary/click crop containing it (a new crop if none)."""
+    def _apply_click(self, state: ObjectState, number: int) -> list[CropRun]:
+        """One decoder step with click `number` in each crop that must see it; returns the crops decoded.
+
+        Those are the primary/click crops containing the click and the crop whose logits are shown at its
+        voxel — so a click corrects an extension crop where that crop is what the user sees. A click
+        outside every crop gets a new crop on the object's lattice, prompted with the mask so far (making
+        room by dropping extension crops nobody clicked in, newest first, when max_crops is reached).
+        """
         click = state.clicks[number]
-        anchored = [c for c in state.crops if c.kind != "extension"]
-        targets = [c for c in anchored if c.box.contains(click.index)]
+        shown = self._merged(state).owner_at(click.index)
+        targets = [c for c in state.crops if c.box.contains(click.index) and (c.kind != "extension" or c.box == shown)]
         if not targets:
-            if len(anchored) >= self.max_crops:
-                return  # reported as an unused click (raise max_crops)
+            self._make_room(state)
+            if len(state.crops) >= self.max_crops:
+                return []  # reported as an unused click (raise max_crops)
             box = self._lattice_box(state, click.index)
-            crop = CropRun(box, "click", low_res=self._transfer_prompt(self._merge(anchored, region=box), box))
-            state.crops.insert(len(anchored), crop)
+            crop = CropRun(box, "click", low_res=self._transfer_prompt(self._merged(state).region(box), box))
+            state.crops.insert(sum(c.kind != "extension" for c in state.crops), crop)
             targets = [crop]
         for crop in targets:
             self._decode_step(state, crop, click.index, click.include, click=number + 1)
             crop.clicks.append(number)
+        return targets
+
+    def _make_room(self, state: ObjectState) -> None:
+        """At max_crops, drop the newest extension crop without clicks (and the crops grown from it)."""
+        if len(state.crops) < self.max_crops:
+            return
+        droppable = [c for c in state.crops if c.kind == "extension" and not c.clicks]
+        if droppable:
+            self._drop_extensions(state, {droppable[-1].box})
+
+    def _drop_extensions(self, state: ObjectState, boxes: set[CropBox]) -> None:
+        """Remove these extension crops and, transitively, the click-less extension crops grown from them."""
+        dropped = set(boxes)
+        while True:
+            more = {c.box for c in state.crops if c.kind == "extension" and not c.clicks and c.parent in dropped}
+            if more <= dropped:
+                break
+            dropped |= more
+        state.crops = [c for c in state.crops if c.box not in dropped]
 
     def _embedding(self, box: CropBox) -> Any:
         """Image embedding of a crop (encoded once, then cached)."""
@@ -418,12 +460,26 @@ class Predictor:
             full = self.model.upsample_logits(low_res)
         crop.low_res = low_res
         crop.logits = full[0, 0].float().cpu().numpy()
+        crop.version += 1
         self._record("decode", start, object=state.name, click=click, crop=list(crop.box.start))
 
-    def _refresh_extensions(self, state: ObjectState) -> None:
-        """Drop and rebuild the extension crops from the primary/click crops (breadth first, ≤ max_crops)."""
-        state.crops = [c for c in state.crops if c.kind != "extension"]
-        queue = [c for c in state.crops if c.logits is not None]
+    def _update_extensions(self, state: ObjectState, changed: list[CropRun]) -> None:
+        """After a click: drop extension crops whose reason is gone, then grow crops where masks reach a face.
+
+        An extension crop keeps its prediction between clicks (a click corrects it where it is shown).
+        It is dropped, with the crops grown from it, when its parent was re-decoded and no longer touches
+        their shared face — unless a click was applied in it. New crops grow breadth first from the
+        re-decoded crops, then from the others, up to max_crops; all lie on one lattice.
+        """
+        by_box = {c.box: c for c in state.crops}
+        changed_boxes = {c.box for c in changed}
+        gone = {c.box for c in state.crops
+                if c.kind == "extension" and not c.clicks and c.parent in changed_boxes and c.face is not None
+                and not self._touches_open_face(by_box[c.parent], *c.face)}
+        if gone:
+            self._drop_extensions(state, gone)
+        existing = {c.box for c in state.crops}
+        queue = [c for c in state.crops if c.box in changed_boxes] + [c for c in state.crops if c.box not in changed_boxes]
         while queue and len(state.crops) < self.max_crops:
             parent = queue.pop(0)
             for axis in range(3):
@@ -435,9 +491,10 @@ class Predictor:
                     offset = [0, 0, 0]
                     offset[axis] = side * self.extension_step
                     box = parent.box.shifted(offset)
-                    if any(c.box == box for c in state.crops):
+                    if box in existing:
                         continue
-                    crop = self._decode_extension(state, box, parent)
+                    existing.add(box)
+                    crop = self._decode_extension(state, box, parent, (axis, side))
                     if crop is not None:
                         state.crops.append(crop)
                         queue.append(crop)
@@ -453,10 +510,11 @@ class Predictor:
         face[axis] = slice(0, 1) if side < 0 else slice(self.crop_size - 1, self.crop_size)
         return bool((crop.logits[tuple(face)] > 0).any())
 
-    def _decode_extension(self, state: ObjectState, box: CropBox, parent: CropRun) -> CropRun | None:
+    def _decode_extension(self, state: ObjectState, box: CropBox, parent: CropRun,
+                          face: tuple[int, int]) -> CropRun | None:
         """A neighbour crop prompted with the mask so far and the clicks inside it (else one synthesised click)."""
-        merged = self._merge(state.crops, region=box)  # one merge for the prompt and the synthetic click
-        crop = CropRun(box, "extension", low_res=self._transfer_prompt(merged, box))
+        merged = self._merged(state).region(box)  # one view for the prompt and the synthetic click
+        crop = CropRun(box, "extension", low_res=self._transfer_prompt(merged, box), parent=parent.box, face=face)
         inside = [n for n, c in enumerate(state.clicks) if _well_inside(box, c.index, SYNTHETIC_CLICK_MARGIN)]
         if inside:
             for number in inside:
@@ -475,7 +533,7 @@ class Predictor:
                          parent: CropBox) -> np.ndarray | None:
         """The most confident mask voxel shared by `box` and `parent`, preferably ≥ margin inside `box`.
 
-        merged: `_merge(crops, region=box)` of the crops so far."""
+        merged: `_merged(state).region(box)`, the mask so far inside `box`."""
         start, canvas = merged
         if canvas is None:
             return None
@@ -498,7 +556,7 @@ class Predictor:
     def _transfer_prompt(self, merged: tuple[np.ndarray, np.ndarray | None], box: CropBox) -> Any:
         """Low-res prompt (1, 1, 32, 32, 32) for a new crop: the merged logits so far, 0 where unknown.
 
-        merged: `_merge(crops, region=box)` of the crops so far."""
+        merged: `_merged(state).region(box)`, the mask so far inside `box`."""
         import torch
         import torch.nn.functional as F
 
@@ -511,43 +569,14 @@ class Predictor:
         factor = self.crop_size // self.low_res_size
         return F.avg_pool3d(tensor, kernel_size=factor, stride=factor)
 
-    def _merge(self, crops: Iterable[CropRun], region: CropBox | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Merged logits over the crops' bounding box clipped to the volume (NaN where no crop reaches).
-
-        Each voxel takes the covering crop in which it lies deepest: nearest centre in Chebyshev distance, ties
-        broken by Euclidean distance (then the earlier crop). `region`: merge only inside this box (what a new
-        neighbour crop needs) — the same values there, without building the whole object's canvas.
-        """
-        decoded = [c for c in crops if c.logits is not None]
-        shape = np.asarray(self._shape)
-        if region is not None:
-            decoded = [c for c in decoded
-                       if all(a < d and c_ < b for a, b, c_, d in zip(c.box.start, c.box.stop, region.start, region.stop))]
-        if not decoded:
-            return np.zeros(3, dtype=int), None
-        lo = np.maximum(np.min([c.box.start for c in decoded], axis=0), 0)
-        hi = np.minimum(np.max([c.box.stop for c in decoded], axis=0), shape)
-        if region is not None:
-            lo, hi = np.maximum(lo, region.start), np.minimum(hi, region.stop)
-        if np.any(hi <= lo):
-            return lo, None
-        if len(decoded) == 1 and region is None:  # the crop's own logits, clipped to the volume (a read-only view)
-            return lo, decoded[0].logits[_inside_slices(decoded[0].box, shape)]
-        canvas = np.full(tuple(hi - lo), np.nan, dtype=np.float32)
-        nearest = np.full(canvas.shape, np.inf, dtype=np.float32)
-        for crop in decoded:
-            relative = CropBox(tuple(int(s - o) for s, o in zip(crop.box.start, lo)), self.crop_size)  # type: ignore[arg-type]
-            canvas_slices, crop_slices = crop_view_of(canvas, relative)
-            axes = [np.abs(np.arange(s.start, s.stop) + o - c).astype(np.float32)
-                    for s, o, c in zip(canvas_slices, lo, crop.box.center)]
-            a, b, c = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
-            # Chebyshev distance (64 − depth inside the crop); ties broken by a small Euclidean term
-            # (Chebyshev values differ by ≥ 1, the term stays < 0.12).
-            distance = np.maximum(np.maximum(a, b), c) + np.float32(1e-3) * np.sqrt(a * a + b * b + c * c)
-            closer = distance < nearest[canvas_slices]
-            canvas[canvas_slices][closer] = crop.logits[crop_slices][closer]
-            nearest[canvas_slices][closer] = distance[closer]
-        return lo, canvas
+    def _merged(self, state: ObjectState) -> CropCanvas:
+        """The object's merged logits, brought up to date with its crops (timed as part of "paste")."""
+        start = time.perf_counter()
+        if state.canvas is None:
+            state.canvas = CropCanvas(self._shape)
+        state.canvas.sync(state.crops)
+        self._record("paste", start, object=state.name, step="merge")
+        return state.canvas
 
 
 # ----------------------------------------------------------------------------------------- helpers

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from fastsam3d_cli.clickfile import lps_to_ijk, to_lps
-from fastsam3d_cli.crops import CropBox, extract_crop, znormalize_foreground
+from fastsam3d_cli.crops import extract_crop, znormalize_foreground
 from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.imaging import array_ijk, image_from_array_ijk, same_grid
-from fastsam3d_cli.predictor import CropRun, Predictor
+from fastsam3d_cli.predictor import Predictor
 from infer_phantoms import (IDENTITY, RAS_STORED, TIE_FREE_SPACING, IntensityModel, SphereModel,
                                  expected_nearest_paste, make_image, phantom, rotation, voxel_centres_lps)
 
@@ -229,35 +229,71 @@ def test_click_outside_the_crops_gets_its_own_crop_or_is_reported_unused():
         assert mask[20, 15, 15] and mask[95, 15, 15] == (max_crops > 1)
 
 
-def test_merge_takes_the_crop_the_voxel_lies_deepest_in():
-    image = make_image(np.ones((200, 90, 90), np.int16), spacing=(1.5, 1.5, 1.5))
-    predictor = Predictor(SphereModel(), "cpu")
+class SwitchModel(IntensityModel):
+    """Intensity mask after an include click, nothing after an exclude click (to test pruning)."""
+
+    def full_logits(self, embedding, points, point_labels) -> torch.Tensor:
+        if int(point_labels[0, -1]) == 0:
+            return torch.full_like(embedding, -5.0)
+        return super().full_logits(embedding, points, point_labels)
+
+
+def _decoded_crops(predictor: Predictor) -> list[tuple[int, ...]]:
+    return [tuple(t["crop"]) for t in predictor.timings if t["stage"] == "decode"]
+
+
+def test_a_further_click_decodes_only_the_crops_that_must_see_it():
+    """After the first click the extension crops stay; a click re-decodes the crop shown where it lands
+    (plus primary/click crops containing it), not every crop."""
+    image, truth, centre, predictor, first_mask = _long_ellipsoid(max_crops=8)
+    primary, low, high = (tuple(c.box.start) for c in predictor.object_state("long").crops)
+    versions = [c.version for c in predictor.object_state("long").crops]
+    centres = voxel_centres_lps(image)
+    predictor.timings.clear()
+    mask = predictor.add_click(centres[56, 25, 22], space="lps", object="long")  # deep in the primary
+    assert _decoded_crops(predictor) == [primary]
+    assert [c.version for c in predictor.object_state("long").crops] == [versions[0] + 1] + versions[1:]
+    np.testing.assert_array_equal(mask, first_mask)  # the same (click-independent) prediction, same merge
+    predictor.timings.clear()
+    far = centres[100, 25, 22]  # +180 mm: in the far extension crop only
+    predictor.add_click(far, space="lps", object="long")
+    extension = predictor.object_state("long").crops[2 if high[0] > low[0] else 1]
+    assert _decoded_crops(predictor) == [tuple(extension.box.start)] and extension.clicks == [2]
+    report = predictor.object_report("long")
+    assert report["crops_run"] == 3 and report["unused_clicks"] == []
+
+
+def test_an_extension_is_dropped_when_its_parent_no_longer_reaches_it():
+    image, truth = phantom(shape=(110, 50, 44), spacing=(4.0, 4.0, 4.0), direction=RAS_STORED,
+                           semi_axes_mm=(150.0, 60.0, 55.0))
+    centres = voxel_centres_lps(image)
+    predictor = Predictor(SwitchModel(), "cpu")
     predictor.set_volume(image)
-    a = CropRun(CropBox((0, -20, -20)), "primary", logits=np.full((128,) * 3, 1.0, np.float32))
-    b = CropRun(CropBox((64, -20, -20)), "extension", logits=np.full((128,) * 3, -1.0, np.float32))
-    start, canvas = predictor._merge([a, b])
-    assert tuple(start) == (0, 0, 0) and canvas.shape == (192, 90, 90)
-    # centres at 63.5 and 127.5 along axis 0: up to 95 belongs to a, from 96 to b — also near the other faces
-    assert (canvas[:96] == 1).all() and (canvas[96:] == -1).all()
+    assert predictor.add_click(centres[55, 25, 22], space="lps", object="long").sum() > 0
+    assert predictor.object_report("long")["crops_run"] == 3
+    mask = predictor.add_click(centres[55, 25, 22], include=False, space="lps", object="long")
+    assert [c["kind"] for c in predictor.object_report("long")["crops"]] == ["primary"]
+    assert not mask.any()
+    mask = predictor.add_click(centres[55, 25, 22], space="lps", object="long")  # and they come back
+    assert predictor.object_report("long")["crops_run"] == 3
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice > 0.95
 
 
-
-def test_merge_inside_a_region_equals_the_whole_merge_cut_to_it():
-    """A neighbour crop's prompt merges only its own region: same values as merging everything, then cutting."""
-    image = make_image(np.ones((200, 150, 90), np.int16), spacing=(1.5, 1.5, 1.5))
-    predictor = Predictor(SphereModel(), "cpu")
+def test_a_click_outside_the_crops_at_max_crops_replaces_the_newest_extension():
+    image, truth = phantom(shape=(150, 50, 44), spacing=(4.0, 4.0, 4.0), direction=RAS_STORED,
+                           semi_axes_mm=(150.0, 60.0, 55.0))
+    centres = voxel_centres_lps(image)
+    predictor = Predictor(IntensityModel(), "cpu", max_crops=3)
     predictor.set_volume(image)
-    generator = np.random.default_rng(0)
-    crops = [CropRun(CropBox(start), "extension", logits=generator.normal(size=(128,) * 3).astype(np.float32))
-             for start in ((0, -20, -20), (64, -20, -20), (30, 40, -10))]
-    start, canvas = predictor._merge(crops)
-    for region in (CropBox((40, 10, -30)), CropBox((100, 60, 0)), CropBox((-50, -50, -50))):
-        lo, part = predictor._merge(crops, region=region)
-        relative = CropBox(tuple(int(r - s) for r, s in zip(region.start, start)))
-        expected = extract_crop(canvas, relative, fill=np.nan)
-        ours = extract_crop(part, CropBox(tuple(int(r - o) for r, o in zip(region.start, lo))), fill=np.nan)
-        np.testing.assert_array_equal(ours, expected)
-    assert predictor._merge(crops, region=CropBox((300, 0, 0)))[1] is None  # no crop reaches it
+    predictor.add_click(centres[75, 25, 22], space="lps", object="long")
+    before = [c["kind"] for c in predictor.object_report("long")["crops"]]
+    assert before == ["primary", "extension", "extension"]
+    predictor.add_click(centres[5, 25, 22], space="lps", object="long")  # 280 mm away: outside every crop
+    report = predictor.object_report("long")
+    assert [c["kind"] for c in report["crops"]] == ["primary", "click", "extension"]
+    assert report["unused_clicks"] == [] and report["crops"][1]["clicks"] == [2]
+
 
 def test_orientation_invariance_with_a_known_model():
     """The same anatomy stored with permuted/flipped axes gives the same physical mask (world clicks)."""
