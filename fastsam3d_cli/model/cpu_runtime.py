@@ -38,7 +38,7 @@ def keep_freed_memory() -> bool:
 
     By default glibc hands large freed blocks back to the kernel and maps them again on the next
     allocation, so every decoder step page-faults its ~1.5 MB activations in afresh. Keeping them
-    measured 11.5 → 9.5 ms per click and 264 → 251 ms per encoder pass (fastsam3d, fp32, 2 CPU cores),
+    measured 11.5 → 9.5 ms per click and 264 → 251 ms per encoder pass (fastsam3d, fp32, 2 CPU cores, MKL GEMMs),
     with the same peak memory. Returns whether the setting is active; a no-op (False) off glibc or
     with FASTSAM3D_MALLOC_TUNING=0.
     """
