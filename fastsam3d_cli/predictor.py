@@ -31,7 +31,7 @@ What happens (reference/models.md §3; the order matters):
    deepest — so no voxel is predicted near a crop border when another crop sees it from further inside.
    Further clicks: a click is one decoder step in the primary/click crops containing it and in the crop
    shown at its voxel — an extension crop is corrected by clicking where it is shown; the other crops
-   keep their prediction. An extension crop (unless clicked in) is dropped, with the crops grown from it,
+   keep their prediction. An extension crop (unless it holds a click) is dropped, with the crops grown from it,
    when its parent is re-decoded and no longer touches their shared face; new extensions grow where a
    mask now reaches an open face. The merged canvas is updated only where re-decoded crops are shown.
    So a further click costs one or two decoder steps whatever the number of crops.
@@ -254,7 +254,7 @@ class Predictor:
         changed: list[CropRun] = []
         for click in new:
             state.clicks.append(click)
-            changed += [c for c in self._apply_click(state, len(state.clicks) - 1) if c not in changed]
+            changed += [c for c in self._apply_click(state, len(state.clicks) - 1) if all(c is not d for d in changed)]
         self._update_extensions(state, changed)
         return self.mask(name) if return_mask else None
 
@@ -468,8 +468,9 @@ class Predictor:
 
         An extension crop keeps its prediction between clicks (a click corrects it where it is shown).
         It is dropped, with the crops grown from it, when its parent was re-decoded and no longer touches
-        their shared face — unless a click was applied in it. New crops grow breadth first from the
-        re-decoded crops, then from the others, up to max_crops; all lie on one lattice.
+        their shared face — unless it holds a click (applied when it was made, or since). New crops grow
+        breadth first from the re-decoded crops, then from the others, up to max_crops; all lie on one
+        lattice.
         """
         by_box = {c.box: c for c in state.crops}
         changed_boxes = {c.box for c in changed}
@@ -493,9 +494,9 @@ class Predictor:
                     box = parent.box.shifted(offset)
                     if box in existing:
                         continue
-                    existing.add(box)
                     crop = self._decode_extension(state, box, parent, (axis, side))
-                    if crop is not None:
+                    if crop is not None:  # else another parent may still find a click for this box
+                        existing.add(box)
                         state.crops.append(crop)
                         queue.append(crop)
 
@@ -514,19 +515,18 @@ class Predictor:
                           face: tuple[int, int]) -> CropRun | None:
         """A neighbour crop prompted with the mask so far and the clicks inside it (else one synthesised click)."""
         merged = self._merged(state).region(box)  # one view for the prompt and the synthetic click
-        crop = CropRun(box, "extension", low_res=self._transfer_prompt(merged, box), parent=parent.box, face=face)
         inside = [n for n, c in enumerate(state.clicks) if _well_inside(box, c.index, SYNTHETIC_CLICK_MARGIN)]
-        if inside:
-            for number in inside:
-                click = state.clicks[number]
-                self._decode_step(state, crop, click.index, click.include, click=number + 1)
-                crop.clicks.append(number)
-            return crop
-        synthetic = self._synthetic_click(merged, box, parent.box)
-        if synthetic is None:
-            return None
-        crop.synthetic_click = synthetic
-        self._decode_step(state, crop, synthetic, True, click="synthetic")
+        synthetic = None if inside else self._synthetic_click(merged, box, parent.box)
+        if not inside and synthetic is None:
+            return None  # checked before building the prompt: a refused box costs one argmax
+        crop = CropRun(box, "extension", low_res=self._transfer_prompt(merged, box), parent=parent.box, face=face)
+        for number in inside:
+            click = state.clicks[number]
+            self._decode_step(state, crop, click.index, click.include, click=number + 1)
+            crop.clicks.append(number)
+        if synthetic is not None:
+            crop.synthetic_click = synthetic
+            self._decode_step(state, crop, synthetic, True, click="synthetic")
         return crop
 
     def _synthetic_click(self, merged: tuple[np.ndarray, np.ndarray | None], box: CropBox,
