@@ -100,6 +100,22 @@ def test_crop_is_centred_zero_padded_and_normalised_after_cropping(direction):
     assert abs(foreground.mean()) < 1e-4 and abs(foreground.std(ddof=1) - 1) < 1e-4
 
 
+@pytest.mark.parametrize("direction", [RAS_STORED, rotation((1.0, 2.0, -1.0), 21.0)])
+def test_a_crop_inside_the_volume_equals_the_whole_volume_resampled_and_cut(direction):
+    """No zero padding: the crop's own resampling (axes reversed for SimpleITK) = resample everything, cut."""
+    image, _ = phantom(shape=(104, 100, 70), spacing=(2.0, 2.0, 3.0), direction=direction,
+                       semi_axes_mm=(60.0, 50.0, 40.0))
+    model = IntensityModel()
+    predictor = Predictor(model, "cpu", max_crops=1)
+    predictor.set_volume(image)
+    predictor.add_click(voxel_centres_lps(image)[52, 50, 35], space="lps", object="x")
+    box = predictor.object_state("x").crops[0].box
+    canonical = array_ijk(predictor.canonical_volume(), np.float32)
+    assert all(s >= 0 for s in box.start) and all(e <= n for e, n in zip(box.stop, canonical.shape))
+    raw = canonical[tuple(slice(s, e) for s, e in zip(box.start, box.stop))]
+    np.testing.assert_allclose(model.encoded[0], znormalize_foreground(raw), atol=1e-5)
+
+
 def test_embeddings_are_cached_per_crop_across_reset():
     image = _volume(**GEOMETRIES["flipped"])
     click = voxel_centres_lps(image)[17, 20, 9]
