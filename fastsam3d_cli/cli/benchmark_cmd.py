@@ -102,6 +102,8 @@ def _render(result) -> None:
 
     env, settings = result.environment, result.settings
     threads = f"{env['torch_threads']} torch thread(s) of {env['cpu_cores_available']} core(s)"
+    if env["device"] == "cpu":
+        threads += f", GEMMs on {env.get('cpu_gemm', 'aten')}"
     stdout_console.print(
         f"{env['date_utc']}  {env['device']} ({env['device_name']})  torch {env['torch']}  CUDA {env['cuda'] or '-'}  "
         f"flash-attn {env['flash_attn'] or 'not installed'}  {threads}  load {env['load_average_1m']:.2f}",
