@@ -248,6 +248,8 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     for obj, lps in zip(click_file.objects, points_lps):
         say(f"segmenting {obj.name}")
         predictor.add_clicks(lps, obj.point_labels, space="lps", object=obj.name, return_mask=False)
+        if obj is not click_file.objects[-1]:  # one object's merged canvas in memory at a time; the
+            predictor.free_merged(obj.name)     # last one is used right away by compose_labelmap
 
     say("pasting back")
     labels = compose_labelmap(predictor, click_file.objects)
@@ -267,6 +269,7 @@ def compose_labelmap(predictor: Any, objects: Sequence[Any]) -> np.ndarray:
     best: np.ndarray | None = None  # the winning logit per voxel, once two objects could overlap
     for obj in objects:
         patch = predictor.input_logits(obj.name)
+        predictor.free_merged(obj.name)
         if patch is None:
             continue
         start, logits = patch

@@ -279,6 +279,17 @@ def test_a_further_click_decodes_only_the_crops_that_must_see_it():
     assert report["crops_run"] == 3 and report["unused_clicks"] == []
 
 
+def test_freeing_the_merged_cache_changes_nothing_but_memory():
+    image, truth, centre, predictor, mask = _long_ellipsoid(max_crops=8)
+    assert predictor.object_state("long").canvas is not None
+    predictor.free_merged("long")
+    assert predictor.object_state("long").canvas is None
+    np.testing.assert_array_equal(predictor.mask("long"), mask)  # rebuilt on demand
+    predictor.free_merged()
+    again = predictor.add_click(voxel_centres_lps(image)[56, 25, 22], space="lps", object="long")
+    np.testing.assert_array_equal(again, mask)
+
+
 def test_an_extension_is_dropped_when_its_parent_no_longer_reaches_it():
     image, truth = phantom(shape=(110, 50, 44), spacing=(4.0, 4.0, 4.0), direction=RAS_STORED,
                            semi_axes_mm=(150.0, 60.0, 55.0))
