@@ -42,6 +42,26 @@ def depth_order(size: int) -> np.ndarray:
     return order
 
 
+def shown_box(boxes: Sequence[CropBox], index: Sequence[float], volume_shape: Sequence[int]) -> CropBox | None:
+    """The box whose logits a `CropCanvas` of `boxes` shows at canonical position `index` (rounded).
+
+    Pure geometry (the deepest box, the earlier one on ties): no canvas needs to be up to date. None when
+    the voxel lies outside the volume or in no box.
+    """
+    voxel = np.rint(np.asarray(index, dtype=np.float64)).astype(int)
+    if np.any(voxel < 0) or np.any(voxel >= np.asarray(volume_shape)):
+        return None
+    best: tuple[float, CropBox] | None = None
+    for box in boxes:
+        local = voxel - np.asarray(box.start)
+        if np.any(local < 0) or np.any(local >= box.size):
+            continue
+        depth = float(depth_order(box.size)[tuple(local)])
+        if best is None or depth < best[0]:
+            best = (depth, box)
+    return None if best is None else best[1]
+
+
 class CropCanvas:
     """Merged logits (NaN where no crop reaches) over the crops' bounding box, clipped to the volume."""
 
@@ -137,16 +157,6 @@ class CropCanvas:
         return CropBox(tuple(int(s - o) for s, o in zip(box.start, self.start)), box.size)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------ reading
-    def owner_at(self, index: Sequence[float]) -> CropBox | None:
-        """The box whose logits are shown at canonical position `index` (rounded), None if uncovered."""
-        if self.owner is None:
-            return None
-        voxel = np.rint(np.asarray(index, dtype=np.float64)).astype(int) - self.start
-        if np.any(voxel < 0) or np.any(voxel >= self.owner.shape):
-            return None
-        owner = int(self.owner[tuple(voxel)])
-        return self.boxes[owner] if owner >= 0 else None
-
     def region(self, box: CropBox) -> tuple[np.ndarray, np.ndarray | None]:
         """(start, logits) of the canvas inside `box` (a view; NaN where no crop reaches), or (start, None)."""
         if self.logits is None:

@@ -50,7 +50,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from fastsam3d_cli.clickfile import ClickObject, check_inside, lps_to_ijk, to_lps
-from fastsam3d_cli.crop_canvas import CropCanvas
+from fastsam3d_cli.crop_canvas import CropCanvas, shown_box
 from fastsam3d_cli.crops import MODEL_SPACING_MM, CropBox, box_centered_on, extract_crop, znormalize_foreground
 from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.imaging import (affine_lps, read_image, resample_onto, resample_to_spacing,
@@ -407,7 +407,7 @@ class Predictor:
         room by dropping extension crops nobody clicked in, newest first, when max_crops is reached).
         """
         click = state.clicks[number]
-        shown = self._merged(state).owner_at(click.index)
+        shown = shown_box([c.box for c in state.crops if c.logits is not None], click.index, self._shape)
         targets = [c for c in state.crops if c.box.contains(click.index) and (c.kind != "extension" or c.box == shown)]
         if not targets:
             self._make_room(state)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from fastsam3d_cli.crop_canvas import CropCanvas
+from fastsam3d_cli.crop_canvas import CropCanvas, shown_box
 from fastsam3d_cli.crops import CropBox, extract_crop
 
 SIZE = 12  # small crops keep the brute force fast; the canvas does not care about the crop size
@@ -104,19 +104,25 @@ def test_region_is_the_canvas_cut_to_a_box():
     assert canvas.region(CropBox((20, 0, 0), SIZE))[1] is None  # no crop reaches it
 
 
-def test_owner_at_names_the_crop_shown_at_a_position():
+def test_shown_box_names_the_crop_shown_at_a_position():
     rng = np.random.default_rng(2)
     crops = [_crop((0, 0, 0), rng), _crop((6, 0, 0), rng)]
-    canvas = CropCanvas((30, 12, 12)).sync(crops)
-    assert canvas.owner_at([8.2, 5, 5]) == crops[0].box
-    assert canvas.owner_at([8.6, 5, 5]) == crops[1].box  # rounds to 9
-    assert canvas.owner_at([25, 5, 5]) is None  # in the volume, in no crop
-    assert canvas.owner_at([-3, 5, 5]) is None
+    shape = (30, 12, 12)
+    canvas = CropCanvas(shape).sync(crops)
+    boxes = canvas.boxes
+    assert shown_box(boxes, [8.2, 5, 5], shape) == crops[0].box
+    assert shown_box(boxes, [8.6, 5, 5], shape) == crops[1].box  # rounds to 9
+    assert shown_box(boxes, [25, 5, 5], shape) is None  # in the volume, in no crop
+    assert shown_box(boxes, [-3, 5, 5], shape) is None
+    for voxel in np.ndindex(*canvas.owner.shape):  # the same answer as the canvas's ownership, everywhere
+        owner = canvas.owner[voxel]
+        assert shown_box(boxes, np.asarray(voxel) + canvas.start, shape) == (boxes[owner] if owner >= 0 else None)
 
 
 @pytest.mark.parametrize("starts", [[(-20, 0, 0)], []])
 def test_no_crop_in_the_volume_gives_no_canvas(starts):
     rng = np.random.default_rng(3)
-    canvas = CropCanvas((10, 10, 10)).sync([_crop(s, rng) for s in starts])
+    crops = [_crop(s, rng) for s in starts]
+    canvas = CropCanvas((10, 10, 10)).sync(crops)
     assert canvas.logits is None and canvas.region(CropBox((0, 0, 0), SIZE))[1] is None
-    assert canvas.owner_at([5, 5, 5]) is None
+    assert shown_box([c.box for c in crops], [5, 5, 5], (10, 10, 10)) is None
