@@ -10,23 +10,33 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from fastsam3d_cli.errors import BadInputError
 
 
-def check_output_path(path: Path, overwrite: bool, what: str = "output") -> Path:
-    """Validate an output location before any work is done; return it as an absolute path."""
+def check_output_path(path: Path, overwrite: bool, what: str = "output", option: str = "-o",
+                      inputs: Sequence[tuple[Path, str]] = ()) -> Path:
+    """Validate an output location before any work is done; return it as an absolute path.
+
+    `option` is the command-line option that names this output (it goes into the fix). `inputs` are
+    (path, description) pairs the output must never replace, `--overwrite` or not.
+    """
     path = Path(path).expanduser().absolute()
     if path.exists() and path.is_dir():
-        raise BadInputError(f"{what} {path} is a folder", "give a file name")
+        raise BadInputError(f"{what} {path} is a folder", f"give a file name with {option}")
+    for source, description in inputs:
+        if path.exists() and Path(source).exists() and path.samefile(source):
+            raise BadInputError(f"{what} {path} is {description}",
+                                f"choose another name with {option}; inputs are never replaced")
     if path.exists() and not overwrite:
-        raise BadInputError(f"{what} {path} already exists", "pass --overwrite to replace it, or choose another name with -o")
+        raise BadInputError(f"{what} {path} already exists",
+                            f"pass --overwrite to replace it, or choose another name with {option}")
     folder = path.parent
     if not folder.is_dir():
-        raise BadInputError(f"output folder {folder} does not exist", "create it first or choose another -o")
+        raise BadInputError(f"output folder {folder} does not exist", f"create it first or choose another {option}")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise BadInputError(f"output folder {folder} is not writable", "choose a writable location with -o")
+        raise BadInputError(f"output folder {folder} is not writable", f"choose a writable location with {option}")
     return path
 
 

@@ -144,41 +144,47 @@ class _Outputs:
     probabilities_dir: Path | None
 
 
-def _plan_outputs(volume: Path, output: Path | None, preview: Path | None, probabilities_dir: Path | None,
-                  overwrite: bool) -> _Outputs:
-    """Validate every output location before any work (BadInputError / UsageError; nothing written)."""
+def _plan_outputs(volume: Path, clicks: Path, output: Path | None, preview: Path | None,
+                  probabilities_dir: Path | None, overwrite: bool) -> _Outputs:
+    """Validate every output location before any work (BadInputError / UsageError; nothing written).
+
+    No output may replace the volume or the click file, `--overwrite` or not: the sidecar is always
+    `<output stem>.json`, so `-o liver.nii.gz` next to a click file `liver.json` is refused.
+    """
     from fastsam3d_cli.atomic import check_output_path
 
+    inputs = [(volume, "the input volume"), (clicks, "the click file")]
     labelmap = Path(output).expanduser() if output is not None else default_output_path(Path(volume).expanduser())
     _check_output_suffix(labelmap, "output")
-    labelmap = check_output_path(labelmap, overwrite, "output")
-    if volume.exists() and labelmap.exists() and labelmap.samefile(volume):
-        raise BadInputError(f"output {labelmap} is the input volume", "choose another -o; inputs are never modified")
-    sidecar = check_output_path(sidecar_path(labelmap), overwrite, "sidecar")
+    labelmap = check_output_path(labelmap, overwrite, "output", "-o", inputs)
+    sidecar = check_output_path(sidecar_path(labelmap), overwrite, "sidecar (always <output stem>.json)", "-o",
+                                inputs)
     if preview is not None:
         if not str(preview).lower().endswith(".png"):
             raise UsageError(f"--preview {preview} must end in .png", "e.g. --preview preview.png")
-        preview = check_output_path(Path(preview).expanduser(), overwrite, "preview")
+        preview = check_output_path(Path(preview).expanduser(), overwrite, "preview", "--preview", inputs)
     if probabilities_dir is not None:
         probabilities_dir = Path(probabilities_dir).expanduser().absolute()
         if probabilities_dir.exists() and not probabilities_dir.is_dir():
             raise BadInputError(f"--probabilities {probabilities_dir} is a file, not a folder", "give a folder")
         parent = probabilities_dir if probabilities_dir.is_dir() else probabilities_dir.parent
         if not parent.is_dir():
-            raise BadInputError(f"output folder {parent} does not exist", "create it first")
+            raise BadInputError(f"output folder {parent} does not exist",
+                                "create it first or choose another --probabilities folder")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise BadInputError(f"output folder {parent} is not writable", "choose a writable --probabilities folder")
     return _Outputs(labelmap, sidecar, preview, probabilities_dir)
 
 
-def _check_probability_paths(outputs: _Outputs, objects: Sequence[Any], overwrite: bool) -> None:
-    """Every object's probability map may be written (an existing one only with --overwrite)."""
+def _check_probability_paths(outputs: _Outputs, objects: Sequence[Any], overwrite: bool,
+                             inputs: Sequence[tuple[Path, str]]) -> None:
+    """Every object's probability map may be written (an existing one only with --overwrite, never an input)."""
     from fastsam3d_cli.atomic import check_output_path
 
     if outputs.probabilities_dir is not None and outputs.probabilities_dir.is_dir():
         for obj in objects:
             check_output_path(probability_path(outputs.probabilities_dir, outputs.labelmap, obj.label, obj.name),
-                              overwrite, "probability map")
+                              overwrite, "probability map", "--probabilities", inputs)
 
 
 def probability_path(folder: Path, labelmap: Path, label: int, name: str) -> Path:
@@ -219,7 +225,7 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     volume_path = Path(volume).expanduser()
     if not volume_path.is_file():  # name a missing input as such, not as a missing output folder beside it
         read_image(volume_path, channel)
-    outputs = _plan_outputs(volume_path, Path(output) if output is not None else None,
+    outputs = _plan_outputs(volume_path, Path(clicks).expanduser(), Path(output) if output is not None else None,
                             Path(preview) if preview is not None else None,
                             Path(probabilities) if probabilities is not None else None, overwrite)
     torch_device = loaded.device if loaded is not None else resolve_device(device)
@@ -227,7 +233,8 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     say("reading")
     read_start = time.perf_counter()
     click_file = read_click_file(clicks)
-    _check_probability_paths(outputs, click_file.objects, overwrite)
+    _check_probability_paths(outputs, click_file.objects, overwrite,
+                             [(volume_path, "the input volume"), (Path(clicks).expanduser(), "the click file")])
     image = read_image(volume_path, channel)
     points_lps = [to_lps(obj.points, click_file.space, image) for obj in click_file.objects]
     for obj, lps in zip(click_file.objects, points_lps):

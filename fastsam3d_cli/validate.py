@@ -160,8 +160,8 @@ def validate(prepared_dirs: Sequence[str | Path] | str | Path, checkpoint: str |
         raise UsageError(f"--clicks must be at least 1 (got {clicks})", "give the number of simulated clicks, e.g. 10")
     folders = [prepared_dirs] if isinstance(prepared_dirs, (str, Path)) else list(prepared_dirs)
     samples = [s for folder in folders for s in list_prepared_samples(Path(folder), classes=classes)]
-    csv_file = check_output_path(Path(csv_path), overwrite, "CSV output") if csv_path is not None else None
-    plot_file = check_output_path(Path(plot_path), overwrite, "plot output") if plot_path is not None else None
+    csv_file = check_output_path(Path(csv_path), overwrite, "CSV output", "--csv") if csv_path is not None else None
+    plot_file = check_output_path(Path(plot_path), overwrite, "plot output", "--plot") if plot_path is not None else None
     if csv_file is not None and csv_file == plot_file:
         raise UsageError("--csv and --plot name the same file", "give two different files")
     torch_device = resolve_device(device)

@@ -177,7 +177,13 @@ def test_output_locations(case, tiny, monkeypatch):
     _assert_one_line_error(_run(*args, "-o", str(case / "m.nii.gz")), 3, "sidecar", "m.json already exists")
     (case / "m.json").unlink()
     _assert_one_line_error(_run(*args, "-o", str(case / "v.nii.gz"), "--overwrite"), 3,
-                           "is the input volume", "inputs are never modified")
+                           "is the input volume", "inputs are never replaced")
+    # The sidecar is <output stem>.json: -o clicks.nii.gz would put it on the click file.
+    _assert_one_line_error(_run(*args, "-o", str(case / "clicks.nii.gz"), "--overwrite"), 3,
+                           "sidecar (always <output stem>.json)", "clicks.json is the click file",
+                           "choose another name with -o")
+    _assert_one_line_error(_run(*args, "--preview", str(case / "missing" / "p.png")), 3,
+                           "does not exist", "choose another --preview")
     _assert_one_line_error(_run(*args, "-o", str(case / "mask.txt")), 2, "has no image file suffix")
     assert _listing(case) == before
 

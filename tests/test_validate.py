@@ -176,9 +176,9 @@ def test_existing_outputs_are_kept_without_overwrite(setup, tmp_path):
     (tmp_path / "c.csv").write_text("keep me")
     before = tree(tmp_path)
     _fails(_run(str(prepared), "--checkpoint", str(checkpoint), "--csv", str(tmp_path / "c.csv")), 3,
-           "already exists", "--overwrite")
+           "already exists", "--overwrite", "another name with --csv")  # the option at fault, not -o
     _fails(_run(str(prepared), "--checkpoint", str(checkpoint), "--plot", str(tmp_path / "no" / "d.png")), 3,
-           "does not exist")
+           "does not exist", "choose another --plot")
     assert tree(tmp_path) == before
 
 
