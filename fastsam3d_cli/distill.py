@@ -529,9 +529,10 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
             teacher_model: str | None = "sam-med3d", student_init: str | Path | None = None,
             cache_features: str | Path | None = None, cache_dtype: str = "float16", epochs_per_stage: int = 3,
             output: str | Path | None = None, resume: bool = False, init_from_teacher: bool | None = None,
-            freeze_copied: bool = False, lr: float = 8e-4, weight_decay: float = 0.1, batch_size: int = 1,
-            accumulate: int = 1, lr_milestones: Sequence[int] = (), lr_gamma: float = 0.1, workers: int = 0,
-            seed: int = 2023, device: str = "auto", attention: str = "auto", amp: bool = False,
+            freeze_copied: bool = False, lr: float | None = None, weight_decay: float | None = None,
+            batch_size: int = 1, accumulate: int = 1, lr_milestones: Sequence[int] | None = None,
+            lr_gamma: float | None = None, workers: int = 0, seed: int | None = None, device: str = "auto",
+            attention: str = "auto", amp: bool = False,
             classes: Sequence[str] | None = None, max_samples: int | None = None, max_steps: int | None = None,
             time_limit_s: float | None = None, save_every_steps: int | None = None,
             log: Callable[[str], None] | None = None, on_cache: Callable[[int, int], None] | None = None,
@@ -543,7 +544,9 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     checkpoint (full, or encoder-only as FastSAM3D's distillation writes). `init_from_teacher` (default: on
     unless `student_init` is given) copies the teacher's patch/position embeddings and neck wherever the
     shapes match — all of them for fastsam3d, the neck's 384-channel tail for fastsam3d-tiny (on resume the
-    checkpoint's weights win); `freeze_copied` keeps the copied tensors fixed.
+    checkpoint's weights win); `freeze_copied` keeps the copied tensors fixed. `lr`, `weight_decay`,
+    `lr_milestones`, `lr_gamma` and `seed` left None take the defaults (8e-4, 0.1, none, 0.1, 2023); a resumed
+    run keeps its own and warns about any given that differ.
     Everything is checked before anything is written: bad numbers → UsageError (2); missing/empty data, an
     unwritable or already used run folder, a cache of another teacher/crop size/sample set → BadInputError
     (3); a teacher or student checkpoint of the wrong preset → WeightsError (4). A full disk while caching
@@ -557,7 +560,7 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     from fastsam3d_cli.training_data import (all_labels_empty_error, empty_label_warnings, label_voxels,
                                              run_warnings)
     from fastsam3d_cli.train import check_numbers, check_run_dir
-    from fastsam3d_cli.trainer import LAST_CHECKPOINT, TrainerSettings, load_training_checkpoint
+    from fastsam3d_cli.trainer import LAST_CHECKPOINT, TrainerSettings, load_training_checkpoint, recipe_for_run
 
     check_numbers(batch_size=batch_size, accumulate=accumulate, workers=workers, max_steps=max_steps, lr=lr,
                    time_limit_s=time_limit_s, save_every_steps=save_every_steps)
@@ -589,7 +592,8 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     teacher_config = teacher_net.config
     check_compatible(teacher_config, student_config)
     schedule = StageSchedule(teacher_config.encoder.depth, student_config.encoder.depth, epochs_per_stage)
-    torch.manual_seed(seed)  # the same initial student (and projections) on every rank and every rerun
+    # The same initial student (and projections) on every rank and every rerun (a resumed run loads its own).
+    torch.manual_seed(2023 if seed is None else seed)
     model = DistillationModel(student_config, teacher_config.encoder.embed_dim, schedule)
     model.set_attention(attention, torch_device)  # an unusable backend is a usage/device error now, not later
     if student_init is not None:
@@ -617,6 +621,12 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     if resume:
         resume_payload = load_training_checkpoint(run_dir / LAST_CHECKPOINT, TASK_NAME)
         check_resume_payload(resume_payload, student_config, teacher_sha, run_dir / LAST_CHECKPOINT, epochs_per_stage)
+    requested = {"lr": lr, "weight_decay": weight_decay, "lr_gamma": lr_gamma, "seed": seed,
+                 "lr_milestones": None if lr_milestones is None else tuple(sorted(int(m) for m in lr_milestones))}
+    recipe, recipe_warnings = recipe_for_run(
+        resume_payload.get("args") if resume_payload is not None else None, requested,
+        {"lr": 8e-4, "weight_decay": 0.1, "lr_gamma": 0.1, "seed": 2023, "lr_milestones": ()})
+    warnings = recipe_warnings + warnings
 
     created = distributed.init_process_group(env, torch_device)
     try:
@@ -635,9 +645,11 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
         task = DistillationTask(model, dataset, schedule, teacher_identity, env, torch_device,
                                 eval_batch_size=batch_size, run_dir=run_dir)
         settings = TrainerSettings(run_dir=run_dir, epochs=schedule.total_epochs, batch_size=batch_size,
-                                   accumulate=accumulate, lr=lr, weight_decay=weight_decay,
-                                   lr_milestones=tuple(sorted(int(m) for m in lr_milestones)), lr_gamma=lr_gamma,
-                                   amp=amp, workers=workers, seed=seed, max_steps=max_steps,
+                                   accumulate=accumulate, lr=float(recipe["lr"]),
+                                   weight_decay=float(recipe["weight_decay"]),
+                                   lr_milestones=tuple(int(m) for m in recipe["lr_milestones"]),
+                                   lr_gamma=float(recipe["lr_gamma"]), amp=amp, workers=workers,
+                                   seed=int(recipe["seed"]), max_steps=max_steps,
                                    time_limit_s=time_limit_s, save_every_steps=save_every_steps)
         emit(f"distilling {teacher_config.name} → {student_config.name}: {len(schedule.stages)} stages × "
              f"{epochs_per_stage} epoch(s), {len(dataset)} sample(s), {torch_device}, {env.world_size} process(es)"

@@ -33,7 +33,8 @@ from fastsam3d_cli.clicks import clicks_to_prompt, random_click
 from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
 from fastsam3d_cli.losses import dice_ce_loss, dice_score
 from fastsam3d_cli.trainer import (CURVES_PNG, LAST_CHECKPOINT, METRICS_LOG, STEPS_LOG, StepContext, Trainer,
-                                   TrainerSettings, TrainingTask, TrainOutcome, load_training_checkpoint)
+                                   TrainerSettings, TrainingTask, TrainOutcome, load_training_checkpoint,
+                                   recipe_for_run)
 
 DEFAULT_ITERATIONS = 11
 DECODER_LR_SCALE = 0.1
@@ -175,6 +176,13 @@ class InteractiveSegmentationTask(TrainingTask):
                 "unfreeze_patience": self.unfreeze_patience, "unfrozen_stages": self.unfrozen_stages,
                 "best_epoch_loss": self.best_epoch_loss, "epochs_without_improvement": self.epochs_without_improvement}
 
+    def changes_on_resume(self, saved_state: Mapping[str, Any]) -> list[str]:
+        flags = {"iterations": "--iterations", "freeze_encoder": "--freeze-encoder",
+                 "unfreeze_patience": "--unfreeze-patience"}
+        now = self.state_dict()
+        return [f"resumed with {flag} {now[name]} (the run was started with {saved_state[name]})"
+                for name, flag in flags.items() if name in saved_state and saved_state[name] != now[name]]
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.unfrozen_stages = int(state.get("unfrozen_stages", 0))
         self.best_epoch_loss = state.get("best_epoch_loss")
@@ -289,15 +297,19 @@ def default_milestones(epochs: int) -> tuple[int, ...]:
 
 def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path | None = None,
           freeze_encoder: bool = False, epochs: int = 100, batch_size: int = 1, accumulate: int = 1,
-          lr: float = 8e-4, output: str | Path | None = None, resume: bool = False, device: str = "auto",
-          amp: bool = False, workers: int = 0, seed: int = 2023, iterations: int = DEFAULT_ITERATIONS,
-          unfreeze_patience: int | None = None, lr_milestones: Sequence[int] | None = None, lr_gamma: float = 0.1,
-          weight_decay: float = 0.1, max_steps: int | None = None, time_limit_s: float | None = None,
+          lr: float | None = None, output: str | Path | None = None, resume: bool = False, device: str = "auto",
+          amp: bool = False, workers: int = 0, seed: int | None = None, iterations: int = DEFAULT_ITERATIONS,
+          unfreeze_patience: int | None = None, lr_milestones: Sequence[int] | None = None,
+          lr_gamma: float | None = None, weight_decay: float | None = None, max_steps: int | None = None,
+          time_limit_s: float | None = None,
           save_every_steps: int | None = None, classes: Sequence[str] | None = None,
           min_foreground_voxels: int = 1000, max_shift: int = 16, attention: str = "auto",
           log: Callable[[str], None] | None = None,
           on_step: Callable[[dict[str, Any], int], None] | None = None) -> TrainResult:
     """Train (or fine-tune, or resume) a model on prepared folders; see the module docstring for the recipe.
+
+    `lr`, `weight_decay`, `lr_milestones`, `lr_gamma` and `seed` left None take the recipe's defaults (8e-4,
+    0.1, 60%/90% of `epochs`, 0.1, 2023); a resumed run keeps its own and warns about any given that differ.
 
     Every input is checked before anything is written: bad numbers → UsageError (2); empty or wrong-layout
     data, an unwritable run folder, `resume` without `last.pth`, a new run into an existing one →
@@ -317,7 +329,6 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     if init is not None and resume:
         raise UsageError("--init and --resume together", "--resume continues the run's own weights; drop --init")
     config = get_config(model)
-    milestones = tuple(sorted(int(m) for m in lr_milestones)) if lr_milestones is not None else default_milestones(epochs)
     env = distributed.detect_environment()
     torch_device = distributed.device_for_rank(env, resolve_device(device))
     if not prepared_dirs:
@@ -328,7 +339,13 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     if resume:
         resume_payload = load_training_checkpoint(run_dir / LAST_CHECKPOINT, InteractiveSegmentationTask.name)
         check_preset(resume_payload, config.name, run_dir / LAST_CHECKPOINT)
-    warnings = run_warnings(samples, amp, torch_device)
+    requested = {"lr": lr, "weight_decay": weight_decay, "lr_gamma": lr_gamma, "seed": seed,
+                 "lr_milestones": None if lr_milestones is None else tuple(sorted(int(m) for m in lr_milestones))}
+    recipe, recipe_warnings = recipe_for_run(
+        resume_payload.get("args") if resume_payload is not None else None, requested,
+        {"lr": 8e-4, "weight_decay": 0.1, "lr_gamma": 0.1, "seed": 2023, "lr_milestones": default_milestones(epochs)})
+    seed = int(recipe["seed"])
+    warnings = recipe_warnings + run_warnings(samples, amp, torch_device)
 
     # Empty labels are found (and left out) here; no usable sample left → exit 3 before the run folder exists.
     dataset = InteractiveCropDataset(samples, seed=seed, max_shift=max_shift,
@@ -349,10 +366,11 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     network.train()
     task = InteractiveSegmentationTask(network, dataset, iterations=iterations, freeze_encoder=freeze_encoder,
                                        unfreeze_patience=unfreeze_patience)
-    settings = TrainerSettings(run_dir=run_dir, epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
-                               weight_decay=weight_decay, lr_milestones=milestones, lr_gamma=lr_gamma, amp=amp,
-                               workers=workers, seed=seed, max_steps=max_steps, time_limit_s=time_limit_s,
-                               save_every_steps=save_every_steps)
+    settings = TrainerSettings(run_dir=run_dir, epochs=epochs, batch_size=batch_size, accumulate=accumulate,
+                               lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]),
+                               lr_milestones=tuple(int(m) for m in recipe["lr_milestones"]),
+                               lr_gamma=float(recipe["lr_gamma"]), amp=amp, workers=workers, seed=seed,
+                               max_steps=max_steps, time_limit_s=time_limit_s, save_every_steps=save_every_steps)
     created = distributed.init_process_group(env, torch_device)
     try:
         if env.is_main:

@@ -76,6 +76,56 @@ class TrainerSettings:
         return data
 
 
+# ------------------------------------------------------------------------------------------- resume
+# What a resumed run takes from its checkpoint, not from the command: the optimizer and the lr schedule are
+# restored from last.pth (they carry the lr, weight decay, milestones and gamma), and the seed fixes the
+# sample order that the saved position inside an epoch refers to.
+RESTORED_ON_RESUME = ("lr", "weight_decay", "lr_milestones", "lr_gamma", "seed")
+_FLAGS = {"lr": "--lr", "lr_milestones": "--lr-milestones", "seed": "--seed", "epochs": "--epochs"}
+
+
+def recipe_for_run(saved_args: Mapping[str, Any] | None, requested: Mapping[str, Any],
+                   defaults: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The run's values of `RESTORED_ON_RESUME` settings, and a warning for each one the command cannot change.
+
+    `requested` holds the command's values (None: not given). A new run (`saved_args` None) takes them, or
+    `defaults`. A resumed run keeps the values in its checkpoint's `args`, so logs and the next checkpoint
+    say what really runs; each value given that differs is reported as ignored instead of dropped silently.
+    """
+    resolved: dict[str, Any] = {}
+    warnings: list[str] = []
+    for name, value in requested.items():
+        if saved_args is None or saved_args.get(name) is None:
+            resolved[name] = defaults[name] if value is None else value
+            continue
+        saved = saved_args[name]
+        resolved[name] = tuple(saved) if isinstance(saved, list) else saved
+        if value is not None and not _same_setting(value, saved):
+            warnings.append(f"{_FLAGS.get(name, name)} {_show(value)} is ignored on resume: the run keeps its "
+                            f"{_show(saved)} (restored from last.pth); start a new run to change it")
+    return resolved, warnings
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return [float(x) for x in a] == [float(x) for x in b]
+    return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def data_identity(task: "TrainingTask") -> dict[str, Any]:
+    """How many samples a run trains on, and a digest of their names (kept in each checkpoint)."""
+    import hashlib
+
+    names = sorted(task.sample_names(list(range(len(task.dataset)))))  # type: ignore[arg-type]
+    return {"samples": len(names), "digest": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]}
+
+
 @dataclass
 class StepContext:
     """Where a micro-batch sits; `rng()` is its own generator, a pure function of these numbers."""
@@ -145,6 +195,10 @@ class TrainingTask(ABC):
 
     def sample_names(self, indices: list[int]) -> list[str]:
         return [str(i) for i in indices]
+
+    def changes_on_resume(self, saved_state: Mapping[str, Any]) -> list[str]:
+        """Warnings for task settings this command changes compared with the checkpoint's `state_dict()`."""
+        return []
 
     def plot(self, step_records: list[dict[str, Any]], epoch_records: list[dict[str, Any]], path: Path,
              title: str) -> None:
@@ -284,6 +338,7 @@ class Trainer:
         self.use_amp = bool(settings.amp and device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.sampler = EpochSampler(len(task.dataset), env, settings.seed)
+        self._data_identity = data_identity(task)
         self.micro_per_epoch = math.ceil(self.sampler.per_rank / settings.batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / settings.accumulate)
         # Progress counters (all restored on resume).
@@ -349,6 +404,7 @@ class Trainer:
             "dices": epoch_dices,
             "best": {"metric": self.task.best_metric, "mode": self.task.best_mode, "value": self.best_value},
             "args": self.settings.to_dict(),
+            "data": self._data_identity,
             "world_size": self.env.world_size,
             "rng_state": capture_rng_state(),
             "task_state": self.task.state_dict(),
@@ -374,6 +430,7 @@ class Trainer:
         """Resume from a loaded last.pth: task state, weights, optimizer, scheduler, scaler, counters, RNG, logs."""
         self.task.check_checkpoint(payload, path)
         self._check_layout_for_resume(payload)
+        self._report_changes_on_resume(payload)
         self.task.load_state_dict(payload.get("task_state") or {})
         self.task.load_model_state_dict(payload["model_state_dict"])
         self.epoch = int(payload["epoch"])
@@ -401,6 +458,20 @@ class Trainer:
                              "resume with the same --batch-size, --accumulate and number of processes")
         if before != now:
             self._warn(f"batch layout changed on resume (batch, accumulate, processes): {before} → {now}")
+
+    def _report_changes_on_resume(self, payload: Mapping[str, Any]) -> None:
+        """Say which of this command's settings differ from the run's and are taken from the command."""
+        saved_epochs = (payload.get("args") or {}).get("epochs")
+        if saved_epochs is not None and int(saved_epochs) != self.settings.epochs:
+            self._warn(f"resumed with --epochs {self.settings.epochs} (the run was started with {saved_epochs})")
+        for message in self.task.changes_on_resume(payload.get("task_state") or {}):
+            self._warn(message)
+        saved_data = payload.get("data")
+        if saved_data and saved_data.get("digest") != self._data_identity["digest"]:
+            next_epoch = int(payload.get("epoch", 0)) + 1
+            self._warn(f"the training data differ from the checkpoint's ({saved_data.get('samples')} → "
+                       f"{self._data_identity['samples']} samples); training continues at epoch {next_epoch} "
+                       "over the new set")
 
     # ------------------------------------------------------------------ logs
     def _load_logs(self) -> None:

@@ -51,6 +51,34 @@ def test_unknown_option_is_a_usage_error(cli_env):
     assert result.exit_code == ExitCode.USAGE
 
 
+@pytest.mark.parametrize("args, problem, command", [
+    (["--no-such-option"], "No such option: --no-such-option", "fastsam3d"),
+    (["no-such-command"], "No such command 'no-such-command'", "fastsam3d"),
+    (["infer"], "Missing argument 'VOLUME'", "fastsam3d infer"),
+    (["infer", "ct.nii.gz"], "Missing option '--clicks' / '-c'", "fastsam3d infer"),
+    (["infer", "ct.nii.gz", "-c", "c.json", "--max-crops", "0"], "Invalid value for '--max-crops'", "fastsam3d infer"),
+    (["weights", "import"], "Missing argument 'NAME'", "fastsam3d weights import"),
+    (["train", "prepared", "--epochs", "many"], "Invalid value for '--epochs'", "fastsam3d train"),
+])
+def test_command_line_mistakes_end_with_one_line(args, problem, command, cli_env, tmp_path, monkeypatch):
+    """Click's own usage errors follow the documented format: one line naming the problem and where help is."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args, env=cli_env)
+    assert result.exit_code == ExitCode.USAGE, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"fastsam3d: error: {problem} — see '{command} --help'"] or (
+        len(lines) == 1 and lines[0].startswith(f"fastsam3d: error: {problem}")
+        and lines[0].endswith(f" — see '{command} --help'")), result.stderr
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_bare_group_still_shows_its_help(cli_env):
+    for args in ([], ["weights"]):
+        result = CliRunner().invoke(app, args, env=cli_env)
+        assert result.exit_code == ExitCode.USAGE
+        assert "Usage: fastsam3d" in result.stdout and result.stderr == ""
+
+
 def test_exit_codes_are_the_documented_ones():
     assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 5, 130]
     assert BadInputError("x").exit_code == 3 and WeightsError("x").exit_code == 4

@@ -286,6 +286,32 @@ def test_resume_continues_exactly(small, tmp_path):
     assert straight.outcome.samples_seen == first.outcome.samples_seen + second.outcome.samples_seen
 
 
+def test_resume_keeps_the_runs_recipe_and_says_what_changed(small, prepared, tmp_path):
+    """A resumed run restores its optimizer and schedule: a new --lr/--seed would be dropped silently, so it
+    is reported as ignored and the checkpoint records what really ran; settings taken from the command
+    (--epochs, --iterations) and a changed data set are reported too."""
+    run = tmp_path / "run"
+    train([small], "fastsam3d-tiny", output=run, epochs=2, iterations=2, device="cpu", seed=5, lr=1e-3, max_steps=1)
+    resumed = train([prepared], "fastsam3d-tiny", output=run, epochs=3, iterations=1, device="cpu", seed=9, lr=0.1,
+                    max_steps=2, resume=True)
+    warnings = resumed.warnings
+    for expected in ("--lr 0.1 is ignored on resume: the run keeps its 0.001 (restored from last.pth)",
+                     "--seed 9 is ignored on resume: the run keeps its 5",
+                     "resumed with --epochs 3 (the run was started with 2)",
+                     "resumed with --iterations 1 (the run was started with 2)",
+                     "the training data differ from the checkpoint's (2 → "):
+        assert any(expected in w for w in warnings), (expected, warnings)
+    payload = torch.load(run / "last.pth", weights_only=True)
+    assert payload["args"]["lr"] == pytest.approx(1e-3) and payload["args"]["seed"] == 5
+    assert payload["args"]["lr_milestones"] == [1, 2]  # the run's own schedule (60%/90% of 2 epochs), not of 3
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert steps[-1]["step"] == 2 and steps[-1]["lr"] == pytest.approx([1e-3, 1e-4])  # the run's lr kept
+    # Options not given on resume are the run's own: nothing to report about them.
+    again = train([prepared], "fastsam3d-tiny", output=run, epochs=3, iterations=1, device="cpu", max_steps=3,
+                  resume=True)
+    assert not any("ignored" in w or "data differ" in w for w in again.warnings), again.warnings
+
+
 def test_init_and_freeze_encoder_train_only_the_decoder(small, tmp_path):
     start = tmp_path / "start"
     train([small], "fastsam3d-tiny", epochs=1, max_steps=0, output=start, device="cpu", seed=21)

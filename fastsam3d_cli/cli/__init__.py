@@ -9,10 +9,11 @@ from typing import Optional
 import typer
 
 from fastsam3d_cli import __version__
-from fastsam3d_cli.cli.common import state, stdout_console
+from fastsam3d_cli.cli.common import OneLineErrorGroup, state, stdout_console
 
 app = typer.Typer(
     name="fastsam3d",
+    cls=OneLineErrorGroup,
     help="Interactive 3D medical segmentation with SAM-Med3D and FastSAM3D: "
     "segment a CT/MRI volume from a few clicks, prepare nnU-Net data, train, distill, validate and benchmark.",
     no_args_is_help=True,

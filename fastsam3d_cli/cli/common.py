@@ -13,6 +13,7 @@ import traceback
 from typing import Any, Callable, TypeVar
 
 import typer
+import typer.core
 from rich.console import Console
 
 from fastsam3d_cli.errors import ExitCode, FastSAM3DError
@@ -137,6 +138,37 @@ def cli_errors(func: F) -> F:
             raise typer.Exit(int(ExitCode.INTERNAL)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+try:  # typer >= 0.20 vendors click as typer._click; older releases use click itself
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import ClickException  # type: ignore[no-redef]
+
+    NoArgsIsHelpError = getattr(__import__("click.exceptions").exceptions, "NoArgsIsHelpError", ())
+
+
+class OneLineErrorGroup(typer.core.TyperGroup):
+    """The root command group: command-line mistakes (a missing option, an unknown one, a value out of range)
+    end like every other error, with one line `fastsam3d: error: <problem> — see '<command> --help'` and exit
+    code 2, instead of Click's usage block and a framed error. Help shown for a bare group is unchanged."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError:  # the help was printed when the error was made; keep Click's exit code
+            sys.exit(int(ExitCode.USAGE))
+        except ClickException as exc:
+            context = getattr(exc, "ctx", None)
+            command = context.command_path if context is not None else "fastsam3d"
+            print_error(f"{' '.join(exc.format_message().split()).rstrip('.')} — see '{command} --help'")
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print_error("aborted")
+            sys.exit(int(ExitCode.INTERNAL))
+        sys.exit(result if isinstance(result, int) else int(ExitCode.OK))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -63,12 +63,14 @@ def register(app: typer.Typer) -> None:
                  "for fastsam3d, the neck tail for fastsam3d-tiny). Default: on, off with --student-init."),
         freeze_copied: bool = typer.Option(False, "--freeze-copied", rich_help_panel=RECIPE,
                                            help="Do not train the tensors copied from the teacher."),
-        lr: float = typer.Option(8e-4, "--lr", help="AdamW learning rate.", rich_help_panel=RECIPE),
+        lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 8e-4). A resumed run "
+                                           "keeps its own.", rich_help_panel=RECIPE),
         batch_size: int = typer.Option(1, "--batch-size", help="Samples per micro-batch (per process).",
                                        rich_help_panel=RECIPE),
         accumulate: int = typer.Option(1, "--accumulate", metavar="K",
                                        help="Micro-batches per optimizer step.", rich_help_panel=RECIPE),
-        seed: int = typer.Option(2023, "--seed", help="Seed of the student's initial weights and the sample order.",
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the student's initial weights and the sample "
+                                           "order (default 2023). A resumed run keeps its own.",
                                  rich_help_panel=RECIPE),
         output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="RUN_DIR",
                                               help="Run folder (default: runs/distill-<student>-<date-time>)."),

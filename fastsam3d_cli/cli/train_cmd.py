@@ -61,14 +61,16 @@ def register(app: typer.Typer) -> None:
         accumulate: int = typer.Option(1, "--accumulate", metavar="K",
                                        help="Micro-batches per optimizer step (gradient accumulation).",
                                        rich_help_panel=RECIPE),
-        lr: float = typer.Option(8e-4, "--lr", help="Encoder learning rate; prompt encoder and decoder use 0.1×.",
+        lr: Optional[float] = typer.Option(None, "--lr", help="Encoder learning rate (default 8e-4); prompt encoder "
+                                           "and decoder use 0.1×. A resumed run keeps its own.",
                                  rich_help_panel=RECIPE),
         lr_milestones: Optional[str] = typer.Option(None, "--lr-milestones", metavar="E1,E2",
                                                     help="Epochs after which the lr is multiplied by 0.1 "
                                                          "(default: 60% and 90% of --epochs).", rich_help_panel=RECIPE),
         iterations: int = typer.Option(11, "--iterations",
                                        help="Decoder iterations (simulated clicks) per sample.", rich_help_panel=RECIPE),
-        seed: int = typer.Option(2023, "--seed", help="Seed of initial weights, augmentation and clicks.",
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initial weights, augmentation and clicks "
+                                           "(default 2023). A resumed run keeps its own.",
                                  rich_help_panel=RECIPE),
         output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="RUN_DIR",
                                               help="Run folder (default: runs/<model>-<date-time>)."),
