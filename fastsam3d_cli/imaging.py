@@ -29,12 +29,14 @@ _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor
 
 
 # --------------------------------------------------------------------------------------------- reading
-def read_image(path: str | Path, channel: int | None = None, what: str = "volume") -> sitk.Image:
+def read_image(path: str | Path, channel: int | None = None, what: str = "volume",
+               strict_channel: bool = False) -> sitk.Image:
     """Read a 3D scalar volume (NIfTI, NRRD, MHA, ...) with its geometry.
 
     SimpleITK first; for a NIfTI that SimpleITK rejects (e.g. non-orthonormal direction cosines) fall back
     to nibabel. A 4D volume needs `channel` (index on the 4th axis). Raises `BadInputError` for a missing,
-    unreadable, empty, 2D or 4D-without-channel file.
+    unreadable, empty, 2D or 4D-without-channel file, and with `strict_channel` for a channel other than 0
+    asked of a 3D volume (`prepare` is lenient: one --channel serves datasets of 3D and 4D files).
     """
     path = Path(path)
     if not path.exists():
@@ -50,7 +52,7 @@ def read_image(path: str | Path, channel: int | None = None, what: str = "volume
             raise BadInputError(f"cannot read {what} {path}: {_sitk_reason(sitk_error)}",
                                 "check that it is a valid NIfTI/NRRD/MHA image") from None
         image = _read_with_nibabel(path, what)
-    return _select_3d(image, path, channel, what)
+    return _select_3d(image, path, channel, what, strict_channel)
 
 
 def _sitk_reason(error: Exception) -> str:
@@ -86,7 +88,7 @@ def _read_with_nibabel(path: Path, what: str) -> sitk.Image:
     return image
 
 
-def _select_3d(image: sitk.Image, path: Path, channel: int | None, what: str) -> sitk.Image:
+def _select_3d(image: sitk.Image, path: Path, channel: int | None, what: str, strict_channel: bool) -> sitk.Image:
     dim = image.GetDimension()
     components = image.GetNumberOfComponentsPerPixel()
     if dim == 2:
@@ -107,6 +109,9 @@ def _select_3d(image: sitk.Image, path: Path, channel: int | None, what: str) ->
             image = sitk.VectorIndexSelectionCast(image, channel)
     elif dim != 3:
         raise BadInputError(f"{what} {path} has {dim} dimensions", "give a 3D volume")
+    elif strict_channel and channel not in (None, 0):
+        raise BadInputError(f"--channel {channel} does not exist in {path}: it is a 3D volume with one channel",
+                            "drop --channel (it picks a channel of a 4D volume)")
     if min(image.GetSize()) < 1:
         raise BadInputError(f"{what} {path} is empty (size {image.GetSize()})", "give a non-empty volume")
     if min(image.GetSize()) == 1:

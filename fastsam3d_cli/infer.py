@@ -224,7 +224,9 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
         torch_dtype(dtype)
     volume_path = Path(volume).expanduser()
     if not volume_path.is_file():  # name a missing input as such, not as a missing output folder beside it
-        read_image(volume_path, channel)
+        read_image(volume_path, channel, strict_channel=True)
+    if not Path(clicks).expanduser().is_file():  # inputs before outputs: a missing click file first
+        read_click_file(clicks)
     outputs = _plan_outputs(volume_path, Path(clicks).expanduser(), Path(output) if output is not None else None,
                             Path(preview) if preview is not None else None,
                             Path(probabilities) if probabilities is not None else None, overwrite)
@@ -235,7 +237,7 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     click_file = read_click_file(clicks)
     _check_probability_paths(outputs, click_file.objects, overwrite,
                              [(volume_path, "the input volume"), (Path(clicks).expanduser(), "the click file")])
-    image = read_image(volume_path, channel)
+    image = read_image(volume_path, channel, strict_channel=True)
     points_lps = [to_lps(obj.points, click_file.space, image) for obj in click_file.objects]
     for obj, lps in zip(click_file.objects, points_lps):
         check_inside(obj, lps, image, click_file.space)

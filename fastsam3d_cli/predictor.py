@@ -179,7 +179,7 @@ class Predictor:
         """Read (if a path) and preprocess the volume: canonical orientation, 1.5 mm, float32. Clears all objects."""
         if isinstance(volume, (str, Path)):
             start = time.perf_counter()
-            volume = read_image(volume, channel)
+            volume = read_image(volume, channel, strict_channel=True)
             self._record("read", start)
         if not isinstance(volume, sitk.Image) or volume.GetDimension() != 3 or volume.GetNumberOfComponentsPerPixel() != 1:
             raise BadInputError("the volume must be a 3D scalar image", "give a 3D volume (read 4D ones with a channel)")

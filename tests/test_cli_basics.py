@@ -72,6 +72,27 @@ def test_command_line_mistakes_end_with_one_line(args, problem, command, cli_env
     assert result.stdout == "" and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("columns", [None, "60"])
+def test_tables_keep_their_width_when_piped_unless_columns_is_set(columns, tmp_path):
+    """Piped into a file or `tee`, a table is not cut to 80 columns (Rich's guess); COLUMNS still rules."""
+    import os
+
+    home = tmp_path / "a-rather-long-cache-folder-name-that-pushes-the-table-past-eighty-columns"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"FASTSAM3D_HOME": str(home)}
+    if columns:
+        env["COLUMNS"] = columns
+    exe = shutil.which("fastsam3d") or str(Path(sys.executable).parent / "fastsam3d")
+    done = subprocess.run([exe, "weights", "list"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("│")]
+    whole_path = str(home / "weights" / "FastSAM3D.pth")
+    if columns:
+        assert all(len(line) <= 60 for line in rows) and not any(whole_path in line for line in rows)
+    else:
+        assert len(rows) == 2 and any(whole_path in line for line in rows), done.stdout
+        assert "…" not in done.stdout
+
+
 def test_a_bare_group_still_shows_its_help(cli_env):
     for args in ([], ["weights"]):
         result = CliRunner().invoke(app, args, env=cli_env)

@@ -168,6 +168,19 @@ def test_bad_volumes(kind, fragment, case, tiny):
     assert _listing(case) == before
 
 
+def test_a_channel_of_a_3d_volume_is_refused(case, tiny):
+    """--channel picks a channel of a 4D volume; asked of a 3D one it is a mistake, not silently ignored."""
+    before = _listing(case)
+    result = _run(str(case / "v.nii.gz"), "-c", str(case / "clicks.json"), "--checkpoint", str(tiny), "--channel", "1")
+    _assert_one_line_error(result, 3, "--channel 1 does not exist", "it is a 3D volume with one channel",
+                           "drop --channel")
+    assert _listing(case) == before
+    from fastsam3d_cli.imaging import read_image
+
+    assert read_image(case / "v.nii.gz", 0, strict_channel=True).GetDimension() == 3  # channel 0 is the volume
+    assert read_image(case / "v.nii.gz", 1).GetDimension() == 3  # prepare's lenient reading
+
+
 def test_output_locations(case, tiny, monkeypatch):
     args = [str(case / "v.nii.gz"), "-c", str(case / "clicks.json"), "--checkpoint", str(tiny)]
     before = _listing(case)
@@ -175,6 +188,9 @@ def test_output_locations(case, tiny, monkeypatch):
                            f"output folder {case / 'missing'} does not exist")
     (case / "m.json").write_text("{}")  # the sidecar location is checked too
     _assert_one_line_error(_run(*args, "-o", str(case / "m.nii.gz")), 3, "sidecar", "m.json already exists")
+    # Inputs are checked before outputs: a missing click file is named even when the output exists too.
+    _assert_one_line_error(_run(str(case / "v.nii.gz"), "-c", str(case / "none.json"), "--checkpoint", str(tiny),
+                                "-o", str(case / "m.nii.gz")), 3, "none.json does not exist")
     (case / "m.json").unlink()
     _assert_one_line_error(_run(*args, "-o", str(case / "v.nii.gz"), "--overwrite"), 3,
                            "is the input volume", "inputs are never replaced")

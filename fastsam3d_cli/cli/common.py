@@ -20,9 +20,23 @@ from fastsam3d_cli.errors import ExitCode, FastSAM3DError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Wide enough for any table this tool prints (tables are never expanded, so they keep their natural width).
+UNBOUNDED_WIDTH = 400
+
+
+def _console(stderr: bool) -> Console:
+    """A Rich console for stdout or stderr. When the stream is not a terminal (a pipe, `tee`, a log file) and
+    COLUMNS is not set, Rich would assume 80 columns and cut table cells (two `sam-m…` rows, a path wrapped
+    two characters a line); there the width is unbounded instead, so a logged table reads like the screen."""
+    stream = sys.stderr if stderr else sys.stdout
+    is_terminal = bool(getattr(stream, "isatty", lambda: False)())
+    width = None if is_terminal or os.environ.get("COLUMNS") else UNBOUNDED_WIDTH
+    return Console(stderr=stderr, soft_wrap=True, width=width)
+
+
 # Results go to stdout, everything else (progress, logs, errors) to stderr.
-stdout_console = Console(soft_wrap=True)
-stderr_console = Console(stderr=True, soft_wrap=True)
+stdout_console = _console(stderr=False)
+stderr_console = _console(stderr=True)
 
 
 class _State:
