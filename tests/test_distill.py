@@ -166,7 +166,12 @@ def test_resume_is_exact(setup, finished_run, tmp_path):
     part = distill([setup["prepared"]], setup["teacher"], output=tmp_path / "part", max_steps=6, **common)
     assert part.outcome.stop_reason == "max_steps" and part.student_checkpoint is None
     assert part.outcome.epochs_completed == 1  # 4 steps per epoch: step 6 is inside stage 2
-    rest = distill([setup["prepared"]], setup["teacher"], output=tmp_path / "part", resume=True, **common)
+    # A different --lr / --seed on the resume command cannot apply (restored optimizer, sample order): they
+    # are reported as ignored, and the result is still bit-exact.
+    rest = distill([setup["prepared"]], setup["teacher"], output=tmp_path / "part", resume=True,
+                   **{**common, "lr": 1e-2, "seed": 99})
+    assert any("--lr 0.01 is ignored on resume: the run keeps its 0.0003" in w for w in rest.warnings), rest.warnings
+    assert any("--seed 99 is ignored on resume: the run keeps its 3" in w for w in rest.warnings), rest.warnings
     assert rest.outcome.resumed_from_step == 6 and rest.outcome.stop_reason == "completed"
     assert rest.cache_computed == 0
     a, b = read_checkpoint(whole.student_checkpoint), read_checkpoint(rest.student_checkpoint)
