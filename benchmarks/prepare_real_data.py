@@ -9,9 +9,10 @@ the written binary labels, not the manifest's numbers):
 
 * class counts: every label value present with >= 10 mm³ in a source label is written, nothing else;
 * source mL in the manifest equals the source label's voxel count × voxel volume;
-* prepared mL (written voxels × 1.5³) vs source mL: exact for 3 mm sources (factor 2); for the 1 mm
-  Colin27 atlas the total within 2%, every region of >= 20 mL within 2%, and the spread of the small
-  ones reported (nearest-neighbour sampling at a non-integer ratio moves thin regions by a few %).
+* prepared mL (written voxels × 1.5³) vs source mL: every class within 2% (issue 5), exact for 3 mm
+  sources (factor 2); for the 1 mm Colin27 atlas this holds because `prepare` writes a class whose
+  volume the common 1.5 mm grid changes by more than 1% on the nearby grid placement that keeps it
+  (`fastsam3d_cli.grid_placement`); `--shared-grid` passes that flag on to show the difference.
 
 Exit status 0 when every check passes, 1 otherwise. Data: $FASTSAM3D_DATA_DIR or ../shared/data.
 """
@@ -59,8 +60,9 @@ def prepared_volumes_ml(out: Path, dataset: str) -> dict[str, float]:
     return volumes
 
 
-def run_prepare(raw: list[Path], out: Path, workers: int) -> tuple[float, dict]:
-    command = [sys.executable, "-m", "fastsam3d_cli", "prepare", *map(str, raw), "-o", str(out), "--workers", str(workers), "--json"]
+def run_prepare(raw: list[Path], out: Path, workers: int, shared_grid: bool = False) -> tuple[float, dict]:
+    command = [sys.executable, "-m", "fastsam3d_cli", "prepare", *map(str, raw), "-o", str(out), "--workers", str(workers),
+               "--json", *(["--shared-grid"] if shared_grid else [])]
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
@@ -69,7 +71,7 @@ def run_prepare(raw: list[Path], out: Path, workers: int) -> tuple[float, dict]:
     return wall, json.loads(completed.stdout)
 
 
-def check_dataset(raw: Path, out: Path, manifest: dict) -> tuple[bool, list[str]]:
+def check_dataset(raw: Path, out: Path, manifest: dict, shared_grid: bool = False) -> tuple[bool, list[str]]:
     source = source_volumes_ml(raw)
     written = prepared_volumes_ml(out, raw.name)
     sanitize = {name.replace(" ", "_"): name for name in source}
@@ -98,7 +100,9 @@ def check_dataset(raw: Path, out: Path, manifest: dict) -> tuple[bool, list[str]
                  f"{100 * sum(abs(written[n] - source[sanitize[n]]) for n in written) / total_source:.2f}%")
     large_bad = [n for n in large if abs(rel[n]) > TOLERANCE]
     lines.append(f"  classes >= {LARGE_ML:g} mL: {len(large) - len(large_bad)}/{len(large)} within ±2%")
-    ok &= abs(total_rel) <= TOLERANCE and not large_bad
+    on_own_grid = sum(1 for e in entries if e["status"] == "written" and any(e.get("grid_shift_mm") or ()))
+    lines.append(f"  classes written on their own grid placement: {on_own_grid}")
+    ok &= abs(total_rel) <= TOLERANCE and not large_bad and (shared_grid or len(within) == len(rel))
     source_spacing = sitk.ReadImage(str(next((raw / "labelsTr").glob("*.nii.gz")))).GetSpacing()
     if all(abs(s / SPACING_MM - round(s / SPACING_MM)) < 1e-9 for s in source_spacing):
         exact = all(abs(r) < 1e-9 for r in rel.values())
@@ -113,6 +117,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=default_data)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: a temporary one, removed)")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--shared-grid", action="store_true",
+                        help="pass --shared-grid (one grid per case; small regions then miss the 2%% bound)")
     args = parser.parse_args()
     raw = [args.data / name for name in DATASETS]
     temp = None if args.out else Path(tempfile.mkdtemp(prefix="fastsam3d-prepare-"))
@@ -120,14 +126,15 @@ def main() -> int:
     if out.exists():
         shutil.rmtree(out)
     try:
-        wall, result = run_prepare(raw, out, args.workers)
-        rerun_wall, rerun = run_prepare(raw, out, args.workers)
+        wall, result = run_prepare(raw, out, args.workers, args.shared_grid)
+        rerun_wall, rerun = run_prepare(raw, out, args.workers, args.shared_grid)
         manifest = json.loads((out / "manifest.json").read_text())
         inodes = {f.stat().st_ino: f.stat().st_size for f in out.rglob("*") if f.is_file()}  # hard links once
         size_mb = sum(inodes.values()) / 1e6
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
               f"SimpleITK {sitk.Version.VersionString()}")
-        print(f"fastsam3d prepare {' '.join(DATASETS)} --workers {args.workers}: "
+        print(f"fastsam3d prepare {' '.join(DATASETS)} --workers {args.workers}"
+              f"{' --shared-grid' if args.shared_grid else ''}: "
               f"wall {wall:.1f} s (tool-reported {result['wall_s']:.1f} s), {result['cases']['prepared']} cases, "
               f"{sum(c['written'] for c in result['classes'])} (case, class) pairs written, {size_mb:.1f} MB on disk "
               f"(images hard-linked)")
@@ -135,7 +142,7 @@ def main() -> int:
               f"{rerun['cases']['prepared']} prepared")
         all_ok = rerun["cases"]["prepared"] == 0
         for dataset in raw:
-            ok, lines = check_dataset(dataset, out, manifest)
+            ok, lines = check_dataset(dataset, out, manifest, args.shared_grid)
             print(f"{dataset.name}: {'OK' if ok else 'FAILED'}")
             print("\n".join(lines))
             all_ok &= ok

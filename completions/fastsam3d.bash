@@ -47,7 +47,7 @@ _fastsam3d_completion() {
                 --workers) return ;;
                 --shard) return ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --spacing --min-volume-mm3 --classes --channel --workers --shard --resample-labels --json" -- "$cur"))
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --spacing --min-volume-mm3 --classes --channel --workers --shard --resample-labels --shared-grid --json" -- "$cur"))
             else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "train")
             case "$prev" in

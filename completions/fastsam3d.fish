@@ -35,6 +35,7 @@ complete -c fastsam3d -n '__fish_seen_subcommand_from prepare' -l channel -r -d 
 complete -c fastsam3d -n '__fish_seen_subcommand_from prepare' -l workers -r -d 'Cases processed in parallel (processes)'
 complete -c fastsam3d -n '__fish_seen_subcommand_from prepare' -l shard -r -d 'Prepare only shard K of N (1-based) of all cases; for several machines'
 complete -c fastsam3d -n '__fish_seen_subcommand_from prepare' -l resample-labels -d 'Resample a label whose grid differs from its image onto the image (by physical position, nearest) instead of stopping'
+complete -c fastsam3d -n '__fish_seen_subcommand_from prepare' -l shared-grid -d 'Keep every class of a case on one grid. By default a class whose volume that grid changes by more than 1% (small, thin regions) is written on the nearby grid placement that keeps it best; labels stay nearest-neighbour either way'
 complete -c fastsam3d -n '__fish_seen_subcommand_from prepare' -l json -d 'Print one JSON object with the summary on stdout'
 complete -c fastsam3d -n '__fish_seen_subcommand_from train' -l model -s m -r -d 'sam-med3d, fastsam3d or fastsam3d-tiny'
 complete -c fastsam3d -n '__fish_seen_subcommand_from train' -l init -r -F -d 'Start from these weights (must fit --model)'

@@ -235,9 +235,12 @@ def resampled_grid(image: sitk.Image, spacing_mm: float | Sequence[float] = 1.5
 
 
 def resample_onto(image: sitk.Image, *, size: Sequence[int], spacing: Sequence[float], origin: Sequence[float],
-                  direction: Sequence[float], interpolation: Interpolation, default_value: float = 0.0) -> sitk.Image:
-    """Resample `image` onto an explicit grid (physical positions; outside → `default_value`)."""
+                  direction: Sequence[float], interpolation: Interpolation, default_value: float = 0.0,
+                  extrapolate: bool = False) -> sitk.Image:
+    """Resample `image` onto an explicit grid (physical positions; outside → `default_value`, or with
+    `extrapolate` the nearest voxel's value)."""
     resampler = sitk.ResampleImageFilter()
+    resampler.SetUseNearestNeighborExtrapolator(bool(extrapolate))
     resampler.SetSize([int(s) for s in size])
     resampler.SetOutputSpacing([float(s) for s in spacing])
     resampler.SetOutputOrigin([float(o) for o in origin])

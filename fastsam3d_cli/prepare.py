@@ -2,12 +2,14 @@
 
 For every case the image is read once and resampled once (linear), the label is checked (grid, values),
 measured at its source resolution, resampled once by nearest neighbour onto the resampled image's grid,
-and split into one binary uint8 label per class. The layout, the manifest and the `ignore` mask are
+and split into one binary uint8 label per class. A class whose volume that common grid changes by more
+than 1% is written instead on the nearby grid placement that keeps it (`grid_placement`), image and
+label resampled onto that moved grid the same way. The layout, the manifest and the `ignore` mask are
 described in `fastsam3d_cli.prepared`. Orientation is kept as stored (no canonicalisation here; train
 and infer reorient to RAS+ themselves, which is a lossless axis permutation).
 
 Robustness: every file is written to a temporary name and renamed; the resampled image is written once
-per case and hard-linked into each class folder (copied when linking is impossible); `manifest.json`
+per case and grid and hard-linked into each class folder (copied when linking is impossible); `manifest.json`
 records each finished (case, class) with a fingerprint of its source files and settings, so a re-run
 skips complete work and redoes anything interrupted. Only the parent process writes the manifest;
 `--shard K/N` runs write `manifest.shard-K-of-N.json` instead, merged by the next plain run.
@@ -34,6 +36,8 @@ from fastsam3d_cli import __version__
 from fastsam3d_cli.atomic import atomic_path, write_text_atomic
 from fastsam3d_cli.crops import MODEL_SPACING_MM
 from fastsam3d_cli.errors import BadInputError, UsageError
+from fastsam3d_cli.grid_placement import (VOLUME_TOLERANCE, Grid, Shift, best_shift, bounding_box, grid_of,
+                                          placement_shifts, resample_on_grid, shifted_grid)
 from fastsam3d_cli.imaging import (describe_grid_difference, image_from_array_ijk, read_image,
                                    resample_like, resample_to_spacing, same_grid)
 from fastsam3d_cli.nnunet import LabelClass, RawCase, RawDataset, load_raw_dataset, sanitize_name
@@ -56,6 +60,7 @@ class PrepareSettings:
     spacing_mm: float = MODEL_SPACING_MM
     min_volume_mm3: float = 10.0
     resample_labels: bool = False
+    shared_grid: bool = False  # True: every class of a case on one grid (no per-class volume-keeping placement)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -156,8 +161,8 @@ def prepare_case(job: CaseJob) -> list[dict[str, Any]]:
     del label_values
 
     image_out = _resample_image_linear(image, job.settings.spacing_mm)
-    del image
-    label_out_image = resample_like(_as_integer_image(label), image_out, "nearest")
+    label_int = _as_integer_image(label)
+    label_out_image = resample_like(label_int, image_out, "nearest")
     # ijk-ordered view (no copy; valid while label_out_image lives): per-class masks computed on it keep
     # its memory layout, so writing each mask back needs no transposed copy.
     label_out = sitk.GetArrayViewFromImage(label_out_image).transpose(2, 1, 0)
@@ -170,6 +175,9 @@ def prepare_case(job: CaseJob) -> list[dict[str, Any]]:
     ignore_resampled = int(ignore_out.sum()) if ignore_out is not None else 0
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
+    shifts = ([] if job.settings.shared_grid
+              else placement_shifts(label.GetSpacing(), image_out.GetSpacing()))
+    on_own_grid: dict[Shift, list[tuple[LabelClass, dict[str, Any]]]] = {}
     entries = []
     for cls in job.classes:
         source_voxels = int(sum(int(counts[v]) for v in cls.values if v < len(counts)))
@@ -183,6 +191,14 @@ def prepare_case(job: CaseJob) -> list[dict[str, Any]]:
         else:
             mask = _binary_mask(label_out, cls.values)
             resampled = int(mask.sum())
+            expected = volume_mm3 / out_voxel_mm3
+            if shifts and resampled and abs(resampled / expected - 1.0) > VOLUME_TOLERANCE:
+                shift = best_shift(label_int, grid_of(image_out), bounding_box(mask), cls.values, expected,
+                                   resampled, shifts, in_use=list(on_own_grid))
+                if shift is not None:  # written below, with the other classes placed on this grid
+                    on_own_grid.setdefault(shift, []).append((cls, entry))
+                    entries.append(entry)
+                    continue
             entry.update(resampled_voxels=resampled, resampled_ml=round(resampled * out_voxel_mm3 / 1000.0, 6))
             if resampled == 0:
                 entry.update(reason=f"empty after resampling to {job.settings.spacing_mm:g} mm",
@@ -190,7 +206,8 @@ def prepare_case(job: CaseJob) -> list[dict[str, Any]]:
             else:
                 folder = f"{cls.name}/{subset}"
                 file_name = f"{job.case.case_id}.nii.gz"
-                entry.update(status="written", image_path=f"{folder}/{IMAGES_DIR}/{file_name}",
+                entry.update(status="written", grid_shift_mm=[0.0, 0.0, 0.0],
+                             image_path=f"{folder}/{IMAGES_DIR}/{file_name}",
                              label_path=f"{folder}/{LABELS_DIR}/{file_name}",
                              ignore_path=f"{folder}/{IGNORE_DIR}/{file_name}" if ignore_resampled else None)
                 label_file = job.output_dir / entry["label_path"]
@@ -198,16 +215,49 @@ def prepare_case(job: CaseJob) -> list[dict[str, Any]]:
                 entry["label_bytes"] = label_file.stat().st_size
         entries.append(entry)
 
-    written = [e for e in entries if e["status"] == "written"]
-    _write_shared(image_out, [job.output_dir / e["image_path"] for e in written])
-    if ignore_resampled and written:
+    common = [e for e in entries if e["status"] == "written"]
+    _write_shared(image_out, [job.output_dir / e["image_path"] for e in common])
+    if ignore_resampled and common:
         ignore_image = image_from_array_ijk(ignore_out.view(np.uint8), image_out)
-        _write_shared(ignore_image, [job.output_dir / e["ignore_path"] for e in written])
-    for entry in written:
+        _write_shared(ignore_image, [job.output_dir / e["ignore_path"] for e in common])
+    for shift in sorted(on_own_grid):
+        _write_on_shifted_grid(job, image, label_int, grid_of(image_out), shift, on_own_grid[shift], subset)
+    for entry in entries:
+        if entry["status"] != "written":
+            continue
         entry["image_bytes"] = (job.output_dir / entry["image_path"]).stat().st_size
         if entry["ignore_path"]:
             entry["ignore_bytes"] = (job.output_dir / entry["ignore_path"]).stat().st_size
     return entries
+
+
+def _write_on_shifted_grid(job: CaseJob, image: sitk.Image, label: sitk.Image, grid: Grid, shift: Shift,
+                           placed: list[tuple[LabelClass, dict[str, Any]]], subset: str) -> None:
+    """Write the classes that keep their volume better on the common grid moved by `shift` (see
+    `grid_placement`): their labels, and the image (and ignore mask) resampled onto that grid, shared."""
+    moved = shifted_grid(grid, shift)
+    image_moved = _resample_image_linear_onto(image, moved)
+    labels_moved = resample_on_grid(label, moved, "nearest")
+    labels_ijk = sitk.GetArrayViewFromImage(labels_moved).transpose(2, 1, 0)
+    voxel_mm3 = float(np.prod(image_moved.GetSpacing()))
+    ignore_ijk = labels_ijk == job.ignore_value if job.ignore_value is not None else None
+    ignore_voxels = int(ignore_ijk.sum()) if ignore_ijk is not None else 0
+    for cls, entry in placed:
+        mask = _binary_mask(labels_ijk, cls.values)
+        resampled = int(mask.sum())
+        folder, file_name = f"{cls.name}/{subset}", f"{job.case.case_id}.nii.gz"
+        entry.update(status="written", resampled_voxels=resampled,
+                     resampled_ml=round(resampled * voxel_mm3 / 1000.0, 6), grid_shift_mm=[round(v, 6) for v in shift],
+                     image_path=f"{folder}/{IMAGES_DIR}/{file_name}", label_path=f"{folder}/{LABELS_DIR}/{file_name}",
+                     ignore_path=f"{folder}/{IGNORE_DIR}/{file_name}" if ignore_voxels else None,
+                     ignore_voxels=ignore_voxels)
+        label_file = job.output_dir / entry["label_path"]
+        _write_volume(image_from_array_ijk(mask, image_moved), label_file)
+        entry["label_bytes"] = label_file.stat().st_size
+    _write_shared(image_moved, [job.output_dir / e["image_path"] for _, e in placed])
+    if ignore_voxels:
+        _write_shared(image_from_array_ijk(ignore_ijk.view(np.uint8), image_moved),
+                      [job.output_dir / e["ignore_path"] for _, e in placed])
 
 
 def _new_entry(job: CaseJob, cls: LabelClass, source_voxels: int, source_voxel_mm3: float, ignore_source: int,
@@ -220,7 +270,7 @@ def _new_entry(job: CaseJob, cls: LabelClass, source_voxels: int, source_voxel_m
         "source_ml": round(source_voxels * source_voxel_mm3 / 1000.0, 6),
         "source_voxel_mm3": source_voxel_mm3, "resampled_voxels": None, "resampled_ml": None,
         "ignore_voxels_source": ignore_source, "ignore_voxels": ignore_resampled,
-        "image_path": None, "label_path": None, "ignore_path": None,
+        "grid_shift_mm": None, "image_path": None, "label_path": None, "ignore_path": None,
         "image_bytes": None, "label_bytes": None, "ignore_bytes": None,
         "source_image": str(job.case.image_path), "source_label": str(job.case.label_path),
         "fingerprint": job.fingerprint, "prepared_at": now,
@@ -297,6 +347,14 @@ def _resample_image_linear(image: sitk.Image, spacing_mm: float) -> sitk.Image:
         return resample_to_spacing(image, spacing_mm, "linear")
     resampled = resample_to_spacing(sitk.Cast(image, sitk.sitkFloat32), spacing_mm, "linear")
     return sitk.Cast(sitk.Round(resampled), pixel)
+
+
+def _resample_image_linear_onto(image: sitk.Image, grid: Grid) -> sitk.Image:
+    """`_resample_image_linear` onto an explicit (shifted) grid."""
+    pixel = image.GetPixelID()
+    if pixel in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return resample_on_grid(image, grid, "linear")
+    return sitk.Cast(sitk.Round(resample_on_grid(sitk.Cast(image, sitk.sitkFloat32), grid, "linear")), pixel)
 
 
 def _make_folder(folder: Path) -> None:
@@ -515,7 +573,8 @@ def case_fingerprint(dataset: RawDataset, case: RawCase, settings: PrepareSettin
     payload = {"dataset_json": dataset.dataset_json_sha256, "image": stat(case.image_path),
                "label": stat(case.label_path), "channel_in_file": case.channel_in_file,
                "spacing_mm": settings.spacing_mm, "min_volume_mm3": settings.min_volume_mm3,
-               "resample_labels": settings.resample_labels, "manifest_version": MANIFEST_VERSION}
+               "resample_labels": settings.resample_labels, "manifest_version": MANIFEST_VERSION,
+               "grid": "shared" if settings.shared_grid else f"per-class within {VOLUME_TOLERANCE:g}"}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -523,16 +582,18 @@ def case_fingerprint(dataset: RawDataset, case: RawCase, settings: PrepareSettin
 def prepare_datasets(raw_dirs: Sequence[Path | str], output_dir: Path | str, *, spacing_mm: float = MODEL_SPACING_MM,
                      min_volume_mm3: float = 10.0, classes: Sequence[str] | None = None, channel: int | None = None,
                      workers: int = 1, shard: tuple[int, int] | None = None, resample_labels: bool = False,
-                     progress: ProgressCallback | None = None) -> PrepareResult:
+                     shared_grid: bool = False, progress: ProgressCallback | None = None) -> PrepareResult:
     """Prepare nnU-Net v1/v2 raw datasets into `output_dir` (see the module docstring for the layout).
 
     `classes` restricts to these class names (dataset spelling, spaces → `_`); `channel` picks the
     modality of multi-channel datasets; `shard=(K, N)` prepares every N-th case starting at the K-th
-    (1-based) over all datasets' cases in order. Raises `BadInputError` (exit 3) for unusable input,
+    (1-based) over all datasets' cases in order. A class whose volume the case's common grid changes by more
+    than 1% is written on the nearby grid placement that keeps it best (`grid_placement`); `shared_grid`
+    keeps every class of a case on the common grid. Raises `BadInputError` (exit 3) for unusable input,
     `UsageError` (exit 2) for impossible options. Re-running skips (case, class) pairs already complete.
     """
     started = time.perf_counter()
-    settings = _validated_settings(spacing_mm, min_volume_mm3, workers, channel, shard, resample_labels)
+    settings = _validated_settings(spacing_mm, min_volume_mm3, workers, channel, shard, resample_labels, shared_grid)
     if not raw_dirs:
         raise UsageError("no raw dataset folder given", "pass at least one RAW_DATASET_DIR")
     raw_paths = [Path(p).expanduser().absolute() for p in raw_dirs]
@@ -583,7 +644,7 @@ def prepare_datasets(raw_dirs: Sequence[Path | str], output_dir: Path | str, *, 
 
 
 def _validated_settings(spacing_mm: float, min_volume_mm3: float, workers: int, channel: int | None,
-                        shard: tuple[int, int] | None, resample_labels: bool) -> PrepareSettings:
+                        shard: tuple[int, int] | None, resample_labels: bool, shared_grid: bool) -> PrepareSettings:
     if not (math.isfinite(spacing_mm) and spacing_mm > 0):
         raise UsageError(f"--spacing {spacing_mm} is invalid", "give a positive spacing in mm, e.g. --spacing 1.5")
     if not (math.isfinite(min_volume_mm3) and min_volume_mm3 >= 0):
@@ -595,7 +656,7 @@ def _validated_settings(spacing_mm: float, min_volume_mm3: float, workers: int, 
     if shard is not None and not (1 <= shard[0] <= shard[1]):
         raise UsageError(f"--shard {shard[0]}/{shard[1]} is invalid", "write K/N with 1 <= K <= N")
     return PrepareSettings(spacing_mm=float(spacing_mm), min_volume_mm3=float(min_volume_mm3),
-                           resample_labels=resample_labels)
+                           resample_labels=resample_labels, shared_grid=shared_grid)
 
 
 def _requested_classes(datasets: list[RawDataset], classes: Sequence[str] | None) -> dict[str, tuple[LabelClass, ...]]:

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from fastsam3d_cli import prepare as prepare_module
 from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.prepare import parse_shard, prepare_datasets
-from prepare_phantoms import (ORIGIN, RAS_STORED, SPACING, all_files, make_v1_task, make_v2_dataset, phantom_image,
-                                   phantom_label, read_ijk, write_volume)
+from prepare_phantoms import (CLI_ENV, ORIGIN, RAS_STORED, SPACING, all_files, make_v1_task, make_v2_dataset,
+                              phantom_image, phantom_label, read_ijk, write_volume)
 
 PHANTOM = "CT_Dataset900_Phantom"
 
@@ -450,3 +451,85 @@ def test_invalid_shard(text):
 
 def test_parse_shard_ok():
     assert parse_shard("2/4") == (2, 4) and parse_shard(None) is None
+
+
+# ------------------------------------------------------------------- volume-keeping grid placement
+ONE_MM = (1.0, 1.0, 1.0)
+ATLAS_SHAPE = (40, 36, 32)
+
+
+def _atlas_like_dataset(parent: Path) -> tuple[Path, np.ndarray]:
+    """1 mm data: class 1 a 24³ cube (a multiple of 3 voxels: exact on every 1.5 mm placement), class 2 a
+    small ball whose volume the common 1.5 mm grid changes by more than 1% (checked in the test)."""
+    label = np.zeros(ATLAS_SHAPE, dtype=np.uint8)
+    label[3:27, 3:27, 3:27] = 1
+    i, j, k = np.meshgrid(*[np.arange(n) for n in ATLAS_SHAPE], indexing="ij")
+    label[(i - 33.3) ** 2 + (j - 20.6) ** 2 + (k - 15.2) ** 2 <= 3.4 ** 2] = 2
+    label[30:36, 2:8, 2:8] = 3  # nnU-Net's ignore label: its mask must follow each class's grid
+    raw = make_v2_dataset(parent, labels={"background": 0, "cube": 1, "ball": 2, "ignore": 3}, write_cases=False)
+    write_volume(raw / "imagesTr" / "case_a_0000.nii.gz", phantom_image(ATLAS_SHAPE), spacing=ONE_MM)
+    write_volume(raw / "labelsTr" / "case_a.nii.gz", label, spacing=ONE_MM)
+    return raw, label
+
+
+def _nearest_source_index(written: sitk.Image, source_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """For every voxel of a written grid, the source voxel (ijk) nearest to its centre (clipped) and the
+    continuous source index of the centre, by plain numpy.
+
+    Source: spacing 1 mm, origin ORIGIN, direction RAS_STORED (as written above); clipped at the edges.
+    """
+    axes_out = np.asarray(written.GetDirection()).reshape(3, 3) * np.asarray(written.GetSpacing())
+    axes_src = np.asarray(RAS_STORED).reshape(3, 3) * np.asarray(ONE_MM)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in written.GetSize()], indexing="ij"), axis=-1)
+    physical = np.asarray(written.GetOrigin()) + grid @ axes_out.T
+    continuous = (physical - np.asarray(ORIGIN)) @ np.linalg.inv(axes_src).T
+    return np.clip(np.floor(continuous + 0.5).astype(int), 0, np.asarray(source_shape) - 1), continuous
+
+
+def test_a_small_class_gets_the_grid_placement_that_keeps_its_volume(tmp_path):
+    raw, label = _atlas_like_dataset(tmp_path / "raw")
+    out, shared = tmp_path / "prepared", tmp_path / "shared"
+    prepare_datasets([raw], out)
+    from typer.testing import CliRunner
+
+    from fastsam3d_cli.cli import app
+
+    done = CliRunner().invoke(app, ["prepare", str(raw), "-o", str(shared), "--shared-grid", "--json"], env=CLI_ENV)
+    assert done.exit_code == 0, done.output
+    entries, shared_entries = _entries(out), _entries(shared)
+    source_ball = float((label == 2).sum())
+    error_shared = shared_entries[("case_a", "ball")]["resampled_voxels"] * 1.5 ** 3 / source_ball - 1
+    error = entries[("case_a", "ball")]["resampled_voxels"] * 1.5 ** 3 / source_ball - 1
+    assert abs(error_shared) > 0.01  # the premise: the common grid changes the ball's volume by over 1%
+    assert abs(error) <= 0.01, (error, error_shared)
+    assert entries[("case_a", "ball")]["grid_shift_mm"] != [0.0, 0.0, 0.0]
+    assert all(abs(v) <= 1 / 3 + 1e-6 for v in entries[("case_a", "ball")]["grid_shift_mm"])
+    # The cube keeps its volume everywhere: it stays on the common grid, exactly 16³ voxels.
+    assert entries[("case_a", "cube")]["grid_shift_mm"] == [0.0, 0.0, 0.0]
+    assert entries[("case_a", "cube")]["resampled_voxels"] == 16 ** 3
+    assert {tuple(e["grid_shift_mm"]) for e in shared_entries.values() if e["status"] == "written"} == {(0.0, 0.0, 0.0)}
+
+    # On its own grid the ball is still a plain nearest-neighbour sample of the source, and its image is the
+    # linear resampling of the source (a ramp along i: 100 + 8·i) onto that same grid.
+    ball_label, ball_label_image = read_ijk(out / "ball" / PHANTOM / "labelsTr" / "case_a.nii.gz")
+    ball_image, ball_image_image = read_ijk(out / "ball" / PHANTOM / "imagesTr" / "case_a.nii.gz")
+    assert ball_label_image.GetOrigin() == ball_image_image.GetOrigin()
+    assert ball_label_image.GetSize() == ball_image_image.GetSize()
+    nearest, continuous = _nearest_source_index(ball_label_image, ATLAS_SHAPE)
+    expected = (label[nearest[..., 0], nearest[..., 1], nearest[..., 2]] == 2).astype(np.uint8)
+    assert np.array_equal(ball_label, expected)
+    ignore, ignore_image = read_ijk(out / "ball" / PHANTOM / "ignoreTr" / "case_a.nii.gz")
+    assert ignore_image.GetOrigin() == ball_label_image.GetOrigin()
+    assert np.array_equal(ignore, (label[nearest[..., 0], nearest[..., 1], nearest[..., 2]] == 3).astype(np.uint8))
+    assert entries[("case_a", "ball")]["ignore_voxels"] == int(ignore.sum()) > 0
+    ramp = 100 + 8 * np.clip(continuous[..., 0], 0, ATLAS_SHAPE[0] - 1)
+    assert np.abs(ball_image.astype(float) - ramp).max() <= 0.5 + 1e-6  # rounded back to int16
+    # The shift is sub-voxel: the ball's grid is the common grid moved by less than half a source voxel.
+    cube_image = read_ijk(out / "cube" / PHANTOM / "imagesTr" / "case_a.nii.gz")[1]
+    moved = np.linalg.norm(np.subtract(ball_image_image.GetOrigin(), cube_image.GetOrigin()))
+    assert 0 < moved < 0.5 * np.sqrt(3)
+
+    data_files = {k: v for k, v in all_files(out).items() if k != "manifest.json"}
+    again = prepare_datasets([raw], out)
+    assert again.cases_prepared == 0  # idempotent with per-class grids too: nothing rewritten
+    assert {k: v for k, v in all_files(out).items() if k != "manifest.json"} == data_files

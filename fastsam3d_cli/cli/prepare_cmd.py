@@ -45,6 +45,11 @@ def register(app: typer.Typer) -> None:
         resample_labels: bool = typer.Option(False, "--resample-labels",
                                              help="Resample a label whose grid differs from its image onto the image "
                                                   "(by physical position, nearest) instead of stopping."),
+        shared_grid: bool = typer.Option(False, "--shared-grid",
+                                         help="Keep every class of a case on one grid. By default a class whose "
+                                              "volume that grid changes by more than 1% (small, thin regions) is "
+                                              "written on the nearby grid placement that keeps it best; labels "
+                                              "stay nearest-neighbour either way."),
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object with the summary on stdout."),
     ) -> None:
         """Prepare nnU-Net v1/v2 datasets as per-class binary training data at 1.5 mm (SAM-Med3D layout)."""
@@ -57,7 +62,8 @@ def register(app: typer.Typer) -> None:
 
             result = prepare_datasets(raw_dataset_dirs, output_dir, spacing_mm=spacing, min_volume_mm3=min_volume_mm3,
                                       classes=parse_class_list(classes), channel=channel, workers=workers,
-                                      shard=shard_parts, resample_labels=resample_labels, progress=report)
+                                      shard=shard_parts, resample_labels=resample_labels, shared_grid=shared_grid,
+                                      progress=report)
         if not state.quiet:
             for warning in result.warnings:
                 stderr_console.print(f"warning: {warning}", markup=False, highlight=False)
