@@ -723,7 +723,7 @@ def _run_jobs(jobs: list[CaseJob], store: ManifestStore, workers: int, progress:
                 finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
                 for future in finished:
                     job = pending.pop(future)
-                    store.record(future.result())
+                    store.record(_worker_result(future))
                     done += 1
                     if progress:
                         progress(done, total, f"{job.dataset}/{job.case.case_id}")
@@ -738,6 +738,23 @@ def _run_jobs(jobs: list[CaseJob], store: ManifestStore, workers: int, progress:
                     except BaseException:  # noqa: BLE001 - the first error is the one reported
                         pass
             raise
+
+
+def _worker_result(future: Future) -> list[dict[str, Any]]:
+    """A finished case's entries; a worker that died (not an error it raised) becomes one clear error."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from fastsam3d_cli.errors import DeviceError
+
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise DeviceError(
+            "a prepare worker process died before finishing its case (killed, e.g. for memory; or, called from "
+            "a Python script, prepare_datasets(workers > 1) is not under `if __name__ == \"__main__\":`, which "
+            "worker processes need)",
+            "use fewer --workers (finished cases are kept and a re-run resumes), or guard the call in your "
+            "script") from None
 
 
 def _remove_stale_partials(output_dir: Path) -> None:

@@ -533,3 +533,21 @@ def test_a_small_class_gets_the_grid_placement_that_keeps_its_volume(tmp_path):
     again = prepare_datasets([raw], out)
     assert again.cases_prepared == 0  # idempotent with per-class grids too: nothing rewritten
     assert {k: v for k, v in all_files(out).items() if k != "manifest.json"} == data_files
+
+
+def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
+    """Worker processes re-import the calling script; without the guard they die at start. That is reported
+    as one clear error naming the guard, not a BrokenProcessPool traceback, and nothing is written."""
+    import subprocess
+    import sys
+
+    raw = make_v2_dataset(tmp_path / "raw", cases=("a", "b"))
+    script = tmp_path / "unguarded.py"
+    script.write_text("from fastsam3d_cli.prepare import prepare_datasets\n"
+                      f"prepare_datasets([{str(raw)!r}], {str(tmp_path / 'out')!r}, workers=2)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("fastsam3d_cli.errors.DeviceError: a prepare worker process died"), done.stderr[-2000:]
+    assert 'if __name__ == "__main__":' in last and "use fewer --workers" in last
+    assert not (tmp_path / "out").exists()
