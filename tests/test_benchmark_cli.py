@@ -125,6 +125,7 @@ def test_end_to_end_stages_and_nothing_left_behind(tmp_path):
     assert all(stats["n"] == 2 and stats["median_ms"] >= 0 for stats in stages.values())
     assert stages["encode"]["median_ms"] > 0 and stages["total"]["median_ms"] >= stages["encode"]["median_ms"]
     assert config["first_call"]["end_to_end_ms"] > 0
+    assert config["end_to_end_crops"] >= 1  # how much work a file → file run did (depends on the masks)
     assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before  # inputs untouched, no outputs left
 
 
