@@ -276,11 +276,12 @@ def download(name: str, *, progress: bool = False, offline: Optional[bool] = Non
         return dataclasses.replace(_entry(spec, record, digest=record["sha256"]), downloaded=True)
 
 
-def import_file(name: str, file: Path) -> WeightsEntry:
+def import_file(name: str, file: Path, replace: bool = False) -> WeightsEntry:
     """Copy a checkpoint obtained elsewhere into the cache as `name` and record its sha256.
 
     The copy must be a checkpoint, and match the pinned sha256 where the registry has one; otherwise
-    WeightsError and the cache is unchanged. Replaces a cached copy of `name`.
+    WeightsError and the cache is unchanged. A copy of `name` whose sha256 is already recorded is only
+    replaced by a different file with `replace` (the record is what every later load is checked against).
     """
     spec = get_spec(name)
     source = Path(file).expanduser().absolute()
@@ -297,6 +298,11 @@ def import_file(name: str, file: Path) -> WeightsEntry:
                                f"differs from the pinned {spec.sha256}",
                                f"download it with `fastsam3d weights download {name}`")
         check_is_checkpoint(tmp, spec, what=str(source), fix=f"give the path of a copy of {spec.filename}")
+        recorded = (_read_index(folder).get(name) or {}).get("sha256")
+        if recorded and recorded != digest and not replace and target.is_file():
+            raise WeightsError(f"the cache already holds '{name}' with recorded sha256 {recorded[:16]}…, and "
+                               f"{source} differs (sha256 {digest[:16]}…)",
+                               f"pass --replace to import it anyway (or `fastsam3d weights remove {name}` first)")
         _write_record(folder, name, digest, tmp.stat().st_size, f"imported from {source}")
         _discard_partial(target)
     return _entry(spec, _read_index(folder).get(name), digest=digest)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import http.server
 import contextlib
 import io
@@ -863,6 +864,26 @@ def test_cli_import_not_a_checkpoint_exits_4(home, tmp_path):
     assert result.exit_code == 4
     assert f"{source} is not a usable checkpoint" in _error_line(result)
     assert _cache_files(home) == []
+
+
+def test_cli_import_over_a_recorded_copy_needs_replace(home, tmp_path):
+    """The recorded sha256 is what every later load is checked against: a different file does not replace it
+    silently. The same file again is fine; --replace imports a different one."""
+    first, other = tmp_path / "first.pth", tmp_path / "other.pth"
+    first.write_bytes(PAYLOAD)
+    other.write_bytes(_checkpoint_bytes(1))
+    assert _cli("weights", "import", "fastsam3d", str(first)).exit_code == 0
+    assert _cli("weights", "import", "fastsam3d", str(first)).exit_code == 0  # the same file: nothing changes
+    before = {p.name: p.read_bytes() for p in (home / "weights").iterdir() if p.is_file()}
+    refused = _cli("weights", "import", "fastsam3d", str(other))
+    assert refused.exit_code == 4
+    assert "already holds 'fastsam3d' with recorded sha256" in _error_line(refused)
+    assert "pass --replace" in _error_line(refused)
+    assert {p.name: p.read_bytes() for p in (home / "weights").iterdir() if p.is_file()} == before
+    replaced = _cli("weights", "import", "fastsam3d", str(other), "--replace", "--json")
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(replaced.stdout)["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert (home / "weights" / "FastSAM3D.pth").read_bytes() == other.read_bytes()
 
 
 def test_cli_unknown_name_exits_2(home):

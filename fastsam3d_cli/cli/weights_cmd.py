@@ -150,12 +150,14 @@ def path_command(name: str = _name_argument(), json_output: bool = JSON_OPTION) 
 def import_command(
     name: str = _name_argument(),
     file: Path = typer.Argument(..., metavar="FILE", help="A copy of the checkpoint obtained elsewhere."),
+    replace: bool = typer.Option(False, "--replace",
+                                 help="Replace a cached copy whose recorded sha256 differs from FILE's."),
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Copy FILE into the cache as NAME and record its sha256 (for offline or air-gapped machines)."""
     from fastsam3d_cli.weights import import_file
 
-    entry = import_file(name, file)
+    entry = import_file(name, file, replace=replace)
     if json_output:
         print_json(entry.to_dict())
         return
