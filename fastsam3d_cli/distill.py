@@ -588,7 +588,8 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
 
     # Teacher and student weights (exit 4 on any mismatch), before anything is written.
     # The teacher always runs a fast exact-equivalent backend (sdpa/flash): `exact` is ~10× slower on windows.
-    teacher_net, _ = load_model(teacher, preset=teacher_model, device="cpu", attention="auto")
+    teacher_net, _ = load_model(teacher, preset=teacher_model, device="cpu", attention="auto",
+                                model_option="--teacher-model")
     teacher_config = teacher_net.config
     check_compatible(teacher_config, student_config)
     schedule = StageSchedule(teacher_config.encoder.depth, student_config.encoder.depth, epochs_per_stage)
@@ -616,11 +617,11 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     if len(set(identity.sample_ids)) != len(identity.sample_ids):
         raise BadInputError("two prepared folders hold the same class/dataset/case",
                             "give each sample once (distinct prepared folders or --classes)")
-    check_cache_folder(cache_dir, identity)  # another teacher / crop size / sample set → exit 3, up front
     resume_payload = None
     if resume:
-        resume_payload = load_training_checkpoint(run_dir / LAST_CHECKPOINT, TASK_NAME)
+        resume_payload = load_training_checkpoint(run_dir / LAST_CHECKPOINT, TASK_NAME, init_option="--student-init")
         check_resume_payload(resume_payload, student_config, teacher_sha, run_dir / LAST_CHECKPOINT, epochs_per_stage)
+    check_cache_folder(cache_dir, identity)  # another teacher / crop size / sample set → exit 3, up front
     requested = {"lr": lr, "weight_decay": weight_decay, "lr_gamma": lr_gamma, "seed": seed,
                  "lr_milestones": None if lr_milestones is None else tuple(sorted(int(m) for m in lr_milestones))}
     recipe, recipe_warnings = recipe_for_run(

@@ -680,17 +680,20 @@ class Trainer:
         return [group["lr"] for group in self.optimizer.param_groups] if self.optimizer else []
 
 
-def load_training_checkpoint(path: Path, task_name: str) -> dict[str, Any]:
-    """A training checkpoint written by this Trainer for `task_name` (safe load); WeightsError otherwise."""
+def load_training_checkpoint(path: Path, task_name: str, init_option: str = "--init") -> dict[str, Any]:
+    """A training checkpoint written by this Trainer for `task_name` (safe load); WeightsError otherwise.
+
+    `init_option` is the command's option that starts a new run from a checkpoint's weights (for the fix).
+    """
     from fastsam3d_cli.model.checkpoint import load_payload
 
     payload = load_payload(path)
     if not isinstance(payload, Mapping) or payload.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not a fastsam3d training checkpoint (no optimizer state to resume)",
-                           "start a new run with --init CHECKPOINT to begin from its weights")
+                           f"start a new run with {init_option} CHECKPOINT to begin from its weights")
     if payload.get("task") != task_name:
         raise WeightsError(f"{path} was written by `{payload.get('task')}`, not `{task_name}`",
-                           "resume with the command that wrote it, or start a new run with --init")
+                           f"resume with the command that wrote it, or start a new run with {init_option}")
     return dict(payload)
 
 

@@ -64,6 +64,7 @@ def test_teacher_of_the_wrong_preset_exit_4(setup, tmp_path):
                             "fastsam3d-tiny", "-o", tmp_path / "run")
     assert result.exit_code == 4
     assert "does not fit model 'sam-med3d'" in error_line(err)
+    assert "with --teacher-model" in error_line(err)  # distill's option, not infer's --model
     assert not (tmp_path / "run").exists()
 
 
@@ -99,6 +100,13 @@ def test_cache_from_another_teacher_exit_3(setup, tmp_path):
     assert f"use another --cache-features folder, or delete {cache}" in line
     assert tree(cache) == before
     assert not (tmp_path / "run").exists()
+    # Resuming the first run with the other teacher is a weights mismatch of the run (exit 4), reported
+    # before the cache's own check.
+    run_before = tree(tmp_path / "first")
+    result, _, err = invoke(*base, "--teacher", other, "-o", tmp_path / "first", "--resume")
+    assert result.exit_code == 4
+    assert "distilled from another teacher" in error_line(err)
+    assert tree(cache) == before and tree(tmp_path / "first") == run_before
 
 
 def test_cache_of_another_crop_size_exit_3(setup, tmp_path):

@@ -222,12 +222,14 @@ def _ranges(values: list[int]) -> str:
 
 # ------------------------------------------------------------------------------------------ loading
 def load_model(checkpoint: str | Path, preset: str | None = None, device: torch.device | str = "cpu",
-               attention: str = "auto", decoder_checkpoint: str | Path | None = None) -> tuple[Sam3D, CheckpointInfo]:
+               attention: str = "auto", decoder_checkpoint: str | Path | None = None,
+               model_option: str = "--model") -> tuple[Sam3D, CheckpointInfo]:
     """Build the model for a checkpoint and load it strictly (eval mode, float32, on `device`).
 
     preset: expected model; None infers it from the keys and shapes. An encoder-only checkpoint needs
     `decoder_checkpoint` (a full checkpoint of any preset) for the prompt encoder and mask decoder.
-    Raises WeightsError (exit 4) with a grouped key/shape diff when the file does not fit.
+    Raises WeightsError (exit 4) with a grouped key/shape diff when the file does not fit; its fix names
+    `model_option`, the command-line option that chose the preset (`--teacher-model` for `distill`).
     """
     state_dict, info = read_checkpoint_info(checkpoint)
     if decoder_checkpoint is not None:
@@ -244,8 +246,9 @@ def load_model(checkpoint: str | Path, preset: str | None = None, device: torch.
     actual = {k: tuple(v.shape) for k, v in state_dict.items()}
     if expected != actual:
         guess = infer_preset(state_dict)
-        fix = (f"it looks like a '{guess}' checkpoint: use --model {guess}" if guess and guess != config.name
-               else "check that the file is a SAM-Med3D / FastSAM3D checkpoint for this model")
+        fix = (f"it looks like a '{guess}' checkpoint: use {model_option} {guess}" if guess and guess != config.name
+               else f"check that the file is a SAM-Med3D / FastSAM3D checkpoint for this model, or name its "
+                    f"model with {model_option}")
         raise WeightsError(f"checkpoint {checkpoint} does not fit model '{config.name}'", fix,
                            details=state_dict_diff(expected, actual))
     with torch.device("meta"):
