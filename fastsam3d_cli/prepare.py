@@ -76,11 +76,16 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def parse_class_list(text: str | None) -> list[str] | None:
-    """'liver, spleen' → ['liver', 'spleen'] (spaces inside a name → '_'); None/'' → None (all)."""
+    """'liver, spleen' → ['liver', 'spleen'] (spaces inside a name → '_'); None → None (all classes).
+
+    A given list without a single name (`--classes ,` or an empty string) is a UsageError, not "all".
+    """
     if text is None:
         return None
     names = [sanitize_name(n) for n in text.split(",") if n.strip()]
-    return names or None
+    if not names:
+        raise UsageError(f"--classes {text!r} names no class", "give comma-separated class names, or drop --classes")
+    return names
 
 
 # -------------------------------------------------------------------------------------------- results

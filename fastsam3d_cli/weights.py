@@ -168,8 +168,17 @@ def registry() -> dict[str, WeightsSpec]:
             spec = dataclasses.replace(spec, url=os.environ[url_env_var(name)], url_from=url_env_var(name))
         elif name in config_urls:
             spec = dataclasses.replace(spec, url=config_urls[name], url_from=str(config_path()))
+        _check_url(spec)
         specs[name] = spec
     return specs
+
+
+def _check_url(spec: WeightsSpec) -> None:
+    """A URL override must be an http(s) URL with a host: a typo is a bad setting (exit 2), not a network error."""
+    parsed = urlparse(spec.url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise UsageError(f"the URL of '{spec.name}' ({spec.url!r}, from {spec.url_from}) is not an http(s) URL",
+                         f"fix {spec.url_from}, e.g. https://host/path/{spec.filename}")
 
 
 def get_spec(name: str) -> WeightsSpec:

@@ -192,6 +192,8 @@ def test_grid_mismatch_resample_labels_flag(tmp_path):
     (["--shard", "x"], "--shard 'x' is invalid"),
     (["--spacing", "0"], "--spacing 0.0 is invalid"),
     (["--workers", "0"], "--workers 0 is invalid"),
+    (["--classes", ","], "--classes ',' names no class"),
+    (["--classes", ""], "--classes '' names no class"),
 ])
 def test_usage_errors_exit_2(tmp_path, args, message):
     raw = make_v2_dataset(tmp_path / "raw")

@@ -225,6 +225,7 @@ def test_decoder_fine_tune_of_a_distilled_student(tmp_path, monkeypatch):
     (["--lr", "-1"], "--lr must be positive"),
     (["--lr-milestones", "6o"], "not a comma-separated list of integers"),
     (["-m", "vit-h"], "unknown model 'vit-h'"),
+    (["--classes", ","], "--classes ',' names no class"),  # not "all classes"
 ])
 def test_bad_numbers_and_names_are_usage_errors(prepared, tmp_path, args, fragment):
     base = {"-m": "fastsam3d-tiny"}

@@ -886,6 +886,16 @@ def test_cli_import_over_a_recorded_copy_needs_replace(home, tmp_path):
     assert (home / "weights" / "FastSAM3D.pth").read_bytes() == other.read_bytes()
 
 
+@pytest.mark.parametrize("url", ["notaurl", "ftp://host/FastSAM3D.pth", "https:///no-host.pth"])
+def test_cli_a_url_override_that_is_not_an_http_url_is_a_bad_setting_exit_2(home, url):
+    result = _cli("weights", "download", "fastsam3d", env={weights.url_env_var("fastsam3d"): url})
+    assert result.exit_code == 2
+    line = _error_line(result)
+    assert f"the URL of 'fastsam3d' ({url!r}, from FASTSAM3D_WEIGHTS_URL_FASTSAM3D) is not an http(s) URL" in line
+    assert "fix FASTSAM3D_WEIGHTS_URL_FASTSAM3D" in line
+    assert _cache_files(home) == []
+
+
 def test_cli_unknown_name_exits_2(home):
     result = _cli("weights", "download", "fastsam")
     assert result.exit_code == 2

@@ -102,7 +102,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--student '{student}' is not a student model", f"choose one of: {', '.join(STUDENTS)}")
         if cache_dtype not in ("float16", "float32"):
             raise UsageError(f"--cache-dtype '{cache_dtype}' is not supported", "choose float16 or float32")
-        class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+        from fastsam3d_cli.prepare import parse_class_list
+
+        class_names = parse_class_list(classes)
         with ProgressBars(progress_enabled(json_output)) as bars:
             result = run_distillation(
                 prepared_dirs, teacher, student=student, teacher_model=None if teacher_model == "auto" else teacher_model,

@@ -100,7 +100,9 @@ def register(app: typer.Typer) -> None:
         """Train a model to segment from clicks (SAM-Med3D recipe: simulated clicks, Dice + CE, AdamW, DDP)."""
         from fastsam3d_cli.train import train as run_training
 
-        class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+        from fastsam3d_cli.prepare import parse_class_list
+
+        class_names = parse_class_list(classes)
         with ProgressBars(progress_enabled(json_output)) as bars:
             result = run_training(
                 prepared_dirs, model, init=init, freeze_encoder=freeze_encoder, epochs=epochs, batch_size=batch_size,

@@ -54,7 +54,9 @@ def register(app: typer.Typer) -> None:
         """Score a checkpoint: Dice and IoU after each simulated click, per class and overall."""
         from fastsam3d_cli.validate import validate as run_validation
 
-        class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+        from fastsam3d_cli.prepare import parse_class_list
+
+        class_names = parse_class_list(classes)
         with ProgressBars(progress_enabled(json_output)) as bars:
             result = run_validation(prepared_dirs, checkpoint, model, clicks=clicks, seed=seed, device=device,
                                     attention=attention, classes=class_names, csv_path=csv_path, plot_path=plot,
