@@ -158,7 +158,7 @@ _fastsam3d_completion() {
         "weights import")
             case "$prev" in
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--json" -- "$cur"))
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--replace --json" -- "$cur"))
             else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "weights remove")
             case "$prev" in

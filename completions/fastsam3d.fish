@@ -122,6 +122,7 @@ complete -c fastsam3d -n '__fish_seen_subcommand_from weights; and __fish_seen_s
 complete -c fastsam3d -n '__fish_seen_subcommand_from weights; and __fish_seen_subcommand_from download' -l json -d 'Print the result as one JSON object on stdout (for scripts)'
 complete -c fastsam3d -n '__fish_seen_subcommand_from weights; and __fish_seen_subcommand_from verify' -l json -d 'Print the result as one JSON object on stdout (for scripts)'
 complete -c fastsam3d -n '__fish_seen_subcommand_from weights; and __fish_seen_subcommand_from path' -l json -d 'Print the result as one JSON object on stdout (for scripts)'
+complete -c fastsam3d -n '__fish_seen_subcommand_from weights; and __fish_seen_subcommand_from import' -l replace -d 'Replace a cached copy whose recorded sha256 differs from FILE'\''s'
 complete -c fastsam3d -n '__fish_seen_subcommand_from weights; and __fish_seen_subcommand_from import' -l json -d 'Print the result as one JSON object on stdout (for scripts)'
 complete -c fastsam3d -n '__fish_seen_subcommand_from weights; and __fish_seen_subcommand_from import' -F
 complete -c fastsam3d -n '__fish_seen_subcommand_from weights; and __fish_seen_subcommand_from remove' -l json -d 'Print the result as one JSON object on stdout (for scripts)'

@@ -684,8 +684,10 @@ def _cache_teacher_features(samples: Sequence[Any], teacher_net: Sam3D, identity
                             run_dir: Path, device: torch.device, emit: Callable[[str], None],
                             on_cache: Callable[[int, int], None] | None) -> int:
     """Rank 0: create the run folder, fill the cache; an empty run folder it created is removed on failure."""
+    from fastsam3d_cli.train import make_run_dir
+
     made_run_dir = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir)
     try:
         teacher_net.to(device)
         teacher_net.set_attention("auto", device)

@@ -248,6 +248,16 @@ def default_run_dir(preset: str) -> Path:
     return Path("runs") / f"{preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run folder (and missing parents); a failure the checks could not foresee (a read-only or
+    virtual file system, a race) is a BadInputError naming the folder, not an internal error."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"run folder {run_dir} cannot be created: {exc.strerror or exc}",
+                            "choose another location with --output") from None
+
+
 def check_run_dir(run_dir: Path, resume: bool) -> Path:
     """Validate the run folder before anything is written (exit 3 for every problem)."""
     run_dir = Path(run_dir).expanduser().absolute()
@@ -374,7 +384,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     created = distributed.init_process_group(env, torch_device)
     try:
         if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            make_run_dir(run_dir)
         distributed.barrier(env)
         emit = distributed.rank_aware(log, env)
         for warning in warnings:

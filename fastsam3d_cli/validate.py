@@ -161,6 +161,8 @@ def validate(prepared_dirs: Sequence[str | Path] | str | Path, checkpoint: str |
     folders = [prepared_dirs] if isinstance(prepared_dirs, (str, Path)) else list(prepared_dirs)
     samples = [s for folder in folders for s in list_prepared_samples(Path(folder), classes=classes)]
     csv_file = check_output_path(Path(csv_path), overwrite, "CSV output", "--csv") if csv_path is not None else None
+    if plot_path is not None and not str(plot_path).lower().endswith(".png"):
+        raise UsageError(f"--plot {plot_path} must end in .png", "e.g. --plot dice.png")
     plot_file = check_output_path(Path(plot_path), overwrite, "plot output", "--plot") if plot_path is not None else None
     if csv_file is not None and csv_file == plot_file:
         raise UsageError("--csv and --plot name the same file", "give two different files")

@@ -102,9 +102,10 @@ class WeightsEntry:
     downloaded: bool = False  # set by download(): False when a verified copy was already cached
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (paths as strings)."""
+        """JSON-ready dict (paths as strings). `downloaded` only where it means something: after download()."""
         data = dataclasses.asdict(self)
         data["path"] = str(self.path)
+        data.pop("downloaded")
         return data
 
 

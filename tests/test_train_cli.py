@@ -167,6 +167,25 @@ def test_unwritable_run_folder_is_exit_3_even_as_root(prepared, tmp_path, monkey
         locked.chmod(0o700)
 
 
+def test_run_folder_the_file_system_refuses_is_exit_3(prepared, tmp_path, monkeypatch):
+    """The checks pass but mkdir fails (a virtual or read-only file system such as /proc): one line, exit 3,
+    not an internal error."""
+    import errno
+
+    target = tmp_path / "virtual" / "run"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == target:
+            raise OSError(errno.ENOENT, "No such file or directory")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    result = _run(str(prepared), "-m", "fastsam3d-tiny", "-o", str(target), "--device", "cpu", "--max-steps", "1")
+    _fails(result, 3, f"run folder {target} cannot be created: No such file or directory", "--output")
+    assert not target.exists()
+
+
 def test_empty_label_is_skipped_with_a_warning(tmp_path, monkeypatch):
     model = register_preset(monkeypatch)
     root = make_prepared(tmp_path / "prepared", cases=("p0",))

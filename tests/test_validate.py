@@ -182,6 +182,13 @@ def test_existing_outputs_are_kept_without_overwrite(setup, tmp_path):
     assert tree(tmp_path) == before
 
 
+def test_a_plot_that_is_not_a_png_is_a_usage_error(setup, tmp_path):
+    prepared, checkpoint = setup
+    _fails(_run(str(prepared), "--checkpoint", str(checkpoint), "--plot", str(tmp_path / "dice.txt")), 2,
+           "--plot", "must end in .png")
+    assert not (tmp_path / "dice.txt").exists()
+
+
 def test_zero_clicks_is_a_usage_error(setup):
     prepared, checkpoint = setup
     _fails(_run(str(prepared), "--checkpoint", str(checkpoint), "--clicks", "0"), 2, "--clicks must be at least 1")

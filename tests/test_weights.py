@@ -801,13 +801,14 @@ def test_cli_list_json_is_one_object(home):
     assert set(rows) == {"fastsam3d", "sam-med3d-turbo"}
     assert rows["fastsam3d"]["cached"] is False and rows["fastsam3d"]["check"] == "unverified"
     assert rows["fastsam3d"]["path"] == str(home / "weights" / "FastSAM3D.pth")
+    assert "downloaded" not in rows["fastsam3d"]  # only `download` says whether it downloaded
 
 
 def test_cli_download_list_path_verify_remove(home, monkeypatch, server):
     _serve_fastsam3d(monkeypatch, server.url())
     result = _cli("weights", "download", "fastsam3d", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["sha256"] == SHA
+    assert json.loads(result.stdout)["sha256"] == SHA and json.loads(result.stdout)["downloaded"] is True
 
     table = _cli("weights", "list")
     row = next(line for line in table.stdout.splitlines() if "FastSAM3D.pth" in line)

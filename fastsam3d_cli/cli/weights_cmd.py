@@ -92,7 +92,7 @@ def download_command(
     except KeyboardInterrupt:
         _interrupted(name)
     if json_output:
-        print_json(entry.to_dict())
+        print_json({**entry.to_dict(), "downloaded": entry.downloaded})
         return
     _say(f"{'downloaded' if entry.downloaded else 'already cached'}: {entry.name} -> {entry.path} "
          f"(sha256 {entry.sha256}, {entry.check})")
