@@ -8,14 +8,16 @@ gains or loses several percent depending on it (Colin27 + AAL: 83 of 116 regions
 grid that keeps the physical extent, 94 on the best single grid, every region on some grid).
 
 `prepare` therefore keeps the case's common grid for every class whose volume it keeps within
-`VOLUME_TOLERANCE`, and gives any other class the nearby placement (one of 26 shifts by a third of a
-voxel) whose nearest-neighbour sampling comes closest to the source volume. Labels stay
+`VOLUME_TOLERANCE`, and gives any other class a nearby placement (one of 26 shifts by a third of a
+voxel) whose nearest-neighbour sampling keeps it within the tolerance, or comes closest; the classes of a
+case share as few placements as possible, since each costs one more image on disk. Labels stay
 nearest-neighbour samples of the source; only the grid's position changes, and image and label of the
 class share it.
 """
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -74,26 +76,58 @@ def bounding_box(mask_ijk: np.ndarray, margin: int = BOX_MARGIN) -> tuple[list[i
     return start, stop
 
 
-def best_shift(label: sitk.Image, grid: Grid, box: tuple[list[int], list[int]], values: Sequence[int],
-               expected_voxels: float, current_voxels: int, shifts: Sequence[Shift],
-               in_use: Sequence[Shift] = (), tolerance: float = VOLUME_TOLERANCE) -> Shift | None:
-    """The shift to write a class on, or None to keep the common grid (no shift does better).
+def shift_counts(label: sitk.Image, grid: Grid, box: tuple[list[int], list[int]], values: Sequence[int],
+                 shifts: Sequence[Shift]) -> dict[Shift, int]:
+    """Voxels of `values` that nearest-neighbour sampling puts on the common grid moved by each shift.
 
-    Among the shifts that keep the volume within `tolerance`, one already `in_use` for this case is taken
-    first (its image is written once for all its classes), then the nearest; when none does, the one that
-    comes closest. Only the class's bounding box (on the common grid, with a margin) is resampled per shift.
+    Only the class's bounding box (on the common grid, with a margin) is resampled for each shift.
     """
     start, stop = box
     size = [b - a for a, b in zip(start, stop)]
-    errors: dict[Shift, float] = {}
+    counts = {}
     for shift in shifts:
         piece = resample_on_grid(label, shifted_grid(grid, shift, start, size), "nearest")
         array = sitk.GetArrayViewFromImage(piece)
-        count = int(np.count_nonzero(array == values[0] if len(values) == 1 else np.isin(array, values)))
-        errors[shift] = abs(count - expected_voxels)
-    within = [s for s in shifts if errors[s] <= tolerance * expected_voxels]
-    reused = [s for s in within if s in in_use]
-    if reused or within:
-        return (reused or within)[0]
-    closest = min(shifts, key=lambda s: errors[s])
-    return closest if errors[closest] < abs(current_voxels - expected_voxels) else None
+        counts[shift] = int(np.count_nonzero(array == values[0] if len(values) == 1 else np.isin(array, values)))
+    return counts
+
+
+@dataclass(frozen=True)
+class PlacementNeed:
+    """A class the common grid does not keep within tolerance: its expected and current voxel counts, and
+    the count each shift would give."""
+
+    expected: float
+    current: int
+    counts: dict[Shift, int]
+
+
+def assign_shifts(needs: dict[str, PlacementNeed], shifts: Sequence[Shift],
+                  tolerance: float = VOLUME_TOLERANCE) -> dict[str, Shift]:
+    """Which shift each class gets (a class left out stays on the common grid), with few distinct shifts.
+
+    Every extra shift costs one more resampled image on disk, so shifts are picked greedily: the one that
+    brings the most remaining classes within `tolerance` (the nearer on a tie), until none brings any. A
+    class no shift brings within tolerance takes the shift that comes closest, an already chosen one on a
+    tie, and only if it does better than the common grid.
+    """
+    def error(name: str, shift: Shift) -> float:
+        return abs(needs[name].counts[shift] - needs[name].expected)
+
+    chosen: dict[str, Shift] = {}
+    remaining = set(needs)
+    while remaining:
+        covered = {shift: {n for n in remaining if error(n, shift) <= tolerance * needs[n].expected}
+                   for shift in shifts}
+        best = max(shifts, key=lambda shift: len(covered[shift]))  # max keeps the first (nearest) on a tie
+        if not covered[best]:
+            break
+        chosen.update({name: best for name in covered[best]})
+        remaining -= covered[best]
+    in_use = set(chosen.values())
+    for name in sorted(remaining):
+        closest = min(shifts, key=lambda shift: (error(name, shift), shift not in in_use))
+        if error(name, closest) < abs(needs[name].current - needs[name].expected):
+            chosen[name] = closest
+            in_use.add(closest)
+    return chosen

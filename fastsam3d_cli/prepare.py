@@ -36,8 +36,8 @@ from fastsam3d_cli import __version__
 from fastsam3d_cli.atomic import atomic_path, write_text_atomic
 from fastsam3d_cli.crops import MODEL_SPACING_MM
 from fastsam3d_cli.errors import BadInputError, UsageError
-from fastsam3d_cli.grid_placement import (VOLUME_TOLERANCE, Grid, Shift, best_shift, bounding_box, grid_of,
-                                          placement_shifts, resample_on_grid, shifted_grid)
+from fastsam3d_cli.grid_placement import (VOLUME_TOLERANCE, Grid, PlacementNeed, Shift, assign_shifts, bounding_box,
+                                          grid_of, placement_shifts, resample_on_grid, shift_counts, shifted_grid)
 from fastsam3d_cli.imaging import (describe_grid_difference, image_from_array_ijk, read_image,
                                    resample_like, resample_to_spacing, same_grid)
 from fastsam3d_cli.nnunet import LabelClass, RawCase, RawDataset, load_raw_dataset, sanitize_name
@@ -182,11 +182,14 @@ def prepare_case(job: CaseJob) -> list[dict[str, Any]]:
 
     shifts = ([] if job.settings.shared_grid
               else placement_shifts(label.GetSpacing(), image_out.GetSpacing()))
-    on_own_grid: dict[Shift, list[tuple[LabelClass, dict[str, Any]]]] = {}
-    entries = []
-    for cls in job.classes:
+    entries: list[dict[str, Any]] = []
+    on_common_grid: list[tuple[LabelClass, dict[str, Any]]] = []
+    needs: dict[str, PlacementNeed] = {}  # by position in job.classes (zero-padded: sorts like the classes)
+    needy: dict[str, tuple[LabelClass, dict[str, Any]]] = {}
+    for index, cls in enumerate(job.classes):
         source_voxels = int(sum(int(counts[v]) for v in cls.values if v < len(counts)))
         entry = _new_entry(job, cls, source_voxels, source_voxel_mm3, ignore_source, ignore_resampled, now)
+        entries.append(entry)
         volume_mm3 = source_voxels * source_voxel_mm3
         if source_voxels == 0:
             entry.update(reason="absent: no voxels of this class in the case", reason_code="absent")
@@ -198,29 +201,39 @@ def prepare_case(job: CaseJob) -> list[dict[str, Any]]:
             resampled = int(mask.sum())
             expected = volume_mm3 / out_voxel_mm3
             if shifts and resampled and abs(resampled / expected - 1.0) > VOLUME_TOLERANCE:
-                shift = best_shift(label_int, grid_of(image_out), bounding_box(mask), cls.values, expected,
-                                   resampled, shifts, in_use=list(on_own_grid))
-                if shift is not None:  # written below, with the other classes placed on this grid
-                    on_own_grid.setdefault(shift, []).append((cls, entry))
-                    entries.append(entry)
-                    continue
-            entry.update(resampled_voxels=resampled, resampled_ml=round(resampled * out_voxel_mm3 / 1000.0, 6))
-            if resampled == 0:
-                entry.update(reason=f"empty after resampling to {job.settings.spacing_mm:g} mm",
-                             reason_code="empty_after_resampling")
+                key = f"{index:06d}"
+                needs[key] = PlacementNeed(expected, resampled, shift_counts(
+                    label_int, grid_of(image_out), bounding_box(mask), cls.values, shifts))
+                needy[key] = (cls, entry)
             else:
-                folder = f"{cls.name}/{subset}"
-                file_name = f"{job.case.case_id}.nii.gz"
-                entry.update(status="written", grid_shift_mm=[0.0, 0.0, 0.0],
-                             image_path=f"{folder}/{IMAGES_DIR}/{file_name}",
-                             label_path=f"{folder}/{LABELS_DIR}/{file_name}",
-                             ignore_path=f"{folder}/{IGNORE_DIR}/{file_name}" if ignore_resampled else None)
-                label_file = job.output_dir / entry["label_path"]
-                _write_volume(image_from_array_ijk(mask, image_out), label_file)
-                entry["label_bytes"] = label_file.stat().st_size
-        entries.append(entry)
+                on_common_grid.append((cls, entry))
+    placement = assign_shifts(needs, shifts)
+    on_own_grid: dict[Shift, list[tuple[LabelClass, dict[str, Any]]]] = {}
+    for key, (cls, entry) in needy.items():
+        if key in placement:
+            on_own_grid.setdefault(placement[key], []).append((cls, entry))
+        else:  # no placement does better than the common grid
+            on_common_grid.append((cls, entry))
 
-    common = [e for e in entries if e["status"] == "written"]
+    for cls, entry in on_common_grid:
+        mask = _binary_mask(label_out, cls.values)
+        resampled = int(mask.sum())
+        entry.update(resampled_voxels=resampled, resampled_ml=round(resampled * out_voxel_mm3 / 1000.0, 6))
+        if resampled == 0:
+            entry.update(reason=f"empty after resampling to {job.settings.spacing_mm:g} mm",
+                         reason_code="empty_after_resampling")
+            continue
+        folder = f"{cls.name}/{subset}"
+        file_name = f"{job.case.case_id}.nii.gz"
+        entry.update(status="written", grid_shift_mm=[0.0, 0.0, 0.0],
+                     image_path=f"{folder}/{IMAGES_DIR}/{file_name}",
+                     label_path=f"{folder}/{LABELS_DIR}/{file_name}",
+                     ignore_path=f"{folder}/{IGNORE_DIR}/{file_name}" if ignore_resampled else None)
+        label_file = job.output_dir / entry["label_path"]
+        _write_volume(image_from_array_ijk(mask, image_out), label_file)
+        entry["label_bytes"] = label_file.stat().st_size
+
+    common = [e for _, e in on_common_grid if e["status"] == "written"]
     _write_shared(image_out, [job.output_dir / e["image_path"] for e in common])
     if ignore_resampled and common:
         ignore_image = image_from_array_ijk(ignore_out.view(np.uint8), image_out)
