@@ -169,13 +169,13 @@ def registry() -> dict[str, WeightsSpec]:
             spec = dataclasses.replace(spec, url=os.environ[url_env_var(name)], url_from=url_env_var(name))
         elif name in config_urls:
             spec = dataclasses.replace(spec, url=config_urls[name], url_from=str(config_path()))
-        _check_url(spec)
         specs[name] = spec
     return specs
 
 
 def _check_url(spec: WeightsSpec) -> None:
-    """A URL override must be an http(s) URL with a host: a typo is a bad setting (exit 2), not a network error."""
+    """The URL a download will use must be http(s) with a host: a typo in an override is a bad setting (exit 2),
+    not a network error. Checked when downloading only, so a typo never blocks `list`, `import` or loads."""
     parsed = urlparse(spec.url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise UsageError(f"the URL of '{spec.name}' ({spec.url!r}, from {spec.url_from}) is not an http(s) URL",
@@ -280,6 +280,7 @@ def download(name: str, *, progress: bool = False, offline: Optional[bool] = Non
                 return entry
             if entry.verified is None:  # a file nobody recorded (copied in by hand): check and record it
                 return _record_found_file(spec, target)
+        _check_url(spec)
         _fetch(spec, target, record, progress=progress, timeout_s=timeout_s, attempts=attempts,
                retry_pause_s=retry_pause_s)
         record = _read_index(folder).get(name)

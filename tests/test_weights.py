@@ -895,6 +895,8 @@ def test_cli_a_url_override_that_is_not_an_http_url_is_a_bad_setting_exit_2(home
     assert f"the URL of 'fastsam3d' ({url!r}, from FASTSAM3D_WEIGHTS_URL_FASTSAM3D) is not an http(s) URL" in line
     assert "fix FASTSAM3D_WEIGHTS_URL_FASTSAM3D" in line
     assert _cache_files(home) == []
+    # Only a download uses the URL: the typo does not block listing or importing.
+    assert _cli("weights", "list", env={weights.url_env_var("fastsam3d"): url}).exit_code == 0
 
 
 def test_cli_unknown_name_exits_2(home):
