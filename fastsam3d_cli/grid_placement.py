@@ -9,15 +9,14 @@ grid that keeps the physical extent, 94 on the best single grid, every region on
 
 `prepare` therefore keeps the case's common grid for every class whose volume it keeps within
 `VOLUME_TOLERANCE`, and gives any other class a nearby placement (one of 26 shifts by a third of a
-voxel) whose nearest-neighbour sampling keeps it within the tolerance, or comes closest; the classes of a
-case share as few placements as possible, since each costs one more image on disk. Labels stay
+voxel, tried in a fixed order) whose nearest-neighbour sampling keeps it within the tolerance, or comes
+closest. Classes that fit the same early placement share it (one more image on disk per placement). Labels stay
 nearest-neighbour samples of the source; only the grid's position changes, and image and label of the
 class share it.
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -37,16 +36,21 @@ def grid_of(image: sitk.Image) -> Grid:
     return image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
 
 
-def placement_shifts(source_spacing: Sequence[float], target_spacing: Sequence[float]) -> list[Shift]:
-    """The 26 shifts tried: −d, 0 or +d on each axis (not all 0), d = a third of the finer of the two spacings.
+def placement_shifts(label: sitk.Image, grid: Grid) -> list[Shift]:
+    """The 26 shifts tried, in a fixed order (fewest moved axes, then nearest): −d, 0 or +d along each axis of
+    `grid` (not all 0), d = a third of the finer of the grid's spacing and the label's voxel extent along it.
 
     A third of a voxel reaches every distinct nearest-neighbour sampling pattern of a 2:3 ratio (1 → 1.5 mm)
-    and stays within half a source voxel of the common grid. Nearest shifts first (a tie keeps the nearer).
+    and stays within half a source voxel of the common grid. The label's extent along each grid axis is
+    measured through both directions, so a label stored with permuted or oblique axes gets the right step.
     """
-    steps = [min(float(s), float(t)) / 3.0 for s, t in zip(source_spacing, target_spacing)]
-    shifts = [tuple(sign * step for sign, step in zip(signs, steps))
+    grid_axes = np.asarray(grid[3], dtype=float).reshape(3, 3)  # columns: the grid's i, j, k directions
+    label_axes = np.asarray(label.GetDirection(), dtype=float).reshape(3, 3)
+    extent = np.abs(grid_axes.T @ label_axes) @ np.asarray(label.GetSpacing(), dtype=float)
+    steps = np.minimum(extent, np.asarray(grid[1], dtype=float)) / 3.0
+    shifts = [tuple(float(sign * step) for sign, step in zip(signs, steps))
               for signs in itertools.product((0, -1, 1), repeat=3) if any(signs)]
-    return sorted(shifts, key=lambda s: (sum(abs(v) > 0 for v in s), float(np.linalg.norm(s))))  # type: ignore[misc]
+    return sorted(shifts, key=lambda s: (sum(v != 0 for v in s), float(np.linalg.norm(s)), s))  # type: ignore
 
 
 def shifted_grid(grid: Grid, shift: Shift, start: Sequence[int] = (0, 0, 0), size: Sequence[int] | None = None) -> Grid:
@@ -59,31 +63,59 @@ def shifted_grid(grid: Grid, shift: Shift, start: Sequence[int] = (0, 0, 0), siz
             tuple(direction))
 
 
-def resample_on_grid(image: sitk.Image, grid: Grid, interpolation: str) -> sitk.Image:
-    """Resample onto `grid`; samples that a shift pushed just past the volume's edge take the nearest voxel."""
+def resample_on_grid(image: sitk.Image, grid: Grid, interpolation: str, extrapolate: bool = False) -> sitk.Image:
+    """Resample onto `grid`. Outside the image: 0, or with `extrapolate` the nearest voxel (for intensity
+    images, whose edge a shift may push a third of a voxel past; never for labels, which stay 0 there as on
+    the common grid)."""
     size, spacing, origin, direction = grid
     return resample_onto(image, size=size, spacing=spacing, origin=origin, direction=direction,
-                         interpolation=interpolation, extrapolate=True)  # type: ignore[arg-type]
+                         interpolation=interpolation, extrapolate=extrapolate)  # type: ignore[arg-type]
 
 
-def bounding_box(mask_ijk: np.ndarray, margin: int = BOX_MARGIN) -> tuple[list[int], list[int]]:
-    """[start, stop) per axis of the non-zero voxels of an ijk mask, widened by `margin` and clipped."""
-    start, stop = [], []
-    for axis in range(3):
-        present = np.flatnonzero(mask_ijk.any(axis=tuple(a for a in range(3) if a != axis)))
-        start.append(max(int(present[0]) - margin, 0))
-        stop.append(min(int(present[-1]) + 1 + margin, mask_ijk.shape[axis]))
-    return start, stop
+def label_boxes(label: sitk.Image) -> dict[int, tuple[list[int], list[int]]]:
+    """[start, stop) ijk bounding box of every non-zero value of an integer label image, in one pass."""
+    statistics = sitk.LabelShapeStatisticsImageFilter()
+    statistics.ComputePerimeterOff()
+    statistics.ComputeFeretDiameterOff()
+    statistics.ComputeOrientedBoundingBoxOff()
+    statistics.Execute(label)
+    boxes = {}
+    for value in statistics.GetLabels():
+        box = statistics.GetBoundingBox(value)  # (x, y, z, size_x, size_y, size_z)
+        boxes[int(value)] = ([int(v) for v in box[:3]], [int(a + n) for a, n in zip(box[:3], box[3:])])
+    return boxes
+
+
+def box_on_grid(label: sitk.Image, source_box: tuple[list[int], list[int]], grid: Grid,
+                margin: int = BOX_MARGIN) -> tuple[list[int], list[int]]:
+    """The [start, stop) box of `grid` voxels that covers a box of label voxels (their full extent, by
+    physical position), widened by `margin` voxels and clipped to the grid. Every grid point whose nearest
+    label voxel lies in the source box, on the grid or on it moved by less than a voxel, is inside."""
+    size, spacing, origin, direction = grid
+    to_index = np.linalg.inv(np.asarray(direction, dtype=float).reshape(3, 3) * np.asarray(spacing, dtype=float))
+    low, high = source_box
+    corners = [label.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+               for corner in itertools.product(*[(a - 0.5, b - 0.5) for a, b in zip(low, high)])]
+    indices = (np.asarray(corners) - np.asarray(origin, dtype=float)) @ to_index.T
+    start = np.maximum(np.floor(indices.min(axis=0)).astype(int) - margin, 0)
+    stop = np.minimum(np.ceil(indices.max(axis=0)).astype(int) + 1 + margin, np.asarray(size))
+    return [int(v) for v in start], [int(v) for v in np.maximum(stop, start)]
+
+
+def union_box(boxes: Sequence[tuple[list[int], list[int]]]) -> tuple[list[int], list[int]]:
+    """The smallest [start, stop) box holding all `boxes`."""
+    return ([min(b[0][axis] for b in boxes) for axis in range(3)],
+            [max(b[1][axis] for b in boxes) for axis in range(3)])
 
 
 def shift_counts(label: sitk.Image, grid: Grid, box: tuple[list[int], list[int]], values: Sequence[int],
                  shifts: Sequence[Shift]) -> dict[Shift, int]:
-    """Voxels of `values` that nearest-neighbour sampling puts on the common grid moved by each shift.
-
-    Only the class's bounding box (on the common grid, with a margin) is resampled for each shift.
-    """
+    """Voxels of `values` that nearest-neighbour sampling puts on the grid moved by each shift, counted in
+    `box` (which must cover the class: see `box_on_grid`)."""
     start, stop = box
     size = [b - a for a, b in zip(start, stop)]
+    if min(size) <= 0:
+        return {shift: 0 for shift in shifts}
     counts = {}
     for shift in shifts:
         piece = resample_on_grid(label, shifted_grid(grid, shift, start, size), "nearest")
@@ -92,42 +124,21 @@ def shift_counts(label: sitk.Image, grid: Grid, box: tuple[list[int], list[int]]
     return counts
 
 
-@dataclass(frozen=True)
-class PlacementNeed:
-    """A class the common grid does not keep within tolerance: its expected and current voxel counts, and
-    the count each shift would give."""
+def choose_shift(expected: float, current: int, counts: dict[Shift, int], shifts: Sequence[Shift],
+                 tolerance: float = VOLUME_TOLERANCE) -> Shift | None:
+    """The shift to write a class on, or None to keep the common grid.
 
-    expected: float
-    current: int
-    counts: dict[Shift, int]
-
-
-def assign_shifts(needs: dict[str, PlacementNeed], shifts: Sequence[Shift],
-                  tolerance: float = VOLUME_TOLERANCE) -> dict[str, Shift]:
-    """Which shift each class gets (a class left out stays on the common grid), with few distinct shifts.
-
-    Every extra shift costs one more resampled image on disk, so shifts are picked greedily: the one that
-    brings the most remaining classes within `tolerance` (the nearer on a tie), until none brings any. A
-    class no shift brings within tolerance takes the shift that comes closest, an already chosen one on a
-    tie, and only if it does better than the common grid.
+    The first shift in `shifts`' fixed order that keeps the volume within `tolerance`; else the one that
+    comes closest, if it does better than the common grid (or the common grid loses the class entirely).
+    A shift that loses the class is never chosen. The choice depends on this class alone, so it is the same
+    whichever classes a run prepares (`--classes`, a resumed run); classes still share placements because
+    they take the first good one in the same order.
     """
-    def error(name: str, shift: Shift) -> float:
-        return abs(needs[name].counts[shift] - needs[name].expected)
-
-    chosen: dict[str, Shift] = {}
-    remaining = set(needs)
-    while remaining:
-        covered = {shift: {n for n in remaining if error(n, shift) <= tolerance * needs[n].expected}
-                   for shift in shifts}
-        best = max(shifts, key=lambda shift: len(covered[shift]))  # max keeps the first (nearest) on a tie
-        if not covered[best]:
-            break
-        chosen.update({name: best for name in covered[best]})
-        remaining -= covered[best]
-    in_use = set(chosen.values())
-    for name in sorted(remaining):
-        closest = min(shifts, key=lambda shift: (error(name, shift), shift not in in_use))
-        if error(name, closest) < abs(needs[name].current - needs[name].expected):
-            chosen[name] = closest
-            in_use.add(closest)
-    return chosen
+    usable = [shift for shift in shifts if counts[shift] > 0]
+    within = [shift for shift in usable if abs(counts[shift] - expected) <= tolerance * expected]
+    if within:
+        return within[0]
+    if not usable:
+        return None
+    closest = min(usable, key=lambda shift: abs(counts[shift] - expected))  # the first on a tie
+    return closest if current == 0 or abs(counts[closest] - expected) < abs(current - expected) else None

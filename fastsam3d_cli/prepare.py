@@ -36,8 +36,9 @@ from fastsam3d_cli import __version__
 from fastsam3d_cli.atomic import atomic_path, write_text_atomic
 from fastsam3d_cli.crops import MODEL_SPACING_MM
 from fastsam3d_cli.errors import BadInputError, UsageError
-from fastsam3d_cli.grid_placement import (VOLUME_TOLERANCE, Grid, PlacementNeed, Shift, assign_shifts, bounding_box,
-                                          grid_of, placement_shifts, resample_on_grid, shift_counts, shifted_grid)
+from fastsam3d_cli.grid_placement import (VOLUME_TOLERANCE, Grid, Shift, box_on_grid, choose_shift, grid_of,
+                                          label_boxes, placement_shifts, resample_on_grid, shift_counts, shifted_grid,
+                                          union_box)
 from fastsam3d_cli.imaging import (describe_grid_difference, image_from_array_ijk, read_image,
                                    resample_like, resample_to_spacing, same_grid)
 from fastsam3d_cli.nnunet import LabelClass, RawCase, RawDataset, load_raw_dataset, sanitize_name
@@ -180,13 +181,11 @@ def prepare_case(job: CaseJob) -> list[dict[str, Any]]:
     ignore_resampled = int(ignore_out.sum()) if ignore_out is not None else 0
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-    shifts = ([] if job.settings.shared_grid
-              else placement_shifts(label.GetSpacing(), image_out.GetSpacing()))
+    shifts = [] if job.settings.shared_grid else placement_shifts(label_int, grid_of(image_out))
     entries: list[dict[str, Any]] = []
     on_common_grid: list[tuple[LabelClass, dict[str, Any]]] = []
-    needs: dict[str, PlacementNeed] = {}  # by position in job.classes (zero-padded: sorts like the classes)
-    needy: dict[str, tuple[LabelClass, dict[str, Any]]] = {}
-    for index, cls in enumerate(job.classes):
+    needy: list[tuple[LabelClass, dict[str, Any], float, int]] = []  # (class, entry, expected, common count)
+    for cls in job.classes:
         source_voxels = int(sum(int(counts[v]) for v in cls.values if v < len(counts)))
         entry = _new_entry(job, cls, source_voxels, source_voxel_mm3, ignore_source, ignore_resampled, now)
         entries.append(entry)
@@ -197,23 +196,23 @@ def prepare_case(job: CaseJob) -> list[dict[str, Any]]:
             entry.update(reason=f"below --min-volume-mm3: {volume_mm3:.1f} mm³ < {job.settings.min_volume_mm3:g} mm³",
                          reason_code="too_small")
         else:
-            mask = _binary_mask(label_out, cls.values)
-            resampled = int(mask.sum())
+            resampled = int(_binary_mask(label_out, cls.values).sum())
             expected = volume_mm3 / out_voxel_mm3
-            if shifts and resampled and abs(resampled / expected - 1.0) > VOLUME_TOLERANCE:
-                key = f"{index:06d}"
-                needs[key] = PlacementNeed(expected, resampled, shift_counts(
-                    label_int, grid_of(image_out), bounding_box(mask), cls.values, shifts))
-                needy[key] = (cls, entry)
+            if shifts and abs(resampled / expected - 1.0) > VOLUME_TOLERANCE:  # a vanished class too
+                needy.append((cls, entry, expected, resampled))
             else:
                 on_common_grid.append((cls, entry))
-    placement = assign_shifts(needs, shifts)
     on_own_grid: dict[Shift, list[tuple[LabelClass, dict[str, Any]]]] = {}
-    for key, (cls, entry) in needy.items():
-        if key in placement:
-            on_own_grid.setdefault(placement[key], []).append((cls, entry))
-        else:  # no placement does better than the common grid
-            on_common_grid.append((cls, entry))
+    if needy:
+        boxes = label_boxes(label_int)  # one pass; each class's box, mapped onto the common grid, bounds its search
+        for cls, entry, expected, resampled in needy:
+            box = box_on_grid(label_int, union_box([boxes[v] for v in cls.values if v in boxes]), grid_of(image_out))
+            shift = choose_shift(expected, resampled, shift_counts(label_int, grid_of(image_out), box, cls.values,
+                                                                   shifts), shifts)
+            if shift is None:  # no placement does better than the common grid
+                on_common_grid.append((cls, entry))
+            else:
+                on_own_grid.setdefault(shift, []).append((cls, entry))
 
     for cls, entry in on_common_grid:
         mask = _binary_mask(label_out, cls.values)
@@ -255,14 +254,20 @@ def _write_on_shifted_grid(job: CaseJob, image: sitk.Image, label: sitk.Image, g
     `grid_placement`): their labels, and the image (and ignore mask) resampled onto that grid, shared."""
     moved = shifted_grid(grid, shift)
     image_moved = _resample_image_linear_onto(image, moved)
-    labels_moved = resample_on_grid(label, moved, "nearest")
+    labels_moved = resample_on_grid(label, moved, "nearest")  # 0 outside the label, as on the common grid
     labels_ijk = sitk.GetArrayViewFromImage(labels_moved).transpose(2, 1, 0)
     voxel_mm3 = float(np.prod(image_moved.GetSpacing()))
     ignore_ijk = labels_ijk == job.ignore_value if job.ignore_value is not None else None
     ignore_voxels = int(ignore_ijk.sum()) if ignore_ijk is not None else 0
+    written = []
     for cls, entry in placed:
         mask = _binary_mask(labels_ijk, cls.values)
         resampled = int(mask.sum())
+        if resampled == 0:  # cannot happen (a shift that loses the class is never chosen); never write it empty
+            entry.update(resampled_voxels=0, resampled_ml=0.0, reason_code="empty_after_resampling",
+                         reason=f"empty after resampling to {job.settings.spacing_mm:g} mm")
+            continue
+        written.append(entry)
         folder, file_name = f"{cls.name}/{subset}", f"{job.case.case_id}.nii.gz"
         entry.update(status="written", resampled_voxels=resampled,
                      resampled_ml=round(resampled * voxel_mm3 / 1000.0, 6), grid_shift_mm=[round(v, 6) for v in shift],
@@ -272,10 +277,10 @@ def _write_on_shifted_grid(job: CaseJob, image: sitk.Image, label: sitk.Image, g
         label_file = job.output_dir / entry["label_path"]
         _write_volume(image_from_array_ijk(mask, image_moved), label_file)
         entry["label_bytes"] = label_file.stat().st_size
-    _write_shared(image_moved, [job.output_dir / e["image_path"] for _, e in placed])
-    if ignore_voxels:
+    _write_shared(image_moved, [job.output_dir / e["image_path"] for e in written])
+    if ignore_voxels and written:
         _write_shared(image_from_array_ijk(ignore_ijk.view(np.uint8), image_moved),
-                      [job.output_dir / e["ignore_path"] for _, e in placed])
+                      [job.output_dir / e["ignore_path"] for e in written])
 
 
 def _new_entry(job: CaseJob, cls: LabelClass, source_voxels: int, source_voxel_mm3: float, ignore_source: int,
@@ -368,11 +373,12 @@ def _resample_image_linear(image: sitk.Image, spacing_mm: float) -> sitk.Image:
 
 
 def _resample_image_linear_onto(image: sitk.Image, grid: Grid) -> sitk.Image:
-    """`_resample_image_linear` onto an explicit (shifted) grid."""
+    """`_resample_image_linear` onto an explicit (shifted) grid; its edge takes the nearest voxel's value."""
     pixel = image.GetPixelID()
     if pixel in (sitk.sitkFloat32, sitk.sitkFloat64):
-        return resample_on_grid(image, grid, "linear")
-    return sitk.Cast(sitk.Round(resample_on_grid(sitk.Cast(image, sitk.sitkFloat32), grid, "linear")), pixel)
+        return resample_on_grid(image, grid, "linear", extrapolate=True)
+    resampled = resample_on_grid(sitk.Cast(image, sitk.sitkFloat32), grid, "linear", extrapolate=True)
+    return sitk.Cast(sitk.Round(resampled), pixel)
 
 
 def _make_folder(folder: Path) -> None:

@@ -5,18 +5,38 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fastsam3d_cli.grid_placement import (PlacementNeed, assign_shifts, bounding_box, placement_shifts, shift_counts,
-                                          shifted_grid)
+from fastsam3d_cli.grid_placement import (box_on_grid, choose_shift, label_boxes, placement_shifts, shift_counts,
+                                          shifted_grid, union_box)
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _label_image(array_ijk: np.ndarray, spacing=(1.0, 1.0, 1.0), direction=IDENTITY, origin=(0.0, 0.0, 0.0)):
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_ijk.transpose(2, 1, 0)))
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    image.SetOrigin(origin)
+    return image
 
 
 def test_26_shifts_of_a_third_of_the_finer_spacing_nearest_first():
-    shifts = placement_shifts((1.0, 0.8, 3.0), (1.5, 1.5, 1.5))
+    label = _label_image(np.zeros((4, 4, 4), np.uint8), spacing=(1.0, 0.8, 3.0))
+    shifts = placement_shifts(label, ((4, 4, 4), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), IDENTITY))
     assert len(shifts) == 26 and len(set(shifts)) == 26 and (0.0, 0.0, 0.0) not in shifts
     steps = (1.0 / 3, 0.8 / 3, 1.5 / 3)  # min(source, target) / 3 per axis
     for shift in shifts:
         assert all(v == 0 or v == pytest.approx(step) or v == pytest.approx(-step) for v, step in zip(shift, steps))
     moved_axes = [sum(v != 0 for v in s) for s in shifts]
     assert moved_axes == sorted(moved_axes) and moved_axes[:6] == [1] * 6  # one-axis moves first
+
+
+def test_shift_steps_follow_a_label_stored_with_permuted_axes():
+    """The label's i axis runs along the grid's k axis: the 3 mm spacing belongs to k, not to i."""
+    permuted = (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0)  # label i → z, label k → x
+    label = _label_image(np.zeros((4, 4, 4), np.uint8), spacing=(3.0, 1.0, 1.0), direction=permuted)
+    shifts = placement_shifts(label, ((4, 4, 4), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), IDENTITY))
+    assert sorted({round(abs(s[0]), 6) for s in shifts}) == [0.0, round(1 / 3, 6)]
+    assert sorted({round(abs(s[2]), 6) for s in shifts}) == [0.0, 0.5]
 
 
 def test_shifted_grid_moves_along_the_grids_own_axes():
@@ -27,10 +47,20 @@ def test_shifted_grid_moves_along_the_grids_own_axes():
     assert origin == pytest.approx((10.0 - (2 * 1.5 + 0.5), -20.0, 30.0 + 1.5 - 0.25))
 
 
-def test_bounding_box_with_margin_is_clipped():
-    mask = np.zeros((10, 8, 6), np.uint8)
-    mask[1:3, 4:6, 5] = 1
-    assert bounding_box(mask, margin=2) == ([0, 2, 3], [5, 8, 6])
+def test_boxes_cover_every_label_voxel_on_the_output_grid():
+    """A class the 1.5 mm grid samples only in part (a thin sheet) is still inside its box, with a margin."""
+    label = np.zeros((30, 20, 10), np.uint8)
+    label[5:9, 4:8, 2:6] = 1
+    label[20, 2:18, 1:9] = 1  # a one-voxel sheet far away
+    label[12:14, 10:12, 3:5] = 2
+    image = _label_image(label)
+    boxes = label_boxes(image)
+    assert boxes[1] == ([5, 2, 1], [21, 18, 9]) and boxes[2] == ([12, 10, 3], [14, 12, 5])
+    assert union_box([boxes[1], boxes[2]]) == ([5, 2, 1], [21, 18, 9])
+    grid = ((20, 14, 7), (1.5, 1.5, 1.5), (0.25, 0.25, 0.25), IDENTITY)
+    start, stop = box_on_grid(image, boxes[1], grid, margin=2)
+    # source voxels 5..20 span 4.5..20.5 mm → grid index (4.5-0.25)/1.5 = 2.83 .. 13.5 → [2-2, 14+1+2)
+    assert (start[0], stop[0]) == (0, 17) and stop[2] == 7  # clipped to the grid
 
 
 def test_shift_counts_are_nearest_neighbour_counts_on_the_moved_grid():
@@ -50,16 +80,17 @@ def test_shift_counts_are_nearest_neighbour_counts_on_the_moved_grid():
 A, B, C = (0.5, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 0.5)
 
 
-def test_one_placement_for_every_class_it_keeps_within_tolerance():
-    needs = {"x": PlacementNeed(100.0, 110, {A: 100, B: 101, C: 130}),   # B is closer for nobody but y
-             "y": PlacementNeed(100.0, 90, {A: 100, B: 100, C: 80}),
-             "z": PlacementNeed(200.0, 220, {A: 150, B: 201, C: 200})}
-    # A covers x and y, B covers x, y and z: B alone serves all three.
-    assert assign_shifts(needs, [A, B, C], tolerance=0.01) == {"x": B, "y": B, "z": B}
+def test_the_first_shift_in_order_that_keeps_the_volume_wins():
+    # B and C keep 100 within 1%; B comes first in the order. The choice depends on this class alone.
+    assert choose_shift(100.0, 110, {A: 120, B: 101, C: 100}, [A, B, C], tolerance=0.01) == B
 
 
-def test_greedy_cover_then_closest_or_stay():
-    needs = {"x": PlacementNeed(100.0, 110, {A: 100, B: 120, C: 120}),
-             "y": PlacementNeed(100.0, 110, {A: 95, B: 95, C: 120}),    # nobody within 1%: A ties B, A in use
-             "z": PlacementNeed(100.0, 102, {A: 90, B: 110, C: 103})}  # nothing beats the common grid: stays
-    assert assign_shifts(needs, [A, B, C], tolerance=0.01) == {"x": A, "y": A}
+def test_closest_only_when_better_never_an_empty_one():
+    assert choose_shift(100.0, 110, {A: 95, B: 95, C: 120}, [A, B, C], tolerance=0.01) == A  # first on a tie
+    assert choose_shift(100.0, 102, {A: 90, B: 110, C: 103}, [A, B, C], tolerance=0.01) is None  # common is best
+    assert choose_shift(3.6, 8, {A: 0, B: 0, C: 0}, [A, B, C], tolerance=0.01) is None  # never lose the class
+    assert choose_shift(3.6, 8, {A: 0, B: 4, C: 0}, [A, B, C], tolerance=0.01) == B  # |4-3.6| < |8-3.6|
+
+
+def test_a_class_the_common_grid_loses_gets_a_placement_that_keeps_it():
+    assert choose_shift(3.6, 0, {A: 0, B: 8, C: 0}, [A, B, C], tolerance=0.01) == B

@@ -551,3 +551,116 @@ def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
     assert last.startswith("fastsam3d_cli.errors.DeviceError: a prepare worker process died"), done.stderr[-2000:]
     assert 'if __name__ == "__main__":' in last and "use fewer --workers" in last
     assert not (tmp_path / "out").exists()
+
+
+def _nn_counts_all_placements(label: np.ndarray, value: int) -> list[int]:
+    """Voxels of `value` that nearest-neighbour sampling at 1.5 mm keeps, for each of the 27 distinct
+    placements over a 1 mm grid (three ways per axis to take two of every three planes), by plain numpy."""
+    counts = []
+    for offsets in np.ndindex(3, 3, 3):
+        picked = [np.flatnonzero((np.arange(n) - o) % 3 != 2) for n, o in zip(label.shape, offsets)]
+        counts.append(int((label[np.ix_(*picked)] == value).sum()))
+    return counts
+
+
+def test_placement_counts_a_class_the_common_grid_only_partly_sees(tmp_path):
+    """A ball plus a one-voxel sheet far from it: the search must count the sheet on every placement (it
+    bounds the search by the class's source voxels, not by what the common grid kept)."""
+    label = np.zeros(ATLAS_SHAPE, dtype=np.uint8)
+    i, j, k = np.meshgrid(*[np.arange(n) for n in ATLAS_SHAPE], indexing="ij")
+    label[(i - 10.3) ** 2 + (j - 12.6) ** 2 + (k - 11.2) ** 2 <= 3.6 ** 2] = 1
+    label[31, 4:30, 4:28] = 1  # the sheet: one plane, which some placements skip entirely
+    raw = make_v2_dataset(tmp_path / "raw", labels={"background": 0, "organ": 1}, write_cases=False)
+    write_volume(raw / "imagesTr" / "case_a_0000.nii.gz", phantom_image(ATLAS_SHAPE), spacing=ONE_MM)
+    write_volume(raw / "labelsTr" / "case_a.nii.gz", label, spacing=ONE_MM)
+    prepare_datasets([raw], tmp_path / "out")
+    entry = _entries(tmp_path / "out")[("case_a", "organ")]
+    expected = (label == 1).sum() / 3.375
+    error = abs(entry["resampled_voxels"] - expected) / expected
+    best = min(abs(c - expected) / expected for c in _nn_counts_all_placements(label, 1))
+    assert error <= max(0.01, best) + 1e-9, (error, best)
+    written = read_ijk(tmp_path / "out" / "organ" / PHANTOM / "labelsTr" / "case_a.nii.gz")[0]
+    assert int(written.sum()) == entry["resampled_voxels"]  # the count the search predicted is what was written
+
+
+def test_a_class_the_common_grid_loses_is_written_on_a_placement_that_keeps_it(tmp_path):
+    """A one-voxel line at i = j = 1 (16 mm³): the common 1.5 mm grid samples planes 0, 2, 3, ... and misses
+    it; a placement that samples plane 1 keeps it, so it is written, not reported empty."""
+    label = np.zeros((12, 12, 20), dtype=np.uint8)
+    label[1, 1, 2:18] = 1
+    raw = make_v2_dataset(tmp_path / "raw", labels={"background": 0, "line": 1}, write_cases=False)
+    write_volume(raw / "imagesTr" / "case_a_0000.nii.gz", phantom_image(label.shape), spacing=ONE_MM)
+    write_volume(raw / "labelsTr" / "case_a.nii.gz", label, spacing=ONE_MM)
+    prepare_datasets([raw], tmp_path / "shared", shared_grid=True)
+    assert _entries(tmp_path / "shared")[("case_a", "line")]["reason_code"] == "empty_after_resampling"
+    prepare_datasets([raw], tmp_path / "out")
+    entry = _entries(tmp_path / "out")[("case_a", "line")]
+    assert entry["status"] == "written" and entry["resampled_voxels"] > 0 and any(entry["grid_shift_mm"])
+    written, image = read_ijk(tmp_path / "out" / "line" / PHANTOM / "labelsTr" / "case_a.nii.gz")
+    nearest, _ = _nearest_source_index(image, label.shape)
+    assert np.array_equal(written, label[nearest[..., 0], nearest[..., 1], nearest[..., 2]])
+
+
+def test_placements_do_not_depend_on_which_classes_a_run_prepares(tmp_path):
+    """Each class's placement is its own choice: preparing some classes first (--classes, or a resumed run)
+    gives the same files as preparing all at once."""
+    label = np.zeros(ATLAS_SHAPE, dtype=np.uint8)
+    i, j, k = np.meshgrid(*[np.arange(n) for n in ATLAS_SHAPE], indexing="ij")
+    centres = [(8.3, 8.6, 8.2), (8.7, 25.1, 9.4), (25.2, 9.9, 22.6), (24.4, 26.3, 21.1), (33.6, 17.2, 15.8)]
+    for value, (a, b, c) in enumerate(centres, start=1):
+        label[(i - a) ** 2 + (j - b) ** 2 + (k - c) ** 2 <= 3.3 ** 2] = value
+    names = [f"ball{v}" for v in range(1, len(centres) + 1)]
+    raw = make_v2_dataset(tmp_path / "raw", labels={"background": 0, **{n: v for v, n in enumerate(names, 1)}},
+                          write_cases=False)
+    write_volume(raw / "imagesTr" / "case_a_0000.nii.gz", phantom_image(ATLAS_SHAPE), spacing=ONE_MM)
+    write_volume(raw / "labelsTr" / "case_a.nii.gz", label, spacing=ONE_MM)
+    prepare_datasets([raw], tmp_path / "all")
+    for name in names[::2]:
+        prepare_datasets([raw], tmp_path / "parts", classes=[name])
+    prepare_datasets([raw], tmp_path / "parts")
+    whole, parts = _entries(tmp_path / "all"), _entries(tmp_path / "parts")
+    assert sum(any(e["grid_shift_mm"]) for e in whole.values()) >= 2  # several classes moved
+    assert {k: e["grid_shift_mm"] for k, e in whole.items()} == {k: e["grid_shift_mm"] for k, e in parts.items()}
+    for name in names:
+        a = read_ijk(tmp_path / "all" / name / PHANTOM / "labelsTr" / "case_a.nii.gz")
+        b = read_ijk(tmp_path / "parts" / name / PHANTOM / "labelsTr" / "case_a.nii.gz")
+        assert np.array_equal(a[0], b[0]) and a[1].GetOrigin() == b[1].GetOrigin()
+
+
+def test_resampled_labels_are_zero_outside_the_label_file_on_a_moved_grid_too(tmp_path):
+    """--resample-labels with a label covering only part of the image: on a moved grid, as on the common one,
+    what lies outside the label file is background (no copies of its edge values)."""
+    big = (48, 44, 40)
+    label = np.zeros((30, 30, 30), dtype=np.uint8)
+    i, j, k = np.meshgrid(*[np.arange(30)] * 3, indexing="ij")
+    label[(i - 15.3) ** 2 + (j - 14.6) ** 2 + (k - 15.2) ** 2 <= 3.4 ** 2] = 2
+    label[26:30, 10:20, 10:20] = 1  # touches the label file's last i plane
+    label[0:3, 0:30, 0:30] = 3  # ignore, along the label file's first i plane
+    raw = make_v2_dataset(tmp_path / "raw", labels={"background": 0, "edge": 1, "ball": 2, "ignore": 3},
+                          write_cases=False)
+    write_volume(raw / "imagesTr" / "case_a_0000.nii.gz", phantom_image(big), spacing=ONE_MM)
+    label_origin = tuple(o + d * 5.0 for o, d in zip(ORIGIN, (-1.0, -1.0, 1.0)))  # 5 voxels in, RAS-stored
+    write_volume(raw / "labelsTr" / "case_a.nii.gz", label, spacing=ONE_MM, origin=label_origin)
+    prepare_datasets([raw], tmp_path / "out", resample_labels=True)
+    entries = _entries(tmp_path / "out")
+    for name, value in (("edge", 1), ("ball", 2)):
+        entry = entries[("case_a", name)]
+        written, image = read_ijk(tmp_path / "out" / name / PHANTOM / "labelsTr" / "case_a.nii.gz")
+        physical = _grid_points(image)
+        continuous = (physical - np.asarray(label_origin)) @ np.linalg.inv(np.asarray(RAS_STORED).reshape(3, 3)).T
+        nearest = np.floor(continuous + 0.5).astype(int)
+        inside = np.all((continuous >= -0.5) & (continuous <= np.asarray(label.shape) - 0.5), axis=-1)
+        clipped = np.clip(nearest, 0, np.asarray(label.shape) - 1)
+        sampled = np.where(inside, label[clipped[..., 0], clipped[..., 1], clipped[..., 2]], 0)
+        assert np.array_equal(written, (sampled == value).astype(np.uint8)), name
+        if entry["ignore_path"]:
+            ignore = read_ijk(tmp_path / "out" / entry["ignore_path"])[0]
+            assert np.array_equal(ignore, (sampled == 3).astype(np.uint8))
+    assert any(entries[("case_a", n)]["grid_shift_mm"] != [0.0, 0.0, 0.0] for n in ("edge", "ball"))
+
+
+def _grid_points(image: sitk.Image) -> np.ndarray:
+    """Physical (LPS) position of every voxel centre of an image, ijk-indexed."""
+    axes = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in image.GetSize()], indexing="ij"), axis=-1)
+    return np.asarray(image.GetOrigin()) + grid @ axes.T
