@@ -463,7 +463,9 @@ class Trainer:
         """Say which of this command's settings differ from the run's and are taken from the command."""
         saved_epochs = (payload.get("args") or {}).get("epochs")
         if saved_epochs is not None and int(saved_epochs) != self.settings.epochs:
-            self._warn(f"resumed with --epochs {self.settings.epochs} (the run was started with {saved_epochs})")
+            milestones = ",".join(str(m) for m in self.settings.lr_milestones) or "none"
+            self._warn(f"resumed with --epochs {self.settings.epochs} (the run was started with {saved_epochs}); "
+                       f"the lr milestones stay the run's ({milestones})")
         for message in self.task.changes_on_resume(payload.get("task_state") or {}):
             self._warn(message)
         saved_data = payload.get("data")

@@ -96,7 +96,7 @@ def test_tables_keep_their_width_when_piped_unless_columns_is_set(columns, tmp_p
 def test_a_bare_group_still_shows_its_help(cli_env):
     for args in ([], ["weights"]):
         result = CliRunner().invoke(app, args, env=cli_env)
-        assert result.exit_code == ExitCode.USAGE
+        assert result.exit_code in (ExitCode.OK, ExitCode.USAGE)  # Click < 8.2 exits 0 here, 8.2+ exits 2
         assert "Usage: fastsam3d" in result.stdout and result.stderr == ""
 
 

@@ -297,7 +297,7 @@ def test_resume_keeps_the_runs_recipe_and_says_what_changed(small, prepared, tmp
     warnings = resumed.warnings
     for expected in ("--lr 0.1 is ignored on resume: the run keeps its 0.001 (restored from last.pth)",
                      "--seed 9 is ignored on resume: the run keeps its 5",
-                     "resumed with --epochs 3 (the run was started with 2)",
+                     "resumed with --epochs 3 (the run was started with 2); the lr milestones stay the run's (1,2)",
                      "resumed with --iterations 1 (the run was started with 2)",
                      "the training data differ from the checkpoint's (2 → "):
         assert any(expected in w for w in warnings), (expected, warnings)

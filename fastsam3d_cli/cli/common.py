@@ -178,10 +178,10 @@ class OneLineErrorGroup(typer.core.TyperGroup):
             context = getattr(exc, "ctx", None)
             command = context.command_path if context is not None else "fastsam3d"
             print_error(f"{' '.join(exc.format_message().split()).rstrip('.')} — see '{command} --help'")
-            sys.exit(exc.exit_code)
-        except typer.Abort:
+            sys.exit(int(ExitCode.USAGE))  # every Click error is about the command line (FileError's own is 1)
+        except typer.Abort:  # Click's Ctrl-C / end of input at a prompt
             print_error("aborted")
-            sys.exit(int(ExitCode.INTERNAL))
+            sys.exit(int(ExitCode.INTERRUPTED))
         sys.exit(result if isinstance(result, int) else int(ExitCode.OK))
 
 
