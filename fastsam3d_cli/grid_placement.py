@@ -28,6 +28,7 @@ VOLUME_TOLERANCE = 0.01  # a class whose volume the common grid changes by more 
 BOX_MARGIN = 2  # output voxels around a class's bounding box when counting it on a shifted grid
 
 Shift = tuple[float, float, float]  # mm along the grid's own i, j, k axes
+COMMON_GRID: Shift = (0.0, 0.0, 0.0)
 Grid = tuple[Sequence[int], Sequence[float], Sequence[float], Sequence[float]]  # size, spacing, origin, direction
 
 

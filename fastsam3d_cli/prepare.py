@@ -36,11 +36,11 @@ from fastsam3d_cli import __version__
 from fastsam3d_cli.atomic import atomic_path, write_text_atomic
 from fastsam3d_cli.crops import MODEL_SPACING_MM
 from fastsam3d_cli.errors import BadInputError, UsageError
-from fastsam3d_cli.grid_placement import (VOLUME_TOLERANCE, Grid, Shift, box_on_grid, choose_shift, grid_of,
-                                          label_boxes, placement_shifts, resample_on_grid, shift_counts, shifted_grid,
-                                          union_box)
+from fastsam3d_cli.grid_placement import (COMMON_GRID, VOLUME_TOLERANCE, Grid, Shift, box_on_grid, choose_shift,
+                                          grid_of, label_boxes, placement_shifts, resample_on_grid, shift_counts,
+                                          shifted_grid, union_box)
 from fastsam3d_cli.imaging import (describe_grid_difference, image_from_array_ijk, read_image,
-                                   resample_like, resample_to_spacing, same_grid)
+                                   resample_like, resampled_grid, same_grid)
 from fastsam3d_cli.nnunet import LabelClass, RawCase, RawDataset, load_raw_dataset, sanitize_name
 from fastsam3d_cli.prepared import (IGNORE_DIR, IMAGES_DIR, LABELS_DIR, MANIFEST_FORMAT, MANIFEST_NAME,
                                     MANIFEST_VERSION, EntryKey, entry_key, load_manifest, manifest_files,
@@ -166,7 +166,7 @@ def prepare_case(job: CaseJob) -> list[dict[str, Any]]:
     source_voxel_mm3 = float(np.prod(label.GetSpacing()))
     del label_values
 
-    image_out = _resample_image_linear(image, job.settings.spacing_mm)
+    image_out = _resample_image_linear(image, resampled_grid(image, job.settings.spacing_mm))
     label_int = _as_integer_image(label)
     label_out_image = resample_like(label_int, image_out, "nearest")
     # ijk-ordered view (no copy; valid while label_out_image lives): per-class masks computed on it keep
@@ -175,19 +175,19 @@ def prepare_case(job: CaseJob) -> list[dict[str, Any]]:
     out_voxel_mm3 = float(np.prod(image_out.GetSpacing()))
 
     subset = f"{job.modality}_{job.dataset}"
-    ignore_out = label_out == job.ignore_value if job.ignore_value is not None else None
+    # Voxels per label value on the common grid, in one pass (a class's count is the sum over its values).
+    out_counts = _count_values(sitk.GetArrayViewFromImage(label_out_image).ravel(), job.allowed_values, where)
     has_ignore = job.ignore_value is not None and job.ignore_value < len(counts)
     ignore_source = int(counts[job.ignore_value]) if has_ignore else 0
-    ignore_resampled = int(ignore_out.sum()) if ignore_out is not None else 0
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     shifts = [] if job.settings.shared_grid else placement_shifts(label_int, grid_of(image_out))
     entries: list[dict[str, Any]] = []
-    on_common_grid: list[tuple[LabelClass, dict[str, Any]]] = []
+    placed: dict[Shift, list[tuple[LabelClass, dict[str, Any]]]] = {}  # (0, 0, 0): the common grid
     needy: list[tuple[LabelClass, dict[str, Any], float, int]] = []  # (class, entry, expected, common count)
     for cls in job.classes:
         source_voxels = int(sum(int(counts[v]) for v in cls.values if v < len(counts)))
-        entry = _new_entry(job, cls, source_voxels, source_voxel_mm3, ignore_source, ignore_resampled, now)
+        entry = _new_entry(job, cls, source_voxels, source_voxel_mm3, ignore_source, now)
         entries.append(entry)
         volume_mm3 = source_voxels * source_voxel_mm3
         if source_voxels == 0:
@@ -196,95 +196,70 @@ def prepare_case(job: CaseJob) -> list[dict[str, Any]]:
             entry.update(reason=f"below --min-volume-mm3: {volume_mm3:.1f} mm³ < {job.settings.min_volume_mm3:g} mm³",
                          reason_code="too_small")
         else:
-            resampled = int(_binary_mask(label_out, cls.values).sum())
+            resampled = int(sum(int(out_counts[v]) for v in cls.values if v < len(out_counts)))
             expected = volume_mm3 / out_voxel_mm3
             if shifts and abs(resampled / expected - 1.0) > VOLUME_TOLERANCE:  # a vanished class too
                 needy.append((cls, entry, expected, resampled))
             else:
-                on_common_grid.append((cls, entry))
-    on_own_grid: dict[Shift, list[tuple[LabelClass, dict[str, Any]]]] = {}
+                placed.setdefault(COMMON_GRID, []).append((cls, entry))
     if needy:
         boxes = label_boxes(label_int)  # one pass; each class's box, mapped onto the common grid, bounds its search
         for cls, entry, expected, resampled in needy:
             box = box_on_grid(label_int, union_box([boxes[v] for v in cls.values if v in boxes]), grid_of(image_out))
             shift = choose_shift(expected, resampled, shift_counts(label_int, grid_of(image_out), box, cls.values,
                                                                    shifts), shifts)
-            if shift is None:  # no placement does better than the common grid
-                on_common_grid.append((cls, entry))
-            else:
-                on_own_grid.setdefault(shift, []).append((cls, entry))
+            placed.setdefault(shift or COMMON_GRID, []).append((cls, entry))  # None: nothing beats the common grid
 
-    for cls, entry in on_common_grid:
-        mask = _binary_mask(label_out, cls.values)
-        resampled = int(mask.sum())
-        entry.update(resampled_voxels=resampled, resampled_ml=round(resampled * out_voxel_mm3 / 1000.0, 6))
-        if resampled == 0:
-            entry.update(reason=f"empty after resampling to {job.settings.spacing_mm:g} mm",
-                         reason_code="empty_after_resampling")
-            continue
-        folder = f"{cls.name}/{subset}"
-        file_name = f"{job.case.case_id}.nii.gz"
-        entry.update(status="written", grid_shift_mm=[0.0, 0.0, 0.0],
-                     image_path=f"{folder}/{IMAGES_DIR}/{file_name}",
-                     label_path=f"{folder}/{LABELS_DIR}/{file_name}",
-                     ignore_path=f"{folder}/{IGNORE_DIR}/{file_name}" if ignore_resampled else None)
-        label_file = job.output_dir / entry["label_path"]
-        _write_volume(image_from_array_ijk(mask, image_out), label_file)
-        entry["label_bytes"] = label_file.stat().st_size
-
-    common = [e for _, e in on_common_grid if e["status"] == "written"]
-    _write_shared(image_out, [job.output_dir / e["image_path"] for e in common])
-    if ignore_resampled and common:
-        ignore_image = image_from_array_ijk(ignore_out.view(np.uint8), image_out)
-        _write_shared(ignore_image, [job.output_dir / e["ignore_path"] for e in common])
-    for shift in sorted(on_own_grid):
-        _write_on_shifted_grid(job, image, label_int, grid_of(image_out), shift, on_own_grid[shift], subset)
-    for entry in entries:
-        if entry["status"] != "written":
-            continue
-        entry["image_bytes"] = (job.output_dir / entry["image_path"]).stat().st_size
-        if entry["ignore_path"]:
-            entry["ignore_bytes"] = (job.output_dir / entry["ignore_path"]).stat().st_size
+    for shift in sorted(placed):
+        if shift == COMMON_GRID:
+            _write_classes_on_grid(job, image_out, label_out, shift, placed[shift], subset)
+        else:  # the image and labels resampled onto the moved grid, exactly as onto the common one
+            moved = shifted_grid(grid_of(image_out), shift)
+            labels_moved = resample_on_grid(label_int, moved, "nearest")  # 0 outside the label, as on the common grid
+            _write_classes_on_grid(job, _resample_image_linear(image, moved),
+                                   sitk.GetArrayViewFromImage(labels_moved).transpose(2, 1, 0), shift, placed[shift],
+                                   subset)
     return entries
 
 
-def _write_on_shifted_grid(job: CaseJob, image: sitk.Image, label: sitk.Image, grid: Grid, shift: Shift,
+def _write_classes_on_grid(job: CaseJob, image: sitk.Image, labels_ijk: np.ndarray, shift: Shift,
                            placed: list[tuple[LabelClass, dict[str, Any]]], subset: str) -> None:
-    """Write the classes that keep their volume better on the common grid moved by `shift` (see
-    `grid_placement`): their labels, and the image (and ignore mask) resampled onto that grid, shared."""
-    moved = shifted_grid(grid, shift)
-    image_moved = _resample_image_linear_onto(image, moved)
-    labels_moved = resample_on_grid(label, moved, "nearest")  # 0 outside the label, as on the common grid
-    labels_ijk = sitk.GetArrayViewFromImage(labels_moved).transpose(2, 1, 0)
-    voxel_mm3 = float(np.prod(image_moved.GetSpacing()))
+    """Write the classes placed on one grid (the common one, or it moved by `shift`; see `grid_placement`):
+    each binary label, then the grid's image (and ignore mask) once, hard-linked into each class folder.
+    `image` is on that grid and `labels_ijk` is the label map resampled onto it (nearest neighbour)."""
+    voxel_mm3 = float(np.prod(image.GetSpacing()))
     ignore_ijk = labels_ijk == job.ignore_value if job.ignore_value is not None else None
     ignore_voxels = int(ignore_ijk.sum()) if ignore_ijk is not None else 0
     written = []
     for cls, entry in placed:
         mask = _binary_mask(labels_ijk, cls.values)
         resampled = int(mask.sum())
-        if resampled == 0:  # cannot happen (a shift that loses the class is never chosen); never write it empty
-            entry.update(resampled_voxels=0, resampled_ml=0.0, reason_code="empty_after_resampling",
-                         reason=f"empty after resampling to {job.settings.spacing_mm:g} mm")
+        entry.update(resampled_voxels=resampled, resampled_ml=round(resampled * voxel_mm3 / 1000.0, 6),
+                     ignore_voxels=ignore_voxels)
+        if resampled == 0:  # only on the common grid: a moved grid that loses the class is never chosen
+            entry.update(reason=f"empty after resampling to {job.settings.spacing_mm:g} mm",
+                         reason_code="empty_after_resampling")
             continue
         written.append(entry)
         folder, file_name = f"{cls.name}/{subset}", f"{job.case.case_id}.nii.gz"
-        entry.update(status="written", resampled_voxels=resampled,
-                     resampled_ml=round(resampled * voxel_mm3 / 1000.0, 6), grid_shift_mm=[round(v, 6) for v in shift],
+        entry.update(status="written", grid_shift_mm=[round(v, 6) for v in shift],
                      image_path=f"{folder}/{IMAGES_DIR}/{file_name}", label_path=f"{folder}/{LABELS_DIR}/{file_name}",
-                     ignore_path=f"{folder}/{IGNORE_DIR}/{file_name}" if ignore_voxels else None,
-                     ignore_voxels=ignore_voxels)
+                     ignore_path=f"{folder}/{IGNORE_DIR}/{file_name}" if ignore_voxels else None)
         label_file = job.output_dir / entry["label_path"]
-        _write_volume(image_from_array_ijk(mask, image_moved), label_file)
+        _write_volume(image_from_array_ijk(mask, image), label_file)
         entry["label_bytes"] = label_file.stat().st_size
-    _write_shared(image_moved, [job.output_dir / e["image_path"] for e in written])
+    _write_shared(image, [job.output_dir / e["image_path"] for e in written])
     if ignore_voxels and written:
-        _write_shared(image_from_array_ijk(ignore_ijk.view(np.uint8), image_moved),
+        _write_shared(image_from_array_ijk(ignore_ijk.view(np.uint8), image),
                       [job.output_dir / e["ignore_path"] for e in written])
+    for entry in written:
+        entry["image_bytes"] = (job.output_dir / entry["image_path"]).stat().st_size
+        if entry["ignore_path"]:
+            entry["ignore_bytes"] = (job.output_dir / entry["ignore_path"]).stat().st_size
 
 
 def _new_entry(job: CaseJob, cls: LabelClass, source_voxels: int, source_voxel_mm3: float, ignore_source: int,
-               ignore_resampled: int, now: str) -> dict[str, Any]:
+               now: str) -> dict[str, Any]:
     """A manifest entry for one (case, class), as 'skipped' until the label is written."""
     return {
         "dataset": job.dataset, "modality": job.modality, "case": job.case.case_id, "class": cls.name,
@@ -292,7 +267,7 @@ def _new_entry(job: CaseJob, cls: LabelClass, source_voxels: int, source_voxel_m
         "reason_code": None, "source_voxels": source_voxels,
         "source_ml": round(source_voxels * source_voxel_mm3 / 1000.0, 6),
         "source_voxel_mm3": source_voxel_mm3, "resampled_voxels": None, "resampled_ml": None,
-        "ignore_voxels_source": ignore_source, "ignore_voxels": ignore_resampled,
+        "ignore_voxels_source": ignore_source, "ignore_voxels": None,
         "grid_shift_mm": None, "image_path": None, "label_path": None, "ignore_path": None,
         "image_bytes": None, "label_bytes": None, "ignore_bytes": None,
         "source_image": str(job.case.image_path), "source_label": str(job.case.label_path),
@@ -363,17 +338,9 @@ def _as_integer_image(label: sitk.Image) -> sitk.Image:
     return label
 
 
-def _resample_image_linear(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    """Linear resampling computed in float32; integer images are rounded back to their own type."""
-    pixel = image.GetPixelID()
-    if pixel in (sitk.sitkFloat32, sitk.sitkFloat64):
-        return resample_to_spacing(image, spacing_mm, "linear")
-    resampled = resample_to_spacing(sitk.Cast(image, sitk.sitkFloat32), spacing_mm, "linear")
-    return sitk.Cast(sitk.Round(resampled), pixel)
-
-
-def _resample_image_linear_onto(image: sitk.Image, grid: Grid) -> sitk.Image:
-    """`_resample_image_linear` onto an explicit (shifted) grid; its edge takes the nearest voxel's value."""
+def _resample_image_linear(image: sitk.Image, grid: Grid) -> sitk.Image:
+    """Linear resampling onto `grid`, computed in float32; integer images are rounded back to their own type.
+    A moved grid may reach a third of a voxel past the volume's edge: the nearest voxel's value is used there."""
     pixel = image.GetPixelID()
     if pixel in (sitk.sitkFloat32, sitk.sitkFloat64):
         return resample_on_grid(image, grid, "linear", extrapolate=True)
