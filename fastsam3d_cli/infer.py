@@ -142,6 +142,7 @@ class _Outputs:
     sidecar: Path
     preview: Path | None
     probabilities_dir: Path | None
+    inputs: list[tuple[Path, str]]  # (path, description) of the files no output may replace
 
 
 def _plan_outputs(volume: Path, clicks: Path, output: Path | None, preview: Path | None,
@@ -173,18 +174,17 @@ def _plan_outputs(volume: Path, clicks: Path, output: Path | None, preview: Path
                                 "create it first or choose another --probabilities folder")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise BadInputError(f"output folder {parent} is not writable", "choose a writable --probabilities folder")
-    return _Outputs(labelmap, sidecar, preview, probabilities_dir)
+    return _Outputs(labelmap, sidecar, preview, probabilities_dir, inputs)
 
 
-def _check_probability_paths(outputs: _Outputs, objects: Sequence[Any], overwrite: bool,
-                             inputs: Sequence[tuple[Path, str]]) -> None:
+def _check_probability_paths(outputs: _Outputs, objects: Sequence[Any], overwrite: bool) -> None:
     """Every object's probability map may be written (an existing one only with --overwrite, never an input)."""
     from fastsam3d_cli.atomic import check_output_path
 
     if outputs.probabilities_dir is not None and outputs.probabilities_dir.is_dir():
         for obj in objects:
             check_output_path(probability_path(outputs.probabilities_dir, outputs.labelmap, obj.label, obj.name),
-                              overwrite, "probability map", "--probabilities", inputs)
+                              overwrite, "probability map", "--probabilities", outputs.inputs)
 
 
 def probability_path(folder: Path, labelmap: Path, label: int, name: str) -> Path:
@@ -235,8 +235,7 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     say("reading")
     read_start = time.perf_counter()
     click_file = read_click_file(clicks)
-    _check_probability_paths(outputs, click_file.objects, overwrite,
-                             [(volume_path, "the input volume"), (Path(clicks).expanduser(), "the click file")])
+    _check_probability_paths(outputs, click_file.objects, overwrite)
     image = read_image(volume_path, channel, strict_channel=True)
     points_lps = [to_lps(obj.points, click_file.space, image) for obj in click_file.objects]
     for obj, lps in zip(click_file.objects, points_lps):
