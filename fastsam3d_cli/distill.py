@@ -560,7 +560,8 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     from fastsam3d_cli.training_data import (all_labels_empty_error, empty_label_warnings, label_voxels,
                                              run_warnings)
     from fastsam3d_cli.train import check_numbers, check_run_dir
-    from fastsam3d_cli.trainer import LAST_CHECKPOINT, TrainerSettings, load_training_checkpoint, recipe_for_run
+    from fastsam3d_cli.trainer import (LAST_CHECKPOINT, RECIPE_DEFAULTS, TrainerSettings, load_training_checkpoint,
+                                       recipe_for_run)
 
     check_numbers(batch_size=batch_size, accumulate=accumulate, workers=workers, max_steps=max_steps, lr=lr,
                    time_limit_s=time_limit_s, save_every_steps=save_every_steps)
@@ -594,7 +595,7 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     check_compatible(teacher_config, student_config)
     schedule = StageSchedule(teacher_config.encoder.depth, student_config.encoder.depth, epochs_per_stage)
     # The same initial student (and projections) on every rank and every rerun (a resumed run loads its own).
-    torch.manual_seed(2023 if seed is None else seed)
+    torch.manual_seed(RECIPE_DEFAULTS["seed"] if seed is None else seed)
     model = DistillationModel(student_config, teacher_config.encoder.embed_dim, schedule)
     model.set_attention(attention, torch_device)  # an unusable backend is a usage/device error now, not later
     if student_init is not None:
@@ -622,11 +623,8 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
         resume_payload = load_training_checkpoint(run_dir / LAST_CHECKPOINT, TASK_NAME, init_option="--student-init")
         check_resume_payload(resume_payload, student_config, teacher_sha, run_dir / LAST_CHECKPOINT, epochs_per_stage)
     check_cache_folder(cache_dir, identity)  # another teacher / crop size / sample set → exit 3, up front
-    requested = {"lr": lr, "weight_decay": weight_decay, "lr_gamma": lr_gamma, "seed": seed,
-                 "lr_milestones": None if lr_milestones is None else tuple(sorted(int(m) for m in lr_milestones))}
-    recipe, recipe_warnings = recipe_for_run(
-        resume_payload.get("args") if resume_payload is not None else None, requested,
-        {"lr": 8e-4, "weight_decay": 0.1, "lr_gamma": 0.1, "seed": 2023, "lr_milestones": ()})
+    recipe, recipe_warnings = recipe_for_run(resume_payload, lr=lr, weight_decay=weight_decay, lr_gamma=lr_gamma,
+                                             seed=seed, lr_milestones=lr_milestones, default_milestones=())
     warnings = recipe_warnings + warnings
 
     created = distributed.init_process_group(env, torch_device)

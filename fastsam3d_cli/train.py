@@ -349,11 +349,9 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     if resume:
         resume_payload = load_training_checkpoint(run_dir / LAST_CHECKPOINT, InteractiveSegmentationTask.name)
         check_preset(resume_payload, config.name, run_dir / LAST_CHECKPOINT)
-    requested = {"lr": lr, "weight_decay": weight_decay, "lr_gamma": lr_gamma, "seed": seed,
-                 "lr_milestones": None if lr_milestones is None else tuple(sorted(int(m) for m in lr_milestones))}
-    recipe, recipe_warnings = recipe_for_run(
-        resume_payload.get("args") if resume_payload is not None else None, requested,
-        {"lr": 8e-4, "weight_decay": 0.1, "lr_gamma": 0.1, "seed": 2023, "lr_milestones": default_milestones(epochs)})
+    recipe, recipe_warnings = recipe_for_run(resume_payload, lr=lr, weight_decay=weight_decay, lr_gamma=lr_gamma,
+                                             seed=seed, lr_milestones=lr_milestones,
+                                             default_milestones=default_milestones(epochs))
     seed = int(recipe["seed"])
     warnings = recipe_warnings + run_warnings(samples, amp, torch_device)
 

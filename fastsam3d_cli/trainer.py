@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -79,23 +79,29 @@ class TrainerSettings:
 # ------------------------------------------------------------------------------------------- resume
 # What a resumed run takes from its checkpoint, not from the command: the optimizer and the lr schedule are
 # restored from last.pth (they carry the lr, weight decay, milestones and gamma), and the seed fixes the
-# sample order that the saved position inside an epoch refers to.
-RESTORED_ON_RESUME = ("lr", "weight_decay", "lr_milestones", "lr_gamma", "seed")
+# sample order that the saved position inside an epoch refers to. A new run's defaults (milestones: the task's).
+RECIPE_DEFAULTS = {"lr": 8e-4, "weight_decay": 0.1, "lr_gamma": 0.1, "seed": 2023}
 _FLAGS = {"lr": "--lr", "lr_milestones": "--lr-milestones", "seed": "--seed", "epochs": "--epochs"}
 
 
-def recipe_for_run(saved_args: Mapping[str, Any] | None, requested: Mapping[str, Any],
-                   defaults: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The run's values of `RESTORED_ON_RESUME` settings, and a warning for each one the command cannot change.
+def recipe_for_run(resume_payload: Mapping[str, Any] | None, *, lr: float | None, weight_decay: float | None,
+                   lr_gamma: float | None, seed: int | None, lr_milestones: Sequence[int] | None,
+                   default_milestones: Sequence[int]) -> tuple[dict[str, Any], list[str]]:
+    """The run's lr, weight decay, lr gamma, seed and milestones, and a warning for each the command cannot change.
 
-    `requested` holds the command's values (None: not given). A new run (`saved_args` None) takes them, or
-    `defaults`. A resumed run keeps the values in its checkpoint's `args`, so logs and the next checkpoint
-    say what really runs; each value given that differs is reported as ignored instead of dropped silently.
+    Arguments left None were not given. A new run (`resume_payload` None) takes the given values, else
+    `RECIPE_DEFAULTS` / `default_milestones`. A resumed run keeps the values in its checkpoint's `args`, so logs
+    and the next checkpoint say what really runs; each value given that differs is reported as ignored instead
+    of dropped silently.
     """
+    requested = {"lr": lr, "weight_decay": weight_decay, "lr_gamma": lr_gamma, "seed": seed,
+                 "lr_milestones": None if lr_milestones is None else tuple(sorted(int(m) for m in lr_milestones))}
+    defaults = {**RECIPE_DEFAULTS, "lr_milestones": tuple(default_milestones)}
+    saved_args = (resume_payload.get("args") or {}) if resume_payload is not None else {}
     resolved: dict[str, Any] = {}
     warnings: list[str] = []
     for name, value in requested.items():
-        if saved_args is None or saved_args.get(name) is None:
+        if saved_args.get(name) is None:
             resolved[name] = defaults[name] if value is None else value
             continue
         saved = saved_args[name]

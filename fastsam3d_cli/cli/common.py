@@ -157,9 +157,10 @@ def cli_errors(func: F) -> F:
 try:  # typer >= 0.20 vendors click as typer._click; older releases use click itself
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:  # pragma: no cover - depends on the installed typer
+    import click.exceptions as _click_exceptions
     from click.exceptions import ClickException  # type: ignore[no-redef]
 
-    NoArgsIsHelpError = getattr(__import__("click.exceptions").exceptions, "NoArgsIsHelpError", ())
+    NoArgsIsHelpError = getattr(_click_exceptions, "NoArgsIsHelpError", ())  # Click < 8.2 has none
 
 
 class OneLineErrorGroup(typer.core.TyperGroup):
