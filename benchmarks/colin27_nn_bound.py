@@ -6,7 +6,7 @@
 Issue 5 asks for every prepared class within 2% of its source volume, and for labels resampled
 nearest-neighbour. For the 1 mm Colin27 + AAL atlas (116 regions, many of a few mL) no single 1.5 mm
 grid does both, which is why `prepare` gives a class whose volume the common grid changes by more than
-1% its own grid placement (`fastsam3d_cli.grid_placement`). This script shows the bound without the
+1% its own grid placement (`fastsam3d_cli.data.grid_placement`). This script shows the bound without the
 tool: it places the 1.5 mm grid at every sub-voxel offset
 on a `--steps`³ lattice over one 1.5 mm period (the offset is the only freedom nearest-neighbour
 sampling at a fixed spacing has), samples the source labels nearest-neighbour, and counts the regions

@@ -5,7 +5,7 @@
     python benchmarks/encoder_speed.py --dtypes float32 --repeats 10 --json runs/encoder_speed.json
     python benchmarks/encoder_speed.py --from-json result.json   # summarise a saved `fastsam3d benchmark --json`
 
-Everything is measured in ONE run through `fastsam3d_cli.benchmark.run_benchmark` (the machinery behind
+Everything is measured in ONE run through `fastsam3d_cli.benchmark.speed.run_benchmark` (the machinery behind
 `fastsam3d benchmark`): the first call is reported apart, warm-up is discarded, and the median of the
 timed repeats is used. `--budget` (seconds per configuration, default 60) cuts warm-up and repeats of slow
 configurations — the teacher with `exact` attention takes ~10 s per encode on a 2-core CPU — down to 1
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         result = saved["result"] if "result" in saved else saved  # this script's --json, or the CLI's
         command = args.command or saved.get("command") or f"(not recorded; settings: {json.dumps(result['settings'])})"
     else:
-        from fastsam3d_cli.benchmark import run_benchmark
+        from fastsam3d_cli.benchmark.speed import run_benchmark
         from fastsam3d_cli.errors import FastSAM3DError
 
         try:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nWARNING: {warning}")
     print(targets_text(targets))
     if args.json is not None:
-        from fastsam3d_cli.atomic import write_text_atomic
+        from fastsam3d_cli.imaging.atomic import write_text_atomic
 
         write_text_atomic(args.json, json.dumps({"result": result, "targets": targets, "command": command}, indent=2))
     return 0

@@ -57,8 +57,9 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from fastsam3d_cli.infer import infer_file, load_inference_model
-    from fastsam3d_cli.predictor import Predictor
+    from fastsam3d_cli.interactive.infer import infer_file
+    from fastsam3d_cli.weights.loading import load_inference_model
+    from fastsam3d_cli.interactive.predictor import Predictor
 
     data_dir = Path(os.environ.get("FASTSAM3D_DATA_DIR", REPO.parent / "shared" / "data"))
     golden_dir = Path(os.environ.get("FASTSAM3D_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
@@ -185,7 +186,7 @@ def liver_clicks(case: Path) -> list[list[float]]:
     """Two points well inside the liver (from the reference label), in RAS mm."""
     labels = json.loads((case / "dataset.json").read_text())["labels"]
     label_image = sitk.ReadImage(str(case / "labelsTr" / "abdomen.nii.gz"))
-    from fastsam3d_cli.imaging import array_ijk
+    from fastsam3d_cli.imaging.volumes import array_ijk
 
     liver = np.argwhere(array_ijk(label_image) == int(labels["liver"]))
     centre = liver.mean(axis=0)

@@ -12,7 +12,7 @@ the written binary labels, not the manifest's numbers):
 * prepared mL (written voxels × 1.5³) vs source mL: every class within 2% (issue 5), exact for 3 mm
   sources (factor 2); for the 1 mm Colin27 atlas this holds because `prepare` writes a class whose
   volume the common 1.5 mm grid changes by more than 1% on the nearby grid placement that keeps it
-  (`fastsam3d_cli.grid_placement`); `--shared-grid` passes that flag on to show the difference.
+  (`fastsam3d_cli.data.grid_placement`); `--shared-grid` passes that flag on to show the difference.
 
 Exit status 0 when every check passes, 1 otherwise. Data: $FASTSAM3D_DATA_DIR or ../shared/data.
 """

@@ -54,7 +54,7 @@ def register_preset(monkeypatch, config: ModelConfig = STUDENT) -> str:
 
 def distil_student(prepared: Path, root: Path, seed: int = 0) -> Path:
     """A real (one epoch per stage) distillation of TEACHER into STUDENT; returns the full student.pth."""
-    from fastsam3d_cli.distill import distill
+    from fastsam3d_cli.training.distill import distill
 
     teacher = save_teacher(root / "teacher.pth", seed=seed)
     result = distill([prepared], teacher, student=STUDENT, teacher_model=None, epochs_per_stage=1,

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from fastsam3d_cli.imaging import affine_lps, image_from_array_ijk
+from fastsam3d_cli.imaging.volumes import affine_lps, image_from_array_ijk
 
 CLI_ENV = {"NO_COLOR": "1", "COLUMNS": "200", "FASTSAM3D_OFFLINE": "1"}
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from fastsam3d_cli.imaging import image_from_array_ijk
+from fastsam3d_cli.imaging.volumes import image_from_array_ijk
 
 CLI_ENV = {"NO_COLOR": "1", "COLUMNS": "200"}
 SHAPE = (20, 16, 12)  # ijk

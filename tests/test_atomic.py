@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from fastsam3d_cli import atomic
-from fastsam3d_cli.atomic import atomic_group
+from fastsam3d_cli.imaging import atomic
+from fastsam3d_cli.imaging.atomic import atomic_group
 
 
 def test_all_outputs_appear_on_success(tmp_path):

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from fastsam3d_cli.benchmark import (
+from fastsam3d_cli.benchmark.speed import (
     MIN_REPEATS, ConfigResult, TimingStats, _random_inputs, _time_model, busy_machine_warning, percentile,
     plan_repeats, run_benchmark,
 )
 from fastsam3d_cli.errors import DeviceError, UsageError
-from fastsam3d_cli.flops import model_flops
+from fastsam3d_cli.benchmark.flops import model_flops
 
 
 # ----------------------------------------------------------------------------------- statistics
@@ -43,7 +43,7 @@ def test_budget_plan():
 
 
 def test_busy_machine_warning_from_measured_cpu_time():
-    from fastsam3d_cli.benchmark import other_processes_cores
+    from fastsam3d_cli.benchmark.speed import other_processes_cores
 
     start = {"busy_s": 100.0, "self_s": 10.0, "wall_s": 0.0}
     alone = {"busy_s": 120.0, "self_s": 29.5, "wall_s": 10.0}  # 20 s busy, 19.5 s of it ours
@@ -109,7 +109,7 @@ def test_budget_cuts_warmup_and_repeats_but_not_below_the_floor():
 
 
 def _cpu_clock():
-    from fastsam3d_cli.benchmark import Clock
+    from fastsam3d_cli.benchmark.speed import Clock
 
     return Clock(torch.device("cpu"))
 
@@ -211,7 +211,7 @@ def test_sdpa_attention_is_counted_and_the_padded_window_does_less():
 
 
 def test_fused_cpu_attention_is_counted():
-    from fastsam3d_cli.flops import count_flops
+    from fastsam3d_cli.benchmark.flops import count_flops
 
     q = torch.randn(1, 3, 64, 16)  # 4-D on CPU: the fused kernel, which torch's counter alone misses
     counted = count_flops(torch.nn.functional.scaled_dot_product_attention, q, q, q)

@@ -157,8 +157,7 @@ def _tiny_checkpoint(path: Path, seed: int = 5):
 
 def test_checkpoint_is_timed_with_its_own_weights(tmp_path, monkeypatch):
     """A distilled/trained student is benchmarked from its file: preset read from it, its weights used."""
-    from fastsam3d_cli import benchmark
-
+    from fastsam3d_cli.benchmark import speed as benchmark
     path = tmp_path / "student.pth"
     saved = _tiny_checkpoint(path)
     seen = []
@@ -188,8 +187,7 @@ def test_checkpoint_rows_follow_the_presets_in_the_table(tmp_path):
 
 
 def test_corrupt_checkpoint_exits_4_before_timing(tmp_path, monkeypatch):
-    from fastsam3d_cli import benchmark
-
+    from fastsam3d_cli.benchmark import speed as benchmark
     path = tmp_path / "student.pth"
     path.write_bytes(b"not a checkpoint")
     monkeypatch.setattr(benchmark, "_interaction", lambda *a: pytest.fail("nothing may be timed"))

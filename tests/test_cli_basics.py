@@ -140,9 +140,9 @@ def test_bash_completion_completes_commands_subcommands_and_options():
 
 def test_python_api_is_importable_from_the_package():
     import fastsam3d_cli
-    from fastsam3d_cli.distill import distill
-    from fastsam3d_cli.train import train
-    from fastsam3d_cli.validate import validate
+    from fastsam3d_cli.training.distill import distill
+    from fastsam3d_cli.training.train import train
+    from fastsam3d_cli.training.validate import validate
 
     for name in ("Predictor", "infer_file", "prepare_datasets", "list_prepared_samples", "run_benchmark",
                  "resolve_weights", "build_model", "load_model"):

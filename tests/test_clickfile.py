@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from fastsam3d_cli.clickfile import (all_spaces, check_inside, lps_to_ijk, parse_click_data, read_click_file,
+from fastsam3d_cli.imaging.clickfile import (all_spaces, check_inside, lps_to_ijk, parse_click_data, read_click_file,
                                      safe_file_part, to_lps)
 from fastsam3d_cli.errors import BadInputError, ExitCode
 from infer_phantoms import RAS_STORED, make_image, rotation

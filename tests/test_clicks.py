@@ -1,11 +1,11 @@
-"""Click simulation (`fastsam3d_cli.clicks`): random and ritm clicks on masks of known geometry."""
+"""Click simulation (`fastsam3d_cli.training.clicks`): random and ritm clicks on masks of known geometry."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from fastsam3d_cli.clicks import (SimulatedClick, clicks_to_prompt, distance_inside, error_regions, random_click,
+from fastsam3d_cli.training.clicks import (SimulatedClick, clicks_to_prompt, distance_inside, error_regions, random_click,
                                   ritm_click, simulate_click, validation_click_method)
 from train_phantoms import ellipsoid
 

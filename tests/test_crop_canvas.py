@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from fastsam3d_cli.crop_canvas import CropCanvas, shown_box
-from fastsam3d_cli.crops import CropBox, extract_crop
+from fastsam3d_cli.interactive.crop_canvas import CropCanvas, shown_box
+from fastsam3d_cli.imaging.crops import CropBox, extract_crop
 
 SIZE = 12  # small crops keep the brute force fast; the canvas does not care about the crop size
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fastsam3d_cli.distributed import (DistributedEnv, backend_for, detect_environment, device_for_rank,
+from fastsam3d_cli.training.distributed import (DistributedEnv, backend_for, detect_environment, device_for_rank,
                                        rank_aware)
 from fastsam3d_cli.errors import UsageError
 from train_phantoms import make_prepared
@@ -50,7 +50,7 @@ def _rank_main(rank: int, world: int, port: int, prepared: str, run_dir: str, ou
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from fastsam3d_cli.train import train
+    from fastsam3d_cli.training.train import train
 
     result = train([prepared], "fastsam3d-tiny", epochs=1, iterations=2, output=run_dir, device="cpu", seed=5)
     torch.save({"state": result.model.state_dict(), "samples": result.outcome.samples_seen, "rank": result.rank,

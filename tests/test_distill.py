@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastsam3d_cli.distill import (DistillationModel, StageSchedule, distill, init_student_from_teacher,
+from fastsam3d_cli.training.distill import (DistillationModel, StageSchedule, distill, init_student_from_teacher,
                                    teacher_intermediates)
 from fastsam3d_cli.errors import UsageError, WeightsError
-from fastsam3d_cli.feature_cache import FeatureCache, sha256_file
+from fastsam3d_cli.training.feature_cache import FeatureCache, sha256_file
 from fastsam3d_cli.model import build_model
 from fastsam3d_cli.model.checkpoint import load_model, read_checkpoint
 from fastsam3d_cli.model.image_encoder import ImageEncoderViT3D

@@ -6,9 +6,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from fastsam3d_cli import feature_cache
+from fastsam3d_cli.training import feature_cache
 from fastsam3d_cli.cli import app
-from fastsam3d_cli.distill import distill
+from fastsam3d_cli.training.distill import distill
 from distill_builders import CLI_ENV, STUDENT, TEACHER, TINY_COMPATIBLE_TEACHER, save_teacher
 from train_phantoms import make_prepared, tree
 

@@ -28,9 +28,9 @@ def _rank_main(rank: int, world: int, port: int, root: str) -> None:
                       MASTER_PORT=str(port))
     faulthandler.dump_traceback_later(240, exit=True)  # a deadlock fails the test with stacks instead of hanging
     torch.set_num_threads(1)
-    from fastsam3d_cli import distributed
-    from fastsam3d_cli import distill as distill_module
-    from fastsam3d_cli.distill import distill
+    from fastsam3d_cli.training import distributed
+    from fastsam3d_cli.training import distill as distill_module
+    from fastsam3d_cli.training.distill import distill
 
     # Keep a handle on each call's student (the result carries no model): every rank saves its own weights.
     built = []

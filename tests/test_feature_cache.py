@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastsam3d_cli import feature_cache as fc
+from fastsam3d_cli.training import feature_cache as fc
 from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.model.config import EncoderConfig, ModelConfig
 

@@ -5,8 +5,8 @@ import json
 import os
 import socket
 
-from fastsam3d_cli import filelock
-from fastsam3d_cli.filelock import OwnerLock
+from fastsam3d_cli.imaging import filelock
+from fastsam3d_cli.imaging.filelock import OwnerLock
 
 DEAD_PID = 2 ** 22 + 12345
 

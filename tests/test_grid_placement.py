@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fastsam3d_cli.grid_placement import (box_on_grid, choose_shift, label_boxes, placement_shifts, shift_counts,
+from fastsam3d_cli.data.grid_placement import (box_on_grid, choose_shift, label_boxes, placement_shifts, shift_counts,
                                           shifted_grid, union_box)
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

@@ -14,8 +14,9 @@ import pytest
 import SimpleITK as sitk
 
 from fastsam3d_cli.errors import BadInputError
-from fastsam3d_cli.imaging import array_ijk
-from fastsam3d_cli.infer import LoadedModel, default_output_path, infer_file, load_inference_model, sidecar_path
+from fastsam3d_cli.imaging.volumes import array_ijk
+from fastsam3d_cli.interactive.infer import default_output_path, infer_file, sidecar_path
+from fastsam3d_cli.weights.loading import LoadedModel, load_inference_model
 from infer_phantoms import (IDENTITY, RAS_STORED, TIE_FREE_SPACING, SphereModel, make_image,
                                  make_tiny_checkpoint, phantom, rotation, voxel_centres_lps, write, write_clicks)
 
@@ -247,9 +248,9 @@ def test_interrupt_leaves_no_partial_file(stage, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     if stage == "segment":
-        monkeypatch.setattr("fastsam3d_cli.predictor.Predictor.add_clicks", interrupt)
+        monkeypatch.setattr("fastsam3d_cli.interactive.predictor.Predictor.add_clicks", interrupt)
     elif stage == "write_labelmap":
-        import fastsam3d_cli.infer as infer_module
+        import fastsam3d_cli.interactive.infer as infer_module
 
         real = infer_module.write_volume
 
@@ -260,7 +261,7 @@ def test_interrupt_leaves_no_partial_file(stage, tmp_path, monkeypatch):
 
         monkeypatch.setattr(infer_module, "write_volume", write_then_interrupt)
     else:
-        monkeypatch.setattr("fastsam3d_cli.preview.write_preview", interrupt)
+        monkeypatch.setattr("fastsam3d_cli.interactive.preview.write_preview", interrupt)
     with pytest.raises(KeyboardInterrupt):
         infer_file(volume, clicks, loaded=_fake(), preview=tmp_path / "p.png", probabilities=tmp_path / "probs")
     assert _files(tmp_path) == before

@@ -175,7 +175,7 @@ def test_a_channel_of_a_3d_volume_is_refused(case, tiny):
     _assert_one_line_error(result, 3, "--channel 1 does not exist", "it is a 3D volume with one channel",
                            "drop --channel")
     assert _listing(case) == before
-    from fastsam3d_cli.imaging import read_image
+    from fastsam3d_cli.imaging.volumes import read_image
 
     assert read_image(case / "v.nii.gz", 0, strict_channel=True).GetDimension() == 3  # channel 0 is the volume
     assert read_image(case / "v.nii.gz", 1).GetDimension() == 3  # prepare's lenient reading
@@ -203,7 +203,7 @@ def test_output_locations(case, tiny, monkeypatch):
     _assert_one_line_error(_run(*args, "-o", str(case / "mask.txt")), 2, "has no image file suffix")
     assert _listing(case) == before
 
-    import fastsam3d_cli.atomic as atomic
+    import fastsam3d_cli.imaging.atomic as atomic
 
     real_access = os.access
     locked = case / "locked"
@@ -254,7 +254,7 @@ def test_ctrl_c_exits_130_and_leaves_nothing(case, tiny, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fastsam3d_cli.infer.compose_labelmap", interrupt)
+    monkeypatch.setattr("fastsam3d_cli.interactive.infer.compose_labelmap", interrupt)
     before = _listing(case)
     result = _run(str(case / "v.nii.gz"), "-c", str(case / "clicks.json"), "--checkpoint", str(tiny),
                   "--preview", str(case / "p.png"))
@@ -300,7 +300,7 @@ def test_existing_probability_maps_need_overwrite(case, tiny):
 
 def test_outputs_appear_together_or_not_at_all(case, tiny, monkeypatch):
     """A failure (or Ctrl-C) while the finished outputs are renamed into place leaves none of them."""
-    import fastsam3d_cli.atomic as atomic
+    import fastsam3d_cli.imaging.atomic as atomic
 
     real_replace, calls = os.replace, []
 

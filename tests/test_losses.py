@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastsam3d_cli.losses import (SMOOTH, binary_cross_entropy_loss, dice_ce_loss, dice_score, iou_score,
+from fastsam3d_cli.training.losses import (SMOOTH, binary_cross_entropy_loss, dice_ce_loss, dice_score, iou_score,
                                   soft_dice_loss)
 
 

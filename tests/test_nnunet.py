@@ -1,4 +1,4 @@
-"""`fastsam3d_cli.nnunet`: dataset.json validation, v1/v2 detection, label maps, case discovery."""
+"""`fastsam3d_cli.data.nnunet`: dataset.json validation, v1/v2 detection, label maps, case discovery."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastsam3d_cli.errors import BadInputError
-from fastsam3d_cli.nnunet import detect_format, load_raw_dataset, parse_labels, sanitize_name
+from fastsam3d_cli.data.nnunet import detect_format, load_raw_dataset, parse_labels, sanitize_name
 from prepare_phantoms import make_v1_task, make_v2_dataset, phantom_label, write_volume
 
 

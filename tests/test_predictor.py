@@ -8,11 +8,11 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from fastsam3d_cli.clickfile import lps_to_ijk, to_lps
-from fastsam3d_cli.crops import extract_crop, znormalize_foreground
+from fastsam3d_cli.imaging.clickfile import lps_to_ijk, to_lps
+from fastsam3d_cli.imaging.crops import extract_crop, znormalize_foreground
 from fastsam3d_cli.errors import BadInputError, UsageError
-from fastsam3d_cli.imaging import array_ijk, image_from_array_ijk, same_grid
-from fastsam3d_cli.predictor import Predictor
+from fastsam3d_cli.imaging.volumes import array_ijk, image_from_array_ijk, same_grid
+from fastsam3d_cli.interactive.predictor import Predictor
 from infer_phantoms import (IDENTITY, RAS_STORED, TIE_FREE_SPACING, IntensityModel, SphereModel,
                                  expected_nearest_paste, make_image, phantom, rotation, voxel_centres_lps)
 
@@ -367,7 +367,7 @@ def test_crop_resampling_is_timed_as_preprocess_not_encode(monkeypatch):
     """Stages do not overlap: the crop's resampling and normalisation are "preprocess", never "encode" too."""
     import time
 
-    import fastsam3d_cli.predictor as predictor_module
+    import fastsam3d_cli.interactive.predictor as predictor_module
 
     resample = predictor_module.resample_onto
 

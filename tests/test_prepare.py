@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fastsam3d_cli import prepare as prepare_module
+from fastsam3d_cli.data import prepare as prepare_module
 from fastsam3d_cli.errors import BadInputError, UsageError
-from fastsam3d_cli.prepare import parse_shard, prepare_datasets
+from fastsam3d_cli.data.prepare import parse_shard, prepare_datasets
 from prepare_phantoms import (CLI_ENV, ORIGIN, RAS_STORED, SPACING, all_files, make_v1_task, make_v2_dataset,
                               phantom_image, phantom_label, read_ijk, write_volume)
 
@@ -434,7 +434,7 @@ def test_shards_split_cases_and_a_plain_run_merges(tmp_path):
     shard_cases = [{e["case"] for e in json.loads((out / f"manifest.shard-{k}-of-2.json").read_text())["entries"]}
                    for k in (1, 2)]
     assert shard_cases == [{"a", "c"}, {"b"}]
-    from fastsam3d_cli.prepared import list_prepared_samples
+    from fastsam3d_cli.data.prepared import list_prepared_samples
 
     assert {s.case for s in list_prepared_samples(out)} == {"a", "b", "c"}  # readable before merging
     merged = prepare_datasets([raw], out)
@@ -543,7 +543,7 @@ def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
 
     raw = make_v2_dataset(tmp_path / "raw", cases=("a", "b"))
     script = tmp_path / "unguarded.py"
-    script.write_text("from fastsam3d_cli.prepare import prepare_datasets\n"
+    script.write_text("from fastsam3d_cli.data.prepare import prepare_datasets\n"
                       f"prepare_datasets([{str(raw)!r}], {str(tmp_path / 'out')!r}, workers=2)\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode != 0

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fastsam3d_cli.prepare import prepare_datasets
-from fastsam3d_cli.prepared import list_prepared_samples
+from fastsam3d_cli.data.prepare import prepare_datasets
+from fastsam3d_cli.data.prepared import list_prepared_samples
 
 DATA_DIR = Path(os.environ.get("FASTSAM3D_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA_DIR / "Task503_Colin27").is_dir(), reason=f"real data not found in {DATA_DIR}")

@@ -1,4 +1,4 @@
-"""`fastsam3d_cli.prepared`: reading a prepared folder as PreparedSample records (for train/validate/distill)."""
+"""`fastsam3d_cli.data.prepared`: reading a prepared folder as PreparedSample records (for train/validate/distill)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fastsam3d_cli.errors import BadInputError
-from fastsam3d_cli.prepare import prepare_datasets
-from fastsam3d_cli.prepared import PreparedSample, list_prepared_samples, load_manifest
+from fastsam3d_cli.data.prepare import prepare_datasets
+from fastsam3d_cli.data.prepared import PreparedSample, list_prepared_samples, load_manifest
 from prepare_phantoms import make_v1_task, make_v2_dataset, phantom_label, read_ijk
 
 

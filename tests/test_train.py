@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from fastsam3d_cli.crops import CROP_SIZE, CropBox
-from fastsam3d_cli.distributed import DistributedEnv
+from fastsam3d_cli.imaging.crops import CROP_SIZE, CropBox
+from fastsam3d_cli.training.distributed import DistributedEnv
 from fastsam3d_cli.errors import BadInputError
-from fastsam3d_cli.losses import dice_ce_loss
+from fastsam3d_cli.training.losses import dice_ce_loss
 from fastsam3d_cli.model import build_model
 from fastsam3d_cli.model.checkpoint import load_model, read_checkpoint_info
-from fastsam3d_cli.prepared import list_prepared_samples
-from fastsam3d_cli.train import InteractiveSegmentationTask, interactive_loss, mask_only_steps, train
-from fastsam3d_cli.trainer import EpochSampler
-from fastsam3d_cli.training_data import InteractiveCropDataset, crop_sample, load_sample, validation_crop
+from fastsam3d_cli.data.prepared import list_prepared_samples
+from fastsam3d_cli.training.train import InteractiveSegmentationTask, interactive_loss, mask_only_steps, train
+from fastsam3d_cli.training.trainer import EpochSampler
+from fastsam3d_cli.data.training_data import InteractiveCropDataset, crop_sample, load_sample, validation_crop
 from distill_builders import register_preset
 from train_phantoms import SHAPE, add_empty_label, make_prepared, phantom_case, write_volume
 

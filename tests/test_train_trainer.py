@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fastsam3d_cli.errors import WeightsError
-from fastsam3d_cli.trainer import (StepContext, Trainer, TrainerSettings, TrainingTask, load_training_checkpoint)
+from fastsam3d_cli.training.trainer import (StepContext, Trainer, TrainerSettings, TrainingTask, load_training_checkpoint)
 
 TRUE_WEIGHTS = torch.tensor([1.5, -2.0, 0.5, 3.0])
 
@@ -88,7 +88,7 @@ def test_a_custom_task_trains_and_logs_its_own_metrics(tmp_path):
 
 
 def test_running_mean_of_the_curve():
-    from fastsam3d_cli.plots import _running_mean
+    from fastsam3d_cli.training.plots import _running_mean
 
     assert _running_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.5, 2.5, 3.5]
 

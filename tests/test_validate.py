@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from fastsam3d_cli.cli import app
 from fastsam3d_cli.model import get_config
-from fastsam3d_cli.train import train
-from fastsam3d_cli.validate import CaseScores, ValidationResult, score_crop
+from fastsam3d_cli.training.train import train
+from fastsam3d_cli.training.validate import CaseScores, ValidationResult, score_crop
 from train_phantoms import CLI_ENV, SHAPE, make_prepared, tree, write_volume
 
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""`fastsam3d weights` and `fastsam3d_cli.weights`: cache, verified resumable downloads, import, offline use.
+"""`fastsam3d weights` and `fastsam3d_cli.weights.cache`: cache, verified resumable downloads, import, offline use.
 
 Every download test talks to a real HTTP server on 127.0.0.1 started inside the test (never the
 internet). The server serves one checkpoint and, per query flag, cuts the body off, ignores Range,
@@ -28,7 +28,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastsam3d_cli import filelock, weights
+from fastsam3d_cli.imaging import filelock
+
+from fastsam3d_cli.weights import cache as weights
 from fastsam3d_cli.errors import ExitCode, UsageError, WeightsError
 
 CLI_ENV = {"NO_COLOR": "1", "COLUMNS": "200"}
@@ -412,7 +414,7 @@ def _line_within(stream, seconds: float) -> str:
 
 def test_two_processes_downloading_at_once_share_one_download(home, monkeypatch, server):
     _serve_fastsam3d(monkeypatch, server.url("hold=1"))  # the body pauses until the test says go
-    code = ("import json; from fastsam3d_cli.weights import download; "
+    code = ("import json; from fastsam3d_cli.weights.cache import download; "
             "entry = download('fastsam3d', progress=True, retry_pause_s=0); "
             "print(json.dumps({'downloaded': entry.downloaded, 'sha256': entry.sha256}))")
     first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from fastsam3d_cli.imaging import image_from_array_ijk
+from fastsam3d_cli.imaging.volumes import image_from_array_ijk
 
 CLI_ENV = {"NO_COLOR": "1", "COLUMNS": "200"}
 SHAPE = (40, 40, 40)

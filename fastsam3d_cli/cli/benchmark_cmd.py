@@ -1,6 +1,6 @@
 """`fastsam3d benchmark`: ms per 128³ volume, FLOPs and peak memory for models × attention backends × dtypes.
 
-Parses options, calls `fastsam3d_cli.benchmark.run_benchmark`, renders Rich tables (or one JSON object).
+Parses options, calls `fastsam3d_cli.benchmark.speed.run_benchmark`, renders Rich tables (or one JSON object).
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def benchmark_command(
     GPU timings use CUDA events with synchronisation; the first call (lazy init) is reported separately and
     warm-up is excluded. Example: fastsam3d benchmark -m sam-med3d -m fastsam3d -a sdpa --dtype bfloat16
     """
-    from fastsam3d_cli.benchmark import run_benchmark
+    from fastsam3d_cli.benchmark.speed import run_benchmark
 
     show_progress = progress_enabled(json_output)
     result = run_benchmark(

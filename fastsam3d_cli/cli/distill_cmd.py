@@ -95,14 +95,14 @@ def register(app: typer.Typer) -> None:
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object with the summary on stdout."),
     ) -> None:
         """Distil a teacher's image encoder into a student, stage by stage (FastSAM3D's layer-wise recipe)."""
-        from fastsam3d_cli.distill import distill as run_distillation
+        from fastsam3d_cli.training.distill import distill as run_distillation
         from fastsam3d_cli.errors import UsageError
 
         if student not in STUDENTS:
             raise UsageError(f"--student '{student}' is not a student model", f"choose one of: {', '.join(STUDENTS)}")
         if cache_dtype not in ("float16", "float32"):
             raise UsageError(f"--cache-dtype '{cache_dtype}' is not supported", "choose float16 or float32")
-        from fastsam3d_cli.prepare import parse_class_list
+        from fastsam3d_cli.data.prepare import parse_class_list
 
         class_names = parse_class_list(classes)
         with ProgressBars(progress_enabled(json_output)) as bars:

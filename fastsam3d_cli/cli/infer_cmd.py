@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         json_output: bool = typer.Option(False, "--json", help="Print the sidecar as one JSON object on stdout."),
     ) -> None:
         """Segment the objects of a click file; write a labelmap on the volume's own grid and a JSON sidecar."""
-        from fastsam3d_cli.infer import infer_file
+        from fastsam3d_cli.interactive.infer import infer_file
 
         report = _stage_reporter(progress_enabled(json_output))
         result = infer_file(volume, clicks, output, model=model, checkpoint=checkpoint, device=device,

@@ -8,7 +8,7 @@ import typer
 
 from fastsam3d_cli.cli.common import (ProgressBars, cli_errors, print_json, progress_enabled, state, stderr_console,
                                       stdout_console)
-from fastsam3d_cli.crops import MODEL_SPACING_MM
+from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM
 
 EPILOG = (
     "Examples:\n\n"
@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object with the summary on stdout."),
     ) -> None:
         """Prepare nnU-Net v1/v2 datasets as per-class binary training data at 1.5 mm (SAM-Med3D layout)."""
-        from fastsam3d_cli.prepare import parse_class_list, parse_shard, prepare_datasets
+        from fastsam3d_cli.data.prepare import parse_class_list, parse_shard, prepare_datasets
 
         shard_parts = parse_shard(shard)
         with ProgressBars(progress_enabled(json_output)) as bars:

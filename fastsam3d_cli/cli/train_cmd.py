@@ -98,9 +98,9 @@ def register(app: typer.Typer) -> None:
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object with the summary on stdout."),
     ) -> None:
         """Train a model to segment from clicks (SAM-Med3D recipe: simulated clicks, Dice + CE, AdamW, DDP)."""
-        from fastsam3d_cli.train import train as run_training
+        from fastsam3d_cli.training.train import train as run_training
 
-        from fastsam3d_cli.prepare import parse_class_list
+        from fastsam3d_cli.data.prepare import parse_class_list
 
         class_names = parse_class_list(classes)
         with ProgressBars(progress_enabled(json_output)) as bars:

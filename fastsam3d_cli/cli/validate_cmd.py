@@ -52,9 +52,9 @@ def register(app: typer.Typer) -> None:
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object with every score on stdout."),
     ) -> None:
         """Score a checkpoint: Dice and IoU after each simulated click, per class and overall."""
-        from fastsam3d_cli.validate import validate as run_validation
+        from fastsam3d_cli.training.validate import validate as run_validation
 
-        from fastsam3d_cli.prepare import parse_class_list
+        from fastsam3d_cli.data.prepare import parse_class_list
 
         class_names = parse_class_list(classes)
         with ProgressBars(progress_enabled(json_output)) as bars:

@@ -1,6 +1,6 @@
 """`fastsam3d weights ...`: list, download, verify, locate, import and remove named checkpoints.
 
-Each command calls one function of `fastsam3d_cli.weights` and renders its result (Rich table or JSON).
+Each command calls one function of `fastsam3d_cli.weights.cache` and renders its result (Rich table or JSON).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ JSON_OPTION = typer.Option(False, "--json", help="Print the result as one JSON o
 
 
 def _names() -> list[str]:
-    from fastsam3d_cli.weights import BUILTIN_REGISTRY
+    from fastsam3d_cli.weights.cache import BUILTIN_REGISTRY
 
     return list(BUILTIN_REGISTRY)
 
@@ -67,7 +67,7 @@ def _render_table(entries: list, title: str) -> None:
 @cli_errors
 def list_command(json_output: bool = JSON_OPTION) -> None:
     """List the named checkpoints: preset, size, whether cached, how and whether verified, path."""
-    from fastsam3d_cli.weights import cache_dir, list_weights
+    from fastsam3d_cli.weights.cache import cache_dir, list_weights
 
     entries = list_weights()
     if json_output:
@@ -85,7 +85,7 @@ def download_command(
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Download NAME into the cache (resumable, verified). Does nothing if a verified copy is there."""
-    from fastsam3d_cli.weights import download
+    from fastsam3d_cli.weights.cache import download
 
     try:
         entry = download(name, progress=progress_enabled(json_output), offline=offline)
@@ -100,7 +100,7 @@ def download_command(
 
 def _interrupted(name: str) -> NoReturn:
     """One line after Ctrl-C: what was kept for resuming, then exit 130."""
-    from fastsam3d_cli.weights import partial_download
+    from fastsam3d_cli.weights.cache import partial_download
 
     kept = partial_download(name)
     print_error(f"interrupted — kept {kept[1]} bytes in {kept[0]}; run the same command again to resume" if kept
@@ -116,7 +116,7 @@ def verify_command(
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Re-hash cached checkpoints and compare with their pinned or recorded sha256 (exit 4 on a mismatch)."""
-    from fastsam3d_cli.weights import verify
+    from fastsam3d_cli.weights.cache import verify
 
     entries = verify(name)
     failed = [e for e in entries if e.verified is False]
@@ -136,7 +136,7 @@ def verify_command(
 @cli_errors
 def path_command(name: str = _name_argument(), json_output: bool = JSON_OPTION) -> None:
     """Print the cached checkpoint's path (exit 4 if it is not cached; nothing is downloaded)."""
-    from fastsam3d_cli.weights import cached_path
+    from fastsam3d_cli.weights.cache import cached_path
 
     path = cached_path(name)
     if json_output:
@@ -155,7 +155,7 @@ def import_command(
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Copy FILE into the cache as NAME and record its sha256 (for offline or air-gapped machines)."""
-    from fastsam3d_cli.weights import import_file
+    from fastsam3d_cli.weights.cache import import_file
 
     entry = import_file(name, file, replace=replace)
     if json_output:
@@ -168,7 +168,7 @@ def import_command(
 @cli_errors
 def remove_command(name: str = _name_argument(), json_output: bool = JSON_OPTION) -> None:
     """Delete NAME from the cache, with its recorded sha256."""
-    from fastsam3d_cli.weights import remove
+    from fastsam3d_cli.weights.cache import remove
 
     removed = remove(name)
     if json_output:

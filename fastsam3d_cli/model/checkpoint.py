@@ -289,7 +289,7 @@ def save_checkpoint(path: str | Path, model_state_dict: Mapping[str, torch.Tenso
 
     Keep `extra` to tensors, numbers, strings, lists and dicts so that it loads with weights_only=True.
     """
-    from fastsam3d_cli.atomic import atomic_path
+    from fastsam3d_cli.imaging.atomic import atomic_path
 
     payload = {"model_state_dict": {k: v.detach().cpu() for k, v in model_state_dict.items()}, **extra}
     with atomic_path(Path(path)) as tmp:

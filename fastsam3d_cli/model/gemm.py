@@ -9,7 +9,7 @@ float64 product 1.2e-4 vs 5.4e-5 for MKL, on a 768-long dot product of unit norm
 Inference calls the oneDNN op directly. Training goes through `_OneDNNLinear`, whose backward is two
 more oneDNN products (grad_x = grad·W, grad_W = gradᵀ·x) and a sum for the bias: a `fastsam3d` training
 step on 2 cores went 1.60 → 0.98 s. Everything that could see a difference keeps `F.linear`: non-CPU
-tensors, other dtypes, autocast, tracing/compiling, an active dispatch mode (FLOP counting sees plain
+tensors, other dtypes (bfloat16 too on a CPU without oneDNN's bfloat16 kernels), autocast, tracing/compiling, an active dispatch mode (FLOP counting sees plain
 aten ops), and products under `MIN_MACS` multiply-adds (faster on MKL). `FASTSAM3D_CPU_GEMM=aten` turns
 it all off for the process (read once, at import).
 """
@@ -42,6 +42,17 @@ def _find_onednn_linear():
 _onednn_linear = _find_onednn_linear()
 
 
+def _onednn_has_bf16() -> bool:
+    """Whether this CPU has oneDNN's bfloat16 inner product (AVX-512 BF16 / AMX; an AVX2-only CPU has none)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN_BF16 = _onednn_linear is not None and _onednn_has_bf16()
+
+
 def uses_onednn() -> bool:
     """Whether CPU dense layers run on oneDNN in this process (recorded in benchmark output)."""
     return _onednn_linear is not None
@@ -52,6 +63,8 @@ def _usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     if _onednn_linear is None or x.device.type != "cpu" or weight.device.type != "cpu" or weight.ndim != 2:
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+        return False
+    if x.dtype == torch.bfloat16 and not _ONEDNN_BF16:
         return False
     if bias is not None and (bias.dtype != x.dtype or bias.device.type != "cpu" or bias.ndim != 1):
         return False

@@ -5,7 +5,7 @@ measured at its source resolution, resampled once by nearest neighbour onto the 
 and split into one binary uint8 label per class. A class whose volume that common grid changes by more
 than 1% is written instead on the nearby grid placement that keeps it (`grid_placement`), image and
 label resampled onto that moved grid the same way. The layout, the manifest and the `ignore` mask are
-described in `fastsam3d_cli.prepared`. Orientation is kept as stored (no canonicalisation here; train
+described in `fastsam3d_cli.data.prepared`. Orientation is kept as stored (no canonicalisation here; train
 and infer reorient to RAS+ themselves, which is a lossless axis permutation).
 
 Robustness: every file is written to a temporary name and renamed; the resampled image is written once
@@ -33,16 +33,16 @@ import numpy as np
 import SimpleITK as sitk
 
 from fastsam3d_cli import __version__
-from fastsam3d_cli.atomic import atomic_path, write_text_atomic
-from fastsam3d_cli.crops import MODEL_SPACING_MM
+from fastsam3d_cli.imaging.atomic import atomic_path, write_text_atomic
+from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM
 from fastsam3d_cli.errors import BadInputError, UsageError
-from fastsam3d_cli.grid_placement import (COMMON_GRID, VOLUME_TOLERANCE, Grid, Shift, box_on_grid, choose_shift,
+from fastsam3d_cli.data.grid_placement import (COMMON_GRID, VOLUME_TOLERANCE, Grid, Shift, box_on_grid, choose_shift,
                                           grid_of, label_boxes, placement_shifts, resample_on_grid, shift_counts,
                                           shifted_grid, union_box)
-from fastsam3d_cli.imaging import (describe_grid_difference, image_from_array_ijk, read_image,
+from fastsam3d_cli.imaging.volumes import (describe_grid_difference, image_from_array_ijk, read_image,
                                    resample_like, resampled_grid, same_grid)
-from fastsam3d_cli.nnunet import LabelClass, RawCase, RawDataset, load_raw_dataset, sanitize_name
-from fastsam3d_cli.prepared import (IGNORE_DIR, IMAGES_DIR, LABELS_DIR, MANIFEST_FORMAT, MANIFEST_NAME,
+from fastsam3d_cli.data.nnunet import LabelClass, RawCase, RawDataset, load_raw_dataset, sanitize_name
+from fastsam3d_cli.data.prepared import (IGNORE_DIR, IMAGES_DIR, LABELS_DIR, MANIFEST_FORMAT, MANIFEST_NAME,
                                     MANIFEST_VERSION, EntryKey, entry_key, load_manifest, manifest_files,
                                     read_manifest_file, shard_manifest_name)
 

@@ -242,7 +242,7 @@ def to_lps(points: np.ndarray | Sequence[Sequence[float]], space: str, image: An
     if space == "ras":
         return points * _LPS_FROM_RAS
     if space == "ijk":
-        from fastsam3d_cli.imaging import affine_lps
+        from fastsam3d_cli.imaging.volumes import affine_lps
 
         affine = affine_lps(image)
         return points @ affine[:3, :3].T + affine[:3, 3]
@@ -251,7 +251,7 @@ def to_lps(points: np.ndarray | Sequence[Sequence[float]], space: str, image: An
 
 def lps_to_ijk(points_lps: np.ndarray, image: Any) -> np.ndarray:
     """LPS millimetres (N, 3) → continuous voxel index (N, 3) of `image` (ijk, NIfTI axis order)."""
-    from fastsam3d_cli.imaging import affine_lps
+    from fastsam3d_cli.imaging.volumes import affine_lps
 
     affine = affine_lps(image)
     return (np.asarray(points_lps, dtype=np.float64).reshape(-1, 3) - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
@@ -300,6 +300,6 @@ def safe_file_part(name: str) -> str:
 
 def write_click_file(click_file: ClickFile, path: str | Path) -> None:
     """Write the fastsam3d JSON form atomically (used by tests and the README example)."""
-    from fastsam3d_cli.atomic import write_text_atomic
+    from fastsam3d_cli.imaging.atomic import write_text_atomic
 
     write_text_atomic(Path(path), json.dumps(click_file.to_dict(), indent=2) + "\n")

@@ -25,89 +25,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
+from fastsam3d_cli.weights.loading import (LoadedModel, load_inference_model, model_choice, sha256_of,
+                                            torch_dtype)
 
-# --model NAME → (preset, registry name of its published weights or None)
-MODEL_CHOICES: dict[str, tuple[str, str | None]] = {
-    "fastsam3d": ("fastsam3d", "fastsam3d"),
-    "sam-med3d": ("sam-med3d", "sam-med3d-turbo"),
-    "sam-med3d-turbo": ("sam-med3d", "sam-med3d-turbo"),
-    "fastsam3d-tiny": ("fastsam3d-tiny", None),
-}
-DEFAULT_MODEL = "fastsam3d"
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 Progress = Callable[[str], None]
-
-
-# ------------------------------------------------------------------------------------------ model
-@dataclass
-class LoadedModel:
-    """A model ready for inference and where it came from (recorded in the sidecar)."""
-
-    model: Any  # Sam3D in eval mode
-    preset: str
-    checkpoint: Path
-    checkpoint_sha256: str
-    weights_name: str | None  # registry name when resolved by name (--model without --checkpoint)
-    device: Any  # torch.device
-    attention: str  # resolved backend
-    load_ms: float
-    dtype: str = "float32"  # weights/activation type the model runs in
-
-
-def model_choice(name: str | None) -> tuple[str, str | None]:
-    """(preset, registry weights name) for a --model value; UsageError for an unknown name."""
-    key = (name or DEFAULT_MODEL).strip().lower()
-    if key not in MODEL_CHOICES:
-        raise UsageError(f"unknown model '{name}'", f"choose one of: {', '.join(MODEL_CHOICES)}")
-    return MODEL_CHOICES[key]
-
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def torch_dtype(name: str) -> Any:
-    """torch dtype for a --dtype value (UsageError otherwise)."""
-    import torch
-
-    if name not in DTYPES:
-        raise UsageError(f"unknown --dtype '{name}'", f"choose one of: {', '.join(DTYPES)}")
-    return getattr(torch, name)
-
-
-def load_inference_model(model: str | None = None, checkpoint: str | Path | None = None, device: Any = "auto",
-                         attention: str = "auto", offline: bool | None = None, progress: bool = False,
-                         dtype: str = "float32") -> LoadedModel:
-    """Load `--checkpoint` (preset inferred unless `model` is given), or the named model's cached weights.
-
-    dtype: "float32" (exact), or "bfloat16"/"float16" to run the model in reduced precision (bfloat16 is
-    about 2–3× faster on CPUs with AVX512-BF16/AMX and on GPUs; masks can differ along outlines).
-
-    WeightsError (exit 4): checkpoint missing, corrupt or for another preset; named weights not cached
-    while offline (the message names the `fastsam3d weights download/import` command).
-    """
-    from fastsam3d_cli.device import resolve_device
-    from fastsam3d_cli.model.checkpoint import load_model
-
-    torch_device = device if not isinstance(device, str) else resolve_device(device)
-    weights_dtype = torch_dtype(dtype)
-    preset, weights_name = model_choice(model)
-    start = time.perf_counter()
-    if checkpoint is None:
-        if weights_name is None:
-            raise WeightsError(f"model '{preset}' has no published weights",
-                               "give --checkpoint PATH (a checkpoint trained or distilled with fastsam3d)")
-        from fastsam3d_cli.weights import resolve_weights
-
-        path = Path(resolve_weights(weights_name, offline=offline, progress=progress))
-    else:
-        path, weights_name = Path(checkpoint).expanduser(), None
-    net, info = load_model(path, preset=preset if (model is not None or checkpoint is None) else None,
-                           device=torch_device, attention=attention)
-    net = net.to(weights_dtype)
-    digest = _sha256_cached(path)
-    return LoadedModel(net, str(info.preset), path.absolute(), digest, weights_name, torch_device,
-                       str(getattr(net, "attention", attention)), (time.perf_counter() - start) * 1000.0, dtype)
 
 
 # ------------------------------------------------------------------------------------------ paths
@@ -152,7 +75,7 @@ def _plan_outputs(volume: Path, clicks: Path, output: Path | None, preview: Path
     No output may replace the volume or the click file, `--overwrite` or not: the sidecar is always
     `<output stem>.json`, so `-o liver.nii.gz` next to a click file `liver.json` is refused.
     """
-    from fastsam3d_cli.atomic import check_output_path
+    from fastsam3d_cli.imaging.atomic import check_output_path
 
     inputs = [(volume, "the input volume"), (clicks, "the click file")]
     labelmap = Path(output).expanduser() if output is not None else default_output_path(Path(volume).expanduser())
@@ -179,7 +102,7 @@ def _plan_outputs(volume: Path, clicks: Path, output: Path | None, preview: Path
 
 def _check_probability_paths(outputs: _Outputs, objects: Sequence[Any], overwrite: bool) -> None:
     """Every object's probability map may be written (an existing one only with --overwrite, never an input)."""
-    from fastsam3d_cli.atomic import check_output_path
+    from fastsam3d_cli.imaging.atomic import check_output_path
 
     if outputs.probabilities_dir is not None and outputs.probabilities_dir.is_dir():
         for obj in objects:
@@ -189,7 +112,7 @@ def _check_probability_paths(outputs: _Outputs, objects: Sequence[Any], overwrit
 
 def probability_path(folder: Path, labelmap: Path, label: int, name: str) -> Path:
     """`<folder>/<labelmap stem>_prob_<label>_<name>.nii.gz`."""
-    from fastsam3d_cli.clickfile import safe_file_part
+    from fastsam3d_cli.imaging.clickfile import safe_file_part
 
     return folder / f"{image_stem(labelmap)}_prob_{label}_{safe_file_part(name)}.nii.gz"
 
@@ -208,10 +131,10 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     `<stem>_mask.nii.gz` beside the input), `<output stem>.json`, and optionally a preview PNG and
     per-object probability maps (float32 NIfTI, linear interpolation onto the input grid) in `probabilities`.
     """
-    from fastsam3d_cli.clickfile import check_inside, read_click_file, to_lps
+    from fastsam3d_cli.imaging.clickfile import check_inside, read_click_file, to_lps
     from fastsam3d_cli.device import resolve_device
-    from fastsam3d_cli.imaging import read_image
-    from fastsam3d_cli.predictor import Predictor
+    from fastsam3d_cli.imaging.volumes import read_image
+    from fastsam3d_cli.interactive.predictor import Predictor
 
     say = progress or (lambda stage: None)
     wall_start = time.perf_counter()
@@ -241,8 +164,8 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     for obj, lps in zip(click_file.objects, points_lps):
         check_inside(obj, lps, image, click_file.space)
     nifti_header = _nifti_header(volume_path, image)
-    input_sha256 = _sha256(volume_path)
-    clicks_sha256 = _sha256(Path(clicks))
+    input_sha256 = sha256_of(volume_path)
+    clicks_sha256 = sha256_of(Path(clicks))
     read_ms = (time.perf_counter() - read_start) * 1000.0
 
     if loaded is None:
@@ -300,7 +223,6 @@ def _sidecar(volume: Path, image: Any, input_sha256: str, click_file: Any, click
     import torch
 
     from fastsam3d_cli import __version__
-
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1) if labels.size else np.zeros(1, int)
     objects, warnings = [], []
@@ -371,7 +293,7 @@ def _write_outputs(outputs: _Outputs, labels: np.ndarray, image: Any, nifti_head
     """Write everything to temporary files, then rename them all; nothing is left behind on failure."""
     import json
 
-    from fastsam3d_cli.atomic import atomic_group
+    from fastsam3d_cli.imaging.atomic import atomic_group
 
     read_ms, run_start, wall_start, loaded = timings_start
     write_start = time.perf_counter()
@@ -387,7 +309,7 @@ def _write_outputs(outputs: _Outputs, labels: np.ndarray, image: Any, nifti_head
                     path = probability_path(outputs.probabilities_dir, outputs.labelmap, obj.label, obj.name)
                     write_volume(predictor.probabilities(obj.name), image, nifti_header, group.path(path))
             if outputs.preview is not None:
-                from fastsam3d_cli.preview import write_preview
+                from fastsam3d_cli.interactive.preview import write_preview
 
                 write_preview(group.path(outputs.preview), image, labels, _preview_objects(predictor, click_file))
             sidecar_tmp = group.path(outputs.sidecar)
@@ -402,7 +324,7 @@ def _write_outputs(outputs: _Outputs, labels: np.ndarray, image: Any, nifti_head
 
 
 def _preview_objects(predictor: Any, click_file: Any) -> list[dict[str, Any]]:
-    from fastsam3d_cli.clickfile import lps_to_ijk
+    from fastsam3d_cli.imaging.clickfile import lps_to_ijk
 
     items = []
     for obj in click_file.objects:
@@ -421,7 +343,7 @@ def write_volume(array: np.ndarray, image: Any, nifti_header: Any, path: Path) -
     """
     import SimpleITK as sitk
 
-    from fastsam3d_cli.imaging import image_from_array_ijk
+    from fastsam3d_cli.imaging.volumes import image_from_array_ijk
 
     if nifti_header is not None and path.name.lower().endswith(NIFTI_SUFFIXES):
         import nibabel as nib
@@ -474,23 +396,3 @@ def _header_warnings(header: Any) -> list[str]:
         return []
     return ["the input's qform and sform differ; world (ras/lps) clicks were placed with the geometry SimpleITK "
             "reads (see input.origin_lps/direction_lps); both are kept unchanged in the output"]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def _sha256_cached(path: Path) -> str:
-    """sha256 of a checkpoint, remembered per (path, size, mtime) within this process."""
-    stat = path.stat()
-    key = (str(path.absolute()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = _sha256(path)
-    return _SHA_CACHE[key]

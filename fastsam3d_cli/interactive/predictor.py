@@ -49,11 +49,11 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from fastsam3d_cli.clickfile import ClickObject, check_inside, lps_to_ijk, to_lps
-from fastsam3d_cli.crop_canvas import CropCanvas, shown_box
-from fastsam3d_cli.crops import MODEL_SPACING_MM, CropBox, box_centered_on, extract_crop, znormalize_foreground
+from fastsam3d_cli.imaging.clickfile import ClickObject, check_inside, lps_to_ijk, to_lps
+from fastsam3d_cli.interactive.crop_canvas import CropCanvas, shown_box
+from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM, CropBox, box_centered_on, extract_crop, znormalize_foreground
 from fastsam3d_cli.errors import BadInputError, UsageError
-from fastsam3d_cli.imaging import (affine_lps, read_image, resample_onto, resample_to_spacing,
+from fastsam3d_cli.imaging.volumes import (affine_lps, read_image, resample_onto, resample_to_spacing,
                                    resampled_grid, to_canonical)
 
 DEFAULT_MAX_CROPS = 8
@@ -169,7 +169,7 @@ class Predictor:
     def from_pretrained(cls, name: str = "fastsam3d", device: str = "auto", attention: str = "auto",
                         offline: bool | None = None, **kwargs: Any) -> "Predictor":
         """Load a named checkpoint from the weights cache (downloading it unless offline)."""
-        from fastsam3d_cli.infer import load_inference_model
+        from fastsam3d_cli.weights.loading import load_inference_model
 
         loaded = load_inference_model(model=name, device=device, attention=attention, offline=offline)
         return cls(loaded.model, loaded.device, **kwargs)
@@ -288,7 +288,7 @@ class Predictor:
 
     def mask_image(self, object: str = "object") -> sitk.Image:  # noqa: A002
         """The mask as a uint8 SimpleITK image with the input's geometry."""
-        from fastsam3d_cli.imaging import image_from_array_ijk
+        from fastsam3d_cli.imaging.volumes import image_from_array_ijk
 
         return image_from_array_ijk(self.mask(object).astype(np.uint8), self.input_image)
 
@@ -327,7 +327,7 @@ class Predictor:
 
     def object_report(self, object: str = "object") -> dict[str, Any]:  # noqa: A002
         """What was run for `object`: its clicks (all three spaces, used or not) and its crops."""
-        from fastsam3d_cli.clickfile import all_spaces
+        from fastsam3d_cli.imaging.clickfile import all_spaces
 
         state = self.object_state(object)
         canonical = self.canonical_grid

@@ -32,9 +32,9 @@ from typing import Any, Callable, Iterator, Optional
 from urllib.parse import urlparse
 
 from fastsam3d_cli import __version__
-from fastsam3d_cli.atomic import atomic_path, write_text_atomic
+from fastsam3d_cli.imaging.atomic import atomic_path, write_text_atomic
 from fastsam3d_cli.errors import UsageError, WeightsError
-from fastsam3d_cli.filelock import OwnerLock
+from fastsam3d_cli.imaging.filelock import OwnerLock
 
 HOME_ENV = "FASTSAM3D_HOME"
 OFFLINE_ENV = "FASTSAM3D_OFFLINE"

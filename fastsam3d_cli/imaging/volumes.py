@@ -262,7 +262,7 @@ def resample_like(image: sitk.Image, reference: sitk.Image, interpolation: Inter
 # --------------------------------------------------------------------------------------------- writing
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> None:
     """Write atomically (temp file + rename); a failure or Ctrl-C leaves nothing behind."""
-    from fastsam3d_cli.atomic import atomic_path
+    from fastsam3d_cli.imaging.atomic import atomic_path
 
     with atomic_path(Path(path)) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress)

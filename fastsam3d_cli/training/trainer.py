@@ -38,8 +38,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastsam3d_cli import __version__
-from fastsam3d_cli.atomic import write_text_atomic
-from fastsam3d_cli.distributed import SINGLE_PROCESS, DistributedEnv, all_reduce_sum
+from fastsam3d_cli.imaging.atomic import write_text_atomic
+from fastsam3d_cli.training.distributed import SINGLE_PROCESS, DistributedEnv, all_reduce_sum
 from fastsam3d_cli.errors import UsageError, WeightsError
 
 LAST_CHECKPOINT, BEST_CHECKPOINT = "last.pth", "best.pth"
@@ -209,7 +209,7 @@ class TrainingTask(ABC):
     def plot(self, step_records: list[dict[str, Any]], epoch_records: list[dict[str, Any]], path: Path,
              title: str) -> None:
         """Draw the run's curves into `path` (PNG). Default: loss and Dice per step and per epoch."""
-        from fastsam3d_cli.plots import plot_training_curves
+        from fastsam3d_cli.training.plots import plot_training_curves
 
         plot_training_curves(step_records, epoch_records, path, title=title)
 

@@ -31,7 +31,7 @@ def write_preview(path: Path, image: Any, labels: np.ndarray, objects: Sequence[
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from fastsam3d_cli.imaging import array_ijk, image_from_array_ijk, to_canonical
+    from fastsam3d_cli.imaging.volumes import array_ijk, image_from_array_ijk, to_canonical
 
     canonical = to_canonical(image)
     volume = array_ijk(canonical, np.float32)
@@ -74,7 +74,7 @@ def _window(volume: np.ndarray) -> tuple[float, float]:
 
 
 def _to_canonical_index(clicks_ijk: np.ndarray, image: Any, canonical: Any) -> np.ndarray:
-    from fastsam3d_cli.clickfile import lps_to_ijk, to_lps
+    from fastsam3d_cli.imaging.clickfile import lps_to_ijk, to_lps
 
     return lps_to_ijk(to_lps(clicks_ijk, "ijk", image), canonical) if clicks_ijk.size else clicks_ijk
 

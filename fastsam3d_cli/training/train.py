@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastsam3d_cli.clicks import clicks_to_prompt, random_click
+from fastsam3d_cli.training.clicks import clicks_to_prompt, random_click
 from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
-from fastsam3d_cli.losses import dice_ce_loss, dice_score
-from fastsam3d_cli.trainer import (CURVES_PNG, LAST_CHECKPOINT, METRICS_LOG, STEPS_LOG, StepContext, Trainer,
+from fastsam3d_cli.training.losses import dice_ce_loss, dice_score
+from fastsam3d_cli.training.trainer import (CURVES_PNG, LAST_CHECKPOINT, METRICS_LOG, STEPS_LOG, StepContext, Trainer,
                                    TrainerSettings, TrainingTask, TrainOutcome, load_training_checkpoint,
                                    recipe_for_run)
 
@@ -326,11 +326,11 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     BadInputError (3); an `init`/resume checkpoint of another model → WeightsError (4). Under torchrun
     each process calls this; rank 0 writes the run folder.
     """
-    from fastsam3d_cli import distributed
+    from fastsam3d_cli.training import distributed
     from fastsam3d_cli.device import resolve_device
     from fastsam3d_cli.model import build_model, get_config
-    from fastsam3d_cli.prepared import list_prepared_samples
-    from fastsam3d_cli.training_data import InteractiveCropDataset, empty_label_warnings, run_warnings
+    from fastsam3d_cli.data.prepared import list_prepared_samples
+    from fastsam3d_cli.data.training_data import InteractiveCropDataset, empty_label_warnings, run_warnings
 
     check_numbers(epochs=epochs, batch_size=batch_size, accumulate=accumulate, iterations=iterations,
                    workers=workers, max_steps=max_steps, unfreeze_patience=unfreeze_patience, lr=lr,

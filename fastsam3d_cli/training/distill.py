@@ -34,12 +34,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
-from fastsam3d_cli.feature_cache import (CacheIdentity, FeatureCache, cache_size_bytes, cached_blocks_for,
+from fastsam3d_cli.training.feature_cache import (CacheIdentity, FeatureCache, cache_size_bytes, cached_blocks_for,
                                          check_cache_folder, sha256_file, write_feature_cache)
 from fastsam3d_cli.model.config import ModelConfig
 from fastsam3d_cli.model.image_encoder import ImageEncoderViT3D
 from fastsam3d_cli.model.sam3d import Sam3D
-from fastsam3d_cli.trainer import StepContext, Trainer, TrainingTask, TrainOutcome
+from fastsam3d_cli.training.trainer import StepContext, Trainer, TrainingTask, TrainOutcome
 
 # Encoder parts outside the block stack, copied from the teacher where shapes agree.
 SHAREABLE_PREFIXES = ("patch_embed.", "pos_embed", "neck.")
@@ -282,7 +282,7 @@ class DistillationTask(TrainingTask):
     @torch.no_grad()
     def measure(self, stage: Stage) -> float:
         """MSE of `stage`'s pair over every cached sample (this rank's share, summed over ranks)."""
-        from fastsam3d_cli.distributed import all_reduce_sum
+        from fastsam3d_cli.training.distributed import all_reduce_sum
 
         indices = list(range(self.env.rank, len(self.dataset), self.env.world_size))
         total = 0.0
@@ -348,7 +348,7 @@ class DistillationTask(TrainingTask):
         """Rewrite stages.jsonl from the task state (so it always agrees with the checkpoint on resume)."""
         if self.run_dir is None or not self.env.is_main:
             return
-        from fastsam3d_cli.atomic import write_text_atomic
+        from fastsam3d_cli.imaging.atomic import write_text_atomic
 
         lines = [json.dumps(_finite_or_none(s)) for s in self.stage_summaries() if s["end_mse"] is not None]
         write_text_atomic(self.run_dir / STAGES_LOG, "".join(line + "\n" for line in lines))
@@ -412,7 +412,7 @@ def plot_distillation(steps: Sequence[Mapping[str, Any]], stages: Sequence[Mappi
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from fastsam3d_cli.atomic import atomic_path
+    from fastsam3d_cli.imaging.atomic import atomic_path
 
     figure, (loss_axis, stage_axis) = plt.subplots(2, 1, figsize=(7.5, 6.5))
     colours = plt.get_cmap("tab10")
@@ -459,7 +459,7 @@ def build_teacher_cache(samples: Sequence[Any], teacher: Sam3D, identity: CacheI
                         device: torch.device, progress: Callable[[int, int], None] | None = None
                         ) -> tuple[FeatureCache, int]:
     """Run the teacher over the validation crops of `samples` and write (or finish) the cache."""
-    from fastsam3d_cli.training_data import load_sample, validation_crop
+    from fastsam3d_cli.data.training_data import load_sample, validation_crop
 
     blocks = identity.blocks
 
@@ -553,14 +553,14 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     → BadInputError, the cache cut back to its last whole sample (resumable). Under torchrun rank 0 writes
     the cache and the run folder; every rank trains its share.
     """
-    from fastsam3d_cli import distributed
+    from fastsam3d_cli.training import distributed
     from fastsam3d_cli.device import resolve_device
     from fastsam3d_cli.model.checkpoint import load_model
-    from fastsam3d_cli.prepared import list_prepared_samples
-    from fastsam3d_cli.training_data import (all_labels_empty_error, empty_label_warnings, label_voxels,
+    from fastsam3d_cli.data.prepared import list_prepared_samples
+    from fastsam3d_cli.data.training_data import (all_labels_empty_error, empty_label_warnings, label_voxels,
                                              run_warnings)
-    from fastsam3d_cli.train import check_numbers, check_run_dir
-    from fastsam3d_cli.trainer import (LAST_CHECKPOINT, RECIPE_DEFAULTS, TrainerSettings, load_training_checkpoint,
+    from fastsam3d_cli.training.train import check_numbers, check_run_dir
+    from fastsam3d_cli.training.trainer import (LAST_CHECKPOINT, RECIPE_DEFAULTS, TrainerSettings, load_training_checkpoint,
                                        recipe_for_run)
 
     check_numbers(batch_size=batch_size, accumulate=accumulate, workers=workers, max_steps=max_steps, lr=lr,
@@ -682,7 +682,7 @@ def _cache_teacher_features(samples: Sequence[Any], teacher_net: Sam3D, identity
                             run_dir: Path, device: torch.device, emit: Callable[[str], None],
                             on_cache: Callable[[int, int], None] | None) -> int:
     """Rank 0: create the run folder, fill the cache; an empty run folder it created is removed on failure."""
-    from fastsam3d_cli.train import make_run_dir
+    from fastsam3d_cli.training.train import make_run_dir
 
     made_run_dir = not run_dir.exists()
     make_run_dir(run_dir)

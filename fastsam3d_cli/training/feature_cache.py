@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from fastsam3d_cli.atomic import write_text_atomic
+from fastsam3d_cli.imaging.atomic import write_text_atomic
 from fastsam3d_cli.errors import BadInputError, UsageError
 
 CACHE_FORMAT = "fastsam3d-teacher-features"

@@ -16,7 +16,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from fastsam3d_cli.crops import CropBox, crop_view_of
+from fastsam3d_cli.imaging.crops import CropBox, crop_view_of
 
 
 class DecodedCrop(Protocol):

@@ -23,9 +23,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from fastsam3d_cli.clicks import clicks_to_prompt, simulate_click, validation_click_method
+from fastsam3d_cli.training.clicks import clicks_to_prompt, simulate_click, validation_click_method
 from fastsam3d_cli.errors import BadInputError, UsageError
-from fastsam3d_cli.losses import dice_score, iou_score
+from fastsam3d_cli.training.losses import dice_score, iou_score
 
 REPORTED_CLICKS = (1, 3, 5, 10)
 DEFAULT_CLICKS = 10
@@ -149,11 +149,11 @@ def validate(prepared_dirs: Sequence[str | Path] | str | Path, checkpoint: str |
     `overwrite`, an unwritable output folder → BadInputError (3); a checkpoint that is missing, corrupt or
     of another model → WeightsError (4).
     """
-    from fastsam3d_cli.atomic import check_output_path
+    from fastsam3d_cli.imaging.atomic import check_output_path
     from fastsam3d_cli.device import resolve_device
     from fastsam3d_cli.model.checkpoint import load_model
-    from fastsam3d_cli.prepared import list_prepared_samples
-    from fastsam3d_cli.training_data import load_sample, validation_crop
+    from fastsam3d_cli.data.prepared import list_prepared_samples
+    from fastsam3d_cli.data.training_data import load_sample, validation_crop
 
     started = time.monotonic()
     if clicks < 1:
@@ -191,7 +191,7 @@ def validate(prepared_dirs: Sequence[str | Path] | str | Path, checkpoint: str |
         write_scores_csv(result, csv_file)
         result.csv_path = csv_file
     if plot_file is not None:
-        from fastsam3d_cli.plots import plot_dice_per_click
+        from fastsam3d_cli.training.plots import plot_dice_per_click
 
         curves = {name: summary["dice_per_click"] for name, summary in result.per_class().items()}
         curves["overall"] = result.overall()["dice_per_click"]
@@ -203,7 +203,7 @@ def validate(prepared_dirs: Sequence[str | Path] | str | Path, checkpoint: str |
 
 def write_scores_csv(result: ValidationResult, path: Path) -> None:
     """One row per (case, class): dice_1..dice_N, iou_1..iou_N, best_dice (atomic write)."""
-    from fastsam3d_cli.atomic import write_text_atomic
+    from fastsam3d_cli.imaging.atomic import write_text_atomic
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

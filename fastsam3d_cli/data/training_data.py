@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fastsam3d_cli.crops import (CROP_SIZE, CropBox, box_around_mask, box_centered_on, extract_crop,
+from fastsam3d_cli.imaging.crops import (CROP_SIZE, CropBox, box_around_mask, box_centered_on, extract_crop,
                                  znormalize_foreground)
 from fastsam3d_cli.errors import BadInputError
-from fastsam3d_cli.prepared import PreparedSample
+from fastsam3d_cli.data.prepared import PreparedSample
 
 MIN_FOREGROUND_VOXELS = 1000  # SAM-Med3D redraws training crops with <= 1000 label voxels
 MAX_SHIFT_VOXELS = 16  # ±24 mm at 1.5 mm
@@ -82,7 +82,7 @@ class _ArrayCache:
 
 def read_canonical_array(path: Path, dtype: type) -> np.ndarray:
     """A volume file as an ijk array in canonical RAS+ orientation (BadInputError when unreadable)."""
-    from fastsam3d_cli.imaging import array_ijk, read_image, to_canonical
+    from fastsam3d_cli.imaging.volumes import array_ijk, read_image, to_canonical
 
     return array_ijk(to_canonical(read_image(path, what="prepared volume")), dtype)
 
@@ -166,7 +166,7 @@ def empty_label_warnings(empty: Sequence[PreparedSample]) -> list[str]:
 
 def run_warnings(samples: Sequence[PreparedSample], amp: bool, device: torch.device) -> list[str]:
     """Warnings train and distill give before a run: --amp off CUDA, data not prepared at the model spacing."""
-    from fastsam3d_cli.crops import MODEL_SPACING_MM
+    from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM
 
     warnings = []
     if amp and device.type != "cuda":

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from fastsam3d_cli.imaging import resample_onto
+from fastsam3d_cli.imaging.volumes import resample_onto
 
 VOLUME_TOLERANCE = 0.01  # a class whose volume the common grid changes by more than this gets its own grid
 BOX_MARGIN = 2  # output voxels around a class's bounding box when counting it on a shifted grid

@@ -1,6 +1,6 @@
 """`run_benchmark`: honest milliseconds per 128³ volume, FLOPs and peak memory for models × backends × dtypes.
 
-    from fastsam3d_cli.benchmark import run_benchmark
+    from fastsam3d_cli.benchmark.speed import run_benchmark
     result = run_benchmark(models=["sam-med3d", "fastsam3d"], attentions=["sdpa"], dtypes=["bfloat16"])
     result.to_dict()["configs"][1]["encoder"]["median_ms"]
 
@@ -18,7 +18,7 @@ deterministic random weights — speed does not depend on their values):
   reported (`warmup_done`, `repeats_done`, `capped_by_budget`).
 * statistics: median, p5, p95, mean, min, max and spread = (p95 − p5)/median over the repeats
   (the decoder step over repeats × clicks).
-* peak memory (see `PeakMemory`) and FLOPs/parameters per component (see `fastsam3d_cli.flops`).
+* peak memory (see `PeakMemory`) and FLOPs/parameters per component (see `fastsam3d_cli.benchmark.flops`).
 * with `volume` + `clicks_file`: `infer_file` from file to file with the same model (same protocol), per
   stage as the pipeline records them (read, preprocess, encode, decode, paste, write) and in total; the
   outputs go to a temporary folder that is deleted. The inputs are checked before any timing.
@@ -238,7 +238,7 @@ class ConfigResult:
     end_to_end_crops: int | None = None  # 128³ crops encoded per file → file run (depends on the weights' masks)
     peak_memory_mb: float | None = None
     weights_mb: float | None = None
-    flops: dict | None = None  # fastsam3d_cli.flops.ModelFlops.to_dict()
+    flops: dict | None = None  # fastsam3d_cli.benchmark.flops.ModelFlops.to_dict()
     speedup: dict[str, float] | None = None  # vs the baseline configuration
     error: BaseException | None = field(default=None, repr=False)  # kept for re-raising; not serialised
 
@@ -555,7 +555,7 @@ def _validate(models: list[str], attentions: list[str], dtypes: list[str], numbe
 
 def _attach_flops(rows: list[ConfigResult]) -> None:
     """FLOPs/params per ok row, counted once per model and counted arithmetic."""
-    from fastsam3d_cli.flops import COUNTED_AS, model_flops
+    from fastsam3d_cli.benchmark.flops import COUNTED_AS, model_flops
 
     cache: dict[tuple[str, str], dict] = {}
     for row in rows:
@@ -642,7 +642,7 @@ def run_benchmark(models: Sequence[str] = ("fastsam3d",), attentions: Sequence[s
     conventions = {"timing": TIMING_CONVENTION, "clock": Clock(torch_device).description,
                    "memory": memory_method, "min_repeats_under_budget": MIN_REPEATS}
     if count_flops:
-        from fastsam3d_cli.flops import COUNTING_CONVENTION
+        from fastsam3d_cli.benchmark.flops import COUNTING_CONVENTION
         conventions["flops"] = COUNTING_CONVENTION
     warning = busy_machine_warning(env)
     return BenchmarkResult(env, settings, conventions, rows, baseline, [warning] if warning else [])
@@ -654,8 +654,8 @@ END_TO_END_STAGES = ("read", "preprocess", "encode", "decode", "paste", "write")
 
 def _check_end_to_end_inputs(volume: str | Path, clicks_file: str | Path) -> None:
     """Fail before any timing (BadInputError, exit 3) when the volume or click file is unusable."""
-    from fastsam3d_cli.clickfile import check_inside, read_click_file, to_lps
-    from fastsam3d_cli.imaging import read_image
+    from fastsam3d_cli.imaging.clickfile import check_inside, read_click_file, to_lps
+    from fastsam3d_cli.imaging.volumes import read_image
 
     click_file = read_click_file(clicks_file)
     image = read_image(volume)
@@ -671,7 +671,8 @@ def _time_end_to_end(model, row: ConfigResult, device: torch.device, settings: d
     """
     import tempfile
 
-    from fastsam3d_cli.infer import LoadedModel, infer_file
+    from fastsam3d_cli.interactive.infer import infer_file
+    from fastsam3d_cli.weights.loading import LoadedModel
 
     # The model core casts float32 inputs to the weights' dtype, as `infer --dtype` relies on.
     source = Path(row.checkpoint) if row.checkpoint else Path("(random weights: benchmark)")

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from fastsam3d_cli.atomic import atomic_path
+from fastsam3d_cli.imaging.atomic import atomic_path
 
 
 def _pyplot():
