@@ -21,8 +21,8 @@ TRUE_WEIGHTS = torch.tensor([1.5, -2.0, 0.5, 3.0])
 class ToyData(Dataset):
     """y = w·x for 12 fixed x; items carry `sample_index` like the real dataset."""
 
-    def __init__(self) -> None:
-        self.x = torch.from_numpy(np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32))
+    def __init__(self, count: int = 12) -> None:
+        self.x = torch.from_numpy(np.random.default_rng(0).normal(size=(count, 4)).astype(np.float32))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -41,10 +41,10 @@ class ToyTask(TrainingTask):
     name = "toy"
     best_metric, best_mode = "loss", "min"
 
-    def __init__(self, noise: float = 0.1, interrupt_at_step: int | None = None) -> None:
+    def __init__(self, noise: float = 0.1, interrupt_at_step: int | None = None, samples: int = 12) -> None:
         torch.manual_seed(0)
         self.model = nn.Linear(4, 1)
-        self.dataset = ToyData()
+        self.dataset = ToyData(samples)
         self.noise, self.interrupt_at_step = noise, interrupt_at_step
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -153,3 +153,43 @@ def test_changing_the_batch_layout_inside_an_epoch_is_refused(tmp_path):
     _run(tmp_path, max_steps=1)  # stops after step 1 of 3 in epoch 1
     with pytest.raises(UsageError, match="stopped inside an epoch with batch size 2"):
         _run(tmp_path, resume=True, batch_size=4, accumulate=1)
+
+
+def _with_alarm(seconds: int, function, *args, **kwargs):
+    """Run `function`, failing (not hanging) when it takes longer than `seconds`."""
+    def _fail(signum, frame):
+        raise AssertionError(f"still running after {seconds} s: the resumed run hangs")
+
+    previous = signal.signal(signal.SIGALRM, _fail)
+    signal.alarm(seconds)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("resumed_samples, steps_after", [(4, 3 * 1), (24, 3 * 6)])
+def test_a_changed_sample_set_ends_the_interrupted_epoch_and_starts_the_next(tmp_path, resumed_samples, steps_after):
+    """Issue 15.1: shrinking the set used to hang (the saved position lay past the new epoch's end) and growing it
+    continued mid-epoch while the warning said otherwise. Documented: the interrupted epoch ends with the steps it
+    had; the next epoch starts over the whole new set."""
+    _run(tmp_path, max_steps=2)  # 12 samples, 3 steps per epoch: stopped at step 2 of epoch 1
+    task, outcome = _with_alarm(60, _run, tmp_path, ToyTask(samples=resumed_samples), resume=True)
+    assert outcome.stop_reason == "completed" and outcome.global_step == 2 + steps_after
+    assert any(f"(12 → {resumed_samples} samples); epoch 1 ends after the 2 step(s) it had, and training continues "
+               "with epoch 2 over the new set" in w for w in outcome.warnings)
+    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    assert epochs[0]["samples"] == 8 and epochs[1]["samples"] == resumed_samples
+    per_epoch = steps_after // 3 * 4
+    for start in range(0, len(outcome.samples_seen), per_epoch):  # every new epoch visits the whole new set once
+        assert sorted(outcome.samples_seen[start:start + per_epoch])[:resumed_samples] == list(range(resumed_samples))
+    assert epochs[1]["lr"] == [0.3] and epochs[2]["lr"] == [pytest.approx(0.03)]  # the schedule counts the closed epoch
+
+
+def test_a_changed_sample_set_at_an_epoch_boundary_starts_the_next_epoch(tmp_path):
+    _run(tmp_path, max_steps=3)  # exactly epoch 1
+    _, outcome = _with_alarm(60, _run, tmp_path, ToyTask(samples=4), resume=True)
+    assert outcome.global_step == 3 + 3
+    assert any("(12 → 4 samples); training continues with epoch 2 over the new set" in w for w in outcome.warnings)

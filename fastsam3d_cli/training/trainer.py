@@ -26,6 +26,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -476,10 +477,15 @@ class Trainer:
             self._warn(message)
         saved_data = payload.get("data")
         if saved_data and saved_data.get("digest") != self._data_identity["digest"]:
-            next_epoch = int(payload.get("epoch", 0)) + 1
-            self._warn(f"the training data differ from the checkpoint's ({saved_data.get('samples')} → "
-                       f"{self._data_identity['samples']} samples); training continues at epoch {next_epoch} "
-                       "over the new set")
+            self._data_changed = True
+            epoch, inside = int(payload.get("epoch", 0)), int(payload.get("step_in_epoch", 0))
+            change = (f"the training data differ from the checkpoint's ({saved_data.get('samples')} → "
+                      f"{self._data_identity['samples']} samples)")
+            if inside > 0:  # the saved position counts steps through the old set's sample order
+                self._warn(f"{change}; epoch {epoch + 1} ends after the {inside} step(s) it had, and training "
+                           f"continues with epoch {epoch + 2} over the new set")
+            else:
+                self._warn(f"{change}; training continues with epoch {epoch + 1} over the new set")
 
     # ------------------------------------------------------------------ logs
     def _load_logs(self) -> None:
@@ -522,6 +528,12 @@ class Trainer:
             self._restore(resume_payload, self.run_dir / LAST_CHECKPOINT)
             resumed_from = self.global_step
             self.log(f"resumed from {self.run_dir / LAST_CHECKPOINT}: epoch {self.epoch}, step {self.global_step}")
+            if self.step_in_epoch > 0 and (self._data_changed or self.step_in_epoch >= self.steps_per_epoch):
+                # A position inside an epoch of another sample set means nothing here (and one past the
+                # new epoch's end would never be reached): close that epoch with the steps it had.
+                with warnings.catch_warnings():  # the scheduler steps before this process's first optimizer step
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                    self._end_epoch(0.0)
         else:
             self._build_optimization()
             if self.env.is_main:
@@ -616,6 +628,7 @@ class Trainer:
 
     _time_up = False
     _saved_at_step = -1
+    _data_changed = False
 
     def _optimizer_step(self, batches: Iterator[Mapping[str, Any]], micro_count: int
                         ) -> tuple[float, dict[str, float], list[int]]:
