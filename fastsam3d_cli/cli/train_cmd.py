@@ -69,6 +69,17 @@ def register(app: typer.Typer) -> None:
                                                          "(default: 60% and 90% of --epochs).", rich_help_panel=RECIPE),
         iterations: int = typer.Option(11, "--iterations",
                                        help="Decoder iterations (simulated clicks) per sample.", rich_help_panel=RECIPE),
+        grad_iterations: Optional[int] = typer.Option(
+            None, "--grad-iterations", metavar="K", rich_help_panel=RECIPE,
+            help="Fast recipe (RITM-style): a random 0..ITERATIONS-K click rounds without gradients, then K rounds "
+                 "with them (default: every round back-propagated, the reference)."),
+        centre_clicks: float = typer.Option(
+            0.0, "--centre-clicks", metavar="SHARE", rich_help_panel=RECIPE,
+            help="Share of simulated clicks placed in the interior of the larger error region (where users click) "
+                 "instead of uniformly in the error (default 0, the reference)."),
+        decoder_lr_scale: float = typer.Option(
+            0.1, "--decoder-lr-scale", metavar="X", rich_help_panel=RECIPE,
+            help="Learning rate of the prompt encoder and mask decoder as a multiple of --lr (default 0.1)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initial weights, augmentation and clicks "
                                            "(default 2023). A resumed run keeps its own.",
                                  rich_help_panel=RECIPE),
@@ -108,6 +119,7 @@ def register(app: typer.Typer) -> None:
                 prepared_dirs, model, init=init, freeze_encoder=freeze_encoder, epochs=epochs, batch_size=batch_size,
                 accumulate=accumulate, lr=lr, output=output, resume=resume, device=device, amp=amp, workers=workers,
                 seed=seed, iterations=iterations, unfreeze_patience=unfreeze_patience,
+                grad_iterations=grad_iterations, centre_click_share=centre_clicks, decoder_lr_scale=decoder_lr_scale,
                 lr_milestones=_int_list(lr_milestones, "--lr-milestones"), max_steps=max_steps,
                 time_limit_s=None if time_limit is None else time_limit * 60.0, save_every_steps=save_every,
                 classes=class_names, min_foreground_voxels=min_foreground, attention=attention,

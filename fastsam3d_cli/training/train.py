@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastsam3d_cli.training.clicks import clicks_to_prompt, random_click
+from fastsam3d_cli.training.clicks import clicks_to_prompt, random_click, ritm_click
 from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
 from fastsam3d_cli.training.losses import dice_ce_loss, dice_score
 from fastsam3d_cli.training.trainer import (CURVES_PNG, LAST_CHECKPOINT, METRICS_LOG, STEPS_LOG, StepContext, Trainer,
@@ -56,11 +56,20 @@ def mask_only_steps(iterations: int, rng: np.random.Generator) -> set[int]:
 
 
 def interactive_loss(model: nn.Module, embedding: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
-                     iterations: int, rng: np.random.Generator) -> InteractionResult:
-    """Simulate `iterations` interaction steps on a batch and sum the Dice+CE loss of every step.
+                     iterations: int, rng: np.random.Generator, grad_iterations: int | None = None,
+                     centre_click_share: float = 0.0) -> InteractionResult:
+    """Simulate interaction steps on a batch and sum the Dice+CE loss of the steps that carry gradients.
 
     embedding: (B, 384, 8, 8, 8) from `model.encode`; target: (B, 1, S, S, S) {0, 1}; valid: same shape,
     False = ignore voxel (None = all valid). Clicks are drawn from the current prediction (logits > 0).
+
+    grad_iterations None (the reference recipe): `iterations` steps, two of them mask-only, every step's
+    loss summed and back-propagated. grad_iterations K (the RITM-style fast recipe): first a random number
+    r ∈ [0, iterations − K] of click rounds run without gradients (their predictions only place the next
+    clicks), then K rounds with gradients whose losses are summed; every round adds a click (no mask-only
+    rounds, as at inference). A round without gradients costs about a third of one with them.
+    centre_click_share: the probability that a click is placed RITM-style (the interior of the larger
+    error region, where users click) instead of uniformly in the error (0 = the reference's random clicks).
     """
     batch = target.shape[0]
     low = model.config.low_res_size
@@ -68,19 +77,28 @@ def interactive_loss(model: nn.Module, embedding: torch.Tensor, target: torch.Te
     logits = torch.zeros_like(target)
     truth = target > 0.5
     weight = None if valid is None else valid.to(target.dtype)
-    without_point = mask_only_steps(iterations, rng)
+    if grad_iterations is None:
+        without_point, free_rounds, rounds = mask_only_steps(iterations, rng), 0, iterations
+    else:
+        free_rounds = int(rng.integers(0, iterations - grad_iterations + 1))
+        without_point, rounds = set(), free_rounds + grad_iterations
     total = target.new_zeros(())
-    for index in range(iterations):
+    for index in range(rounds):
         if index in without_point:
             points = labels = None
         else:
             prediction = logits.detach() > 0
-            clicks = [random_click(prediction[b, 0], truth[b, 0], rng, None if valid is None else valid[b, 0])
-                      for b in range(batch)]
+            clicks = []
+            for b in range(batch):
+                region_valid = None if valid is None else valid[b, 0]
+                place = ritm_click if centre_click_share > 0 and rng.random() < centre_click_share else random_click
+                clicks.append(place(prediction[b, 0], truth[b, 0], rng, region_valid))
             points, labels = clicks_to_prompt(clicks, embedding.device)
-        low_res, _ = model.decode(embedding, points, labels, low_res)
-        logits = model.upsample_logits(low_res)
-        total = total + dice_ce_loss(logits, target, weight)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and index >= free_rounds):
+            low_res, _ = model.decode(embedding, points, labels, low_res)
+            logits = model.upsample_logits(low_res)
+            if index >= free_rounds:
+                total = total + dice_ce_loss(logits, target, weight)
     return InteractionResult(total, logits)
 
 
@@ -94,9 +112,12 @@ class InteractiveSegmentationTask(TrainingTask):
 
     def __init__(self, model: nn.Module, dataset: Any, iterations: int = DEFAULT_ITERATIONS,
                  freeze_encoder: bool = False, unfreeze_patience: int | None = None,
-                 decoder_lr_scale: float = DECODER_LR_SCALE) -> None:
+                 decoder_lr_scale: float = DECODER_LR_SCALE, grad_iterations: int | None = None,
+                 centre_click_share: float = 0.0) -> None:
         self.model, self.dataset = model, dataset
         self.iterations = int(iterations)
+        self.grad_iterations = None if grad_iterations is None else int(grad_iterations)
+        self.centre_click_share = float(centre_click_share)
         self.decoder_lr_scale = float(decoder_lr_scale)
         self.unfreeze_patience = unfreeze_patience
         self.freeze_encoder = bool(freeze_encoder or unfreeze_patience is not None)
@@ -147,7 +168,8 @@ class InteractiveSegmentationTask(TrainingTask):
             valid = None
         with torch.set_grad_enabled(self.encoder_trainable):
             embedding = self.model.encode(image)
-        result = interactive_loss(self.model, embedding, target, valid, self.iterations, context.rng())
+        result = interactive_loss(self.model, embedding, target, valid, self.iterations, context.rng(),
+                                  self.grad_iterations, self.centre_click_share)
         prediction = result.final_logits.detach() > 0
         dices = [dice_score(prediction[b], target[b] > 0.5, None if valid is None else valid[b])
                  for b in range(target.shape[0])]
@@ -172,12 +194,14 @@ class InteractiveSegmentationTask(TrainingTask):
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"iterations": self.iterations, "freeze_encoder": self.freeze_encoder,
+        return {"iterations": self.iterations, "grad_iterations": self.grad_iterations,
+                "centre_click_share": self.centre_click_share, "freeze_encoder": self.freeze_encoder,
                 "unfreeze_patience": self.unfreeze_patience, "unfrozen_stages": self.unfrozen_stages,
                 "best_epoch_loss": self.best_epoch_loss, "epochs_without_improvement": self.epochs_without_improvement}
 
     def changes_on_resume(self, saved_state: Mapping[str, Any]) -> list[str]:
-        flags = {"iterations": "--iterations", "freeze_encoder": "--freeze-encoder",
+        flags = {"iterations": "--iterations", "grad_iterations": "--grad-iterations",
+                 "centre_click_share": "--centre-clicks", "freeze_encoder": "--freeze-encoder",
                  "unfreeze_patience": "--unfreeze-patience"}
         now = self.state_dict()
         return [f"resumed with {flag} {now[name]} (the run was started with {saved_state[name]})"
@@ -314,6 +338,8 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
           time_limit_s: float | None = None,
           save_every_steps: int | None = None, classes: Sequence[str] | None = None,
           min_foreground_voxels: int = 1000, max_shift: int = 16, attention: str = "auto",
+          grad_iterations: int | None = None, centre_click_share: float = 0.0,
+          decoder_lr_scale: float = DECODER_LR_SCALE,
           log: Callable[[str], None] | None = None,
           on_step: Callable[[dict[str, Any], int], None] | None = None) -> TrainResult:
     """Train (or fine-tune, or resume) a model on prepared folders; see the module docstring for the recipe.
@@ -336,6 +362,13 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
                    workers=workers, max_steps=max_steps, unfreeze_patience=unfreeze_patience, lr=lr,
                    time_limit_s=time_limit_s, min_foreground_voxels=min_foreground_voxels, max_shift=max_shift,
                    save_every_steps=save_every_steps)
+    if grad_iterations is not None and not 1 <= grad_iterations <= iterations:
+        raise UsageError(f"--grad-iterations {grad_iterations} is outside 1..--iterations ({iterations})",
+                         "give a value between 1 and --iterations")
+    if not 0.0 <= centre_click_share <= 1.0 or math.isnan(centre_click_share):
+        raise UsageError(f"--centre-clicks {centre_click_share} is not a share", "give a value between 0 and 1")
+    if not decoder_lr_scale > 0 or math.isinf(decoder_lr_scale):
+        raise UsageError(f"--decoder-lr-scale {decoder_lr_scale} must be positive", "give a value > 0, e.g. 0.1")
     if init is not None and resume:
         raise UsageError("--init and --resume together", "--resume continues the run's own weights; drop --init")
     config = get_config(model)
@@ -373,7 +406,8 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
         network = build_model(config.name, attention=attention, device=torch_device)
     network.train()
     task = InteractiveSegmentationTask(network, dataset, iterations=iterations, freeze_encoder=freeze_encoder,
-                                       unfreeze_patience=unfreeze_patience)
+                                       unfreeze_patience=unfreeze_patience, decoder_lr_scale=decoder_lr_scale,
+                                       grad_iterations=grad_iterations, centre_click_share=centre_click_share)
     settings = TrainerSettings(run_dir=run_dir, epochs=epochs, batch_size=batch_size, accumulate=accumulate,
                                lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]),
                                lr_milestones=tuple(int(m) for m in recipe["lr_milestones"]),
