@@ -169,6 +169,11 @@ def _samples_from_manifest(prepared_dir: Path, manifest: dict[str, Any]) -> list
             if not path.is_file():
                 raise BadInputError(f"{prepared_dir / MANIFEST_NAME} lists {entry[field]} but the file is missing",
                                     "re-run the same fastsam3d prepare command to restore it")
+            recorded = entry.get(field.replace("_path", "_bytes"))
+            if isinstance(recorded, int) and path.stat().st_size != recorded:  # cut, replaced or rewritten since
+                raise BadInputError(f"prepared file {path} has {path.stat().st_size} bytes, the manifest records "
+                                    f"{recorded}: it changed since prepare wrote it",
+                                    "re-run the same fastsam3d prepare command (it redoes changed files)")
             paths[field] = path
         samples.append(PreparedSample(
             image_path=paths["image_path"], label_path=paths["label_path"], class_name=entry["class"],

@@ -91,6 +91,11 @@ def load_sample(sample: PreparedSample, cache: _ArrayCache | None = None) -> Sam
     """Read one prepared sample (image, binary label, optional ignore mask) in canonical orientation."""
     image = cache.get(sample.image_path, np.float32) if cache else read_canonical_array(sample.image_path, np.float32)
     label = read_canonical_array(sample.label_path, np.uint8) > 0
+    if sample.voxels is not None and int(np.count_nonzero(label)) != int(sample.voxels):
+        # The file changed since prepare wrote it (cut, replaced, emptied): never train on other data silently.
+        raise BadInputError(f"prepared label {sample.label_path} has {int(np.count_nonzero(label))} label voxels, "
+                            f"the manifest records {int(sample.voxels)}: it changed since prepare wrote it",
+                            "re-run the same fastsam3d prepare command (it redoes changed cases)")
     if label.shape != image.shape:
         raise BadInputError(f"{sample.label_path} ({label.shape}) and its image {sample.image_path} ({image.shape}) "
                             "have different sizes", "re-run fastsam3d prepare into a new folder")
