@@ -45,6 +45,8 @@ def read_image(path: str | Path, channel: int | None = None, what: str = "volume
         raise BadInputError(f"{what} {path} is a folder, not an image file", "give a NIfTI/NRRD/MHA file")
     if path.stat().st_size == 0:
         raise BadInputError(f"{what} {path} is an empty file", "re-export or re-download it")
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        check_nifti_complete(path, what)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as sitk_error:
@@ -53,6 +55,51 @@ def read_image(path: str | Path, channel: int | None = None, what: str = "volume
                                 "check that it is a valid NIfTI/NRRD/MHA image") from None
         image = _read_with_nibabel(path, what)
     return _select_3d(image, path, channel, what, strict_channel)
+
+
+def check_nifti_complete(path: Path, what: str = "volume") -> None:
+    """BadInputError when a NIfTI holds less voxel data than its header promises (a cut copy or download).
+
+    Both SimpleITK and nibabel fill the missing part with zeros without a word. `.nii`: the file size.
+    `.nii.gz`: the gzip trailer's length (no decompression); only when it disagrees (a cut file, or a valid
+    multi-member gzip) is the stream decompressed to count its bytes. A header nibabel cannot parse is left
+    to the readers.
+    """
+    import nibabel as nib
+
+    try:
+        proxy = nib.load(str(path)).dataobj
+        needed = int(proxy.offset) + int(np.prod(proxy.shape, dtype=np.int64)) * np.dtype(proxy.dtype).itemsize
+    except Exception:  # noqa: BLE001 - not parseable here: the readers report it
+        return
+    compressed = path.name.lower().endswith(".gz")
+    held = _gzip_length(path, needed) if compressed else path.stat().st_size
+    if held < needed:
+        holds = "it decompresses to" if compressed else "the file holds"
+        raise BadInputError(f"{what} {path} is truncated or corrupt: its header needs {needed} bytes, {holds} "
+                            f"{held}", "copy, export or download it again")
+
+
+def _gzip_length(path: Path, needed: int) -> int:
+    """Uncompressed length of a gzip file: `needed` when its trailer says so, else the bytes it decompresses to."""
+    import zlib
+
+    with open(path, "rb") as handle:
+        handle.seek(-4, 2)
+        if int.from_bytes(handle.read(4), "little") == needed % 2**32:
+            return needed
+        handle.seek(0)
+        total, stream = 0, zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            while chunk := handle.read(1 << 20):
+                while chunk:
+                    total += len(stream.decompress(chunk))
+                    chunk = stream.unused_data  # the next gzip member, if any
+                    if chunk:
+                        stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        except zlib.error:
+            pass  # damaged from here on: what came before is all there is
+        return total
 
 
 def _sitk_reason(error: Exception) -> str:
@@ -71,7 +118,8 @@ def _read_with_nibabel(path: Path, what: str) -> sitk.Image:
         nii = nib.load(str(path))
         data = np.asanyarray(nii.dataobj)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input
-        raise BadInputError(f"cannot read {what} {path}: {exc}", "check that it is a valid NIfTI file") from None
+        raise BadInputError(f"cannot read {what} {path}: {exc} (truncated or corrupt?)",
+                            "check that it is a valid NIfTI file; copy, export or download it again") from None
     affine_ras = np.asarray(nii.affine, dtype=np.float64)
     spacing, direction_lps, origin_lps = geometry_from_affine_ras(affine_ras)
     if data.ndim < 3:
