@@ -65,8 +65,10 @@ def test_name_defaults_from_label():
     ({"space": "ras", "objects": [{**LIVER, "points": []}]}, "object 'liver' has no points"),
     ({"space": "ras", "objects": [{**LIVER, "point_labels": [1]}]}, "has 2 points but 1 point_labels"),
     ({"space": "ras", "objects": [{**LIVER, "point_labels": [1, 0, 1]}]}, "has 2 points but 3 point_labels"),
-    ({"space": "ras", "objects": [{**LIVER, "point_labels": [1, 2]}]}, "point_labels[2] is 2 — use 1 (include)"),
-    ({"space": "ras", "objects": [{**LIVER, "point_labels": [1, True]}]}, "point_labels[2] is True"),
+    ({"space": "ras", "objects": [{**LIVER, "point_labels": [1, 2]}]},
+     "the point label of point 2 (point_labels entry 2, counting from 1) is 2 — use 1 (include)"),
+    ({"space": "ras", "objects": [{**LIVER, "point_labels": [1, True]}]},
+     "the point label of point 2 (point_labels entry 2, counting from 1) is true"),
     ({"space": "ras", "objects": [{**LIVER, "point_labels": [0, 0]}]}, "has only exclude clicks"),
     ({"space": "ras", "objects": [{k: v for k, v in LIVER.items() if k != "point_labels"}]}, 'no "point_labels"'),
     ({"space": "ras", "objects": [{k: v for k, v in LIVER.items() if k != "label"}]}, "object 'liver' has no \"label\""),
@@ -165,7 +167,8 @@ def test_click_outside_the_volume_names_object_click_and_voxel():
         check_inside(obj, to_lps(obj.points, "ijk", image), image, "ijk")
     message = info.value.one_line()
     assert message.startswith("click 3 of object 'liver' (ijk [29.6, 5, 5]) is outside the volume: "
-                              "voxel position (i, j, k) = (29.6, 5.0, 5.0), volume size 30×20×10")
+                              "voxel position (i, j, k) = (29.60, 5.00, 5.00), volume size 30×20×10 "
+                              "(inside: -0.5 ≤ index < size - 0.5)")
     assert "not the reversed numpy-from-SimpleITK order" in message
 
 

@@ -102,14 +102,15 @@ BAD_CLICKS = {
                    '"point_labels": [1]}]}', "non-finite or non-numeric coordinate nan"),
     "labels length": ({"space": "ijk", "objects": [{**GOOD_OBJECT, "point_labels": [1, 1]}]},
                       "has 1 points but 2 point_labels"),
-    "labels values": ({"space": "ijk", "objects": [{**GOOD_OBJECT, "point_labels": [-1]}]}, "point_labels[1] is -1"),
+    "labels values": ({"space": "ijk", "objects": [{**GOOD_OBJECT, "point_labels": [-1]}]},
+                      "the point label of point 1 (point_labels entry 1, counting from 1) is -1"),
     "duplicate labels": ({"space": "ijk", "objects": [GOOD_OBJECT, {**GOOD_OBJECT, "name": "other"}]},
                          "both use label 1"),
     "no objects": ({"space": "ijk", "objects": []}, "has no objects"),
     "outside": ({"space": "ijk", "objects": [{**GOOD_OBJECT, "points": [[24, 20, 16], [24, 45, 16]],
                                               "point_labels": [1, 0]}]},
                 "click 2 of object 'organ' (ijk [24, 45, 16]) is outside the volume: voxel position (i, j, k) = "
-                "(24.0, 45.0, 16.0), volume size 48×40×32"),
+                "(24.00, 45.00, 16.00), volume size 48×40×32"),
 }
 
 
@@ -128,7 +129,7 @@ def test_world_click_outside_the_volume(case, tiny):
     far = voxel_centres_lps(image)[24, 20, 16] + [0.0, 0.0, 500.0]
     clicks = _clicks(case, {"space": "lps", "objects": [{**GOOD_OBJECT, "points": [far.tolist()]}]})
     result = _run(str(case / "v.nii.gz"), "-c", str(clicks), "--checkpoint", str(tiny))
-    _assert_one_line_error(result, 3, "click 1 of object 'organ' (lps", "is outside the volume", "(24.0, 20.0, 182.7)")
+    _assert_one_line_error(result, 3, "click 1 of object 'organ' (lps", "is outside the volume", "(24.00, 20.00, 182.67)")
 
 
 def _bad_volume(case: Path, kind: str) -> Path:

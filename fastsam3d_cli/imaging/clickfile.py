@@ -31,6 +31,8 @@ MAX_LABEL = 65535  # labelmaps are uint8, or uint16 when a label exceeds 255
 CLICK_FILE_VERSION = 1
 _EXCLUDE_WORDS = {"exclude", "negative", "background"}
 _LPS_FROM_RAS = np.array([-1.0, -1.0, 1.0])
+FILE_KEYS = ("version", "space", "objects")
+OBJECT_KEYS = ("name", "label", "points", "point_labels")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class ClickFile:
     objects: tuple[ClickObject, ...]
     source: str  # path, or "<memory>"
     format: str  # "fastsam3d" | "slicer-markups"
+    warnings: tuple[str, ...] = ()  # e.g. unknown keys, which are ignored
 
     def to_dict(self) -> dict[str, Any]:
         """The fastsam3d JSON form (what `write_click_file` writes)."""
@@ -76,6 +79,9 @@ def read_click_file(path: str | Path) -> ClickFile:
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInputError(f"cannot read click file {path}: {type(exc).__name__}",
                             "give a UTF-8 JSON click file") from None
+    if path.name.lower().endswith(".fcsv") or text.lstrip().startswith("# Markups fiducial file"):
+        raise BadInputError(f"click file {path} is a legacy 3D Slicer .fcsv file, which fastsam3d does not read",
+                            "in Slicer, save the point list as Markups JSON (.mrk.json) and give that file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -97,37 +103,47 @@ def _parse_fastsam3d(data: Any, source: str) -> ClickFile:
         raise BadInputError(f"{where} must hold a JSON object, not {_json_type(data)}",
                             'use {"space": "ras", "objects": [...]} (see the README)')
     if "version" in data and data["version"] != CLICK_FILE_VERSION:
-        raise BadInputError(f"{where} has version {data['version']!r}; this fastsam3d reads version {CLICK_FILE_VERSION}",
+        raise BadInputError(f"{where} has version {_show(data['version'])}; this fastsam3d reads version "
+                            f"{CLICK_FILE_VERSION}",
                             'set "version": 1')
     if "space" not in data:
         raise BadInputError(f"{where} has no \"space\"",
                             'add "space": "ijk" (voxel index, NIfTI axis order), "ras" or "lps" (world mm)')
     space = data["space"]
     if not isinstance(space, str) or space.lower() not in SPACES:
-        raise BadInputError(f"{where}: unknown space {space!r}",
+        raise BadInputError(f"{where}: unknown space {_show(space)}",
                             'use "ijk" (voxel index, NIfTI axis order), "ras" or "lps" (world mm)')
     objects = data.get("objects")
     if not isinstance(objects, list) or not objects:
         raise BadInputError(f"{where} has no objects", 'add "objects": [{"name", "label", "points", "point_labels"}]')
-    parsed = tuple(_parse_object(item, n, where) for n, item in enumerate(objects, start=1))
+    warnings = _unknown_keys(data, FILE_KEYS, where)
+    parsed = tuple(_parse_object(item, n, where, warnings) for n, item in enumerate(objects, start=1))
     _check_unique(parsed, where)
-    return ClickFile(space.lower(), parsed, source, "fastsam3d")
+    return ClickFile(space.lower(), parsed, source, "fastsam3d", tuple(warnings))
 
 
-def _parse_object(item: Any, number: int, where: str) -> ClickObject:
+def _unknown_keys(data: dict, known: Sequence[str], where: str) -> list[str]:
+    """A warning per key the format does not have (a typo such as "verison" would otherwise pass silently)."""
+    return [f"{where}: unknown key {_show(str(key))} is ignored (known keys: {', '.join(known)})"
+            for key in data if key not in known]
+
+
+def _parse_object(item: Any, number: int, where: str, warnings: list[str]) -> ClickObject:
     if not isinstance(item, dict):
         raise BadInputError(f"{where}: object {number} must be a JSON object, not {_json_type(item)}",
                             'give {"name", "label", "points", "point_labels"}')
-    label = item.get("label")
-    name = item.get("name", f"label {label}" if _is_int(label) else f"object {number}")
+    label = _integral(item.get("label"))
+    name = item.get("name", f"label {label}" if _is_int(label) and 1 <= label <= MAX_LABEL else f"object {number}")
     if not isinstance(name, str) or not name.strip():
         raise BadInputError(f"{where}: object {number} has an empty or non-text name", "give a name such as \"liver\"")
     name = name.strip()
     what = f"{where}: object '{name}'"
+    warnings.extend(_unknown_keys(item, OBJECT_KEYS, what))
     if "label" not in item:
         raise BadInputError(f"{what} has no \"label\"", f"give the output value, an integer 1..{MAX_LABEL}")
     if not _is_int(label) or not 1 <= label <= MAX_LABEL:
-        raise BadInputError(f"{what} has label {label!r}", f"use an integer from 1 to {MAX_LABEL} (0 is background)")
+        raise BadInputError(f"{what} has label {_show(label)}",
+                            f"use an integer from 1 to {MAX_LABEL} (0 is background)")
     points = item.get("points")
     if not isinstance(points, list) or not points:
         raise BadInputError(f"{what} has no points", "give at least one click in \"points\"")
@@ -138,12 +154,16 @@ def _parse_object(item: Any, number: int, where: str) -> ClickObject:
     if len(point_labels) != len(coordinates):
         raise BadInputError(f"{what} has {len(coordinates)} points but {len(point_labels)} point_labels",
                             "give one 1 (include) or 0 (exclude) per point")
+    values = []
     for n, value in enumerate(point_labels, start=1):
+        value = _integral(value)
         if not _is_int(value) or value not in (0, 1):
-            raise BadInputError(f"{what}: point_labels[{n}] is {value!r}", "use 1 (include) or 0 (exclude)")
-    if 1 not in point_labels:
+            raise BadInputError(f"{what}: the point label of point {n} (point_labels entry {n}, counting from 1) is {_show(value)}",
+                                "use 1 (include) or 0 (exclude)")
+        values.append(int(value))
+    if 1 not in values:
         raise BadInputError(f"{what} has only exclude clicks", "give at least one include click (point_labels 1)")
-    return ClickObject(name, int(label), coordinates, tuple(int(v) for v in point_labels))
+    return ClickObject(name, int(label), coordinates, tuple(values))
 
 
 def _parse_point(point: Any, number: int, what: str) -> tuple[float, float, float]:
@@ -155,10 +175,14 @@ def _parse_point(point: Any, number: int, what: str) -> tuple[float, float, floa
                             "write each point as [x, y, z] (3D)")
     values = []
     for value in point:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise BadInputError(f"{what}: point {number} has a non-finite or non-numeric coordinate {value!r}",
+        try:
+            number_value = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        except OverflowError:  # an integer too large for a float
+            number_value = math.inf
+        if number_value is None or not math.isfinite(number_value):
+            raise BadInputError(f"{what}: point {number} has a non-finite or non-numeric coordinate {_show(value)}",
                                 "use finite numbers only")
-        values.append(float(value))
+        values.append(number_value)
     return tuple(values)  # type: ignore[return-value]
 
 
@@ -224,6 +248,27 @@ def _is_exclude_point(control: dict) -> bool:
     return label.startswith("-") or description in _EXCLUDE_WORDS
 
 
+def _integral(value: Any) -> Any:
+    """An integral float (1.0) as the int it names (JSON writers differ); anything else unchanged."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _show(value: Any) -> str:
+    """A JSON value for a one-line message: short whatever the input (no 400-digit integers)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        digits = len(str(abs(value)))
+        return str(value) if digits <= 12 else f"{'-' if value < 0 else ''}a {digits}-digit number"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:40] + "…")
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return _json_type(value)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -234,9 +279,20 @@ def _json_type(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------- conversions
-def to_lps(points: np.ndarray | Sequence[Sequence[float]], space: str, image: Any) -> np.ndarray:
-    """Clicks (N, 3) in `space` → LPS millimetres (N, 3). `image`: the SimpleITK image ijk refers to."""
+def to_lps(points: np.ndarray | Sequence[Sequence[float]], space: str, image: Any,
+           ras_from_ijk: np.ndarray | None = None) -> np.ndarray:
+    """Clicks (N, 3) in `space` → LPS millimetres (N, 3) in `image`'s geometry (the SimpleITK image ijk refers to).
+
+    `ras_from_ijk`: the file's own affine when it differs from `image`'s geometry (`imaging.world`): a world
+    click then goes to its voxel index through that affine, and back out through `image`'s geometry, so it
+    lands on the voxel the file's affine names.
+    """
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    if space in ("ras", "lps") and ras_from_ijk is not None:
+        ras = points if space == "ras" else points * _LPS_FROM_RAS
+        affine = np.asarray(ras_from_ijk, dtype=np.float64)
+        ijk = (ras - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+        return to_lps(ijk, "ijk", image)
     if space == "lps":
         return points.copy()
     if space == "ras":
@@ -257,10 +313,18 @@ def lps_to_ijk(points_lps: np.ndarray, image: Any) -> np.ndarray:
     return (np.asarray(points_lps, dtype=np.float64).reshape(-1, 3) - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
 
 
-def all_spaces(points_lps: np.ndarray, image: Any) -> list[dict[str, list[float]]]:
-    """Each click in all three spaces: [{"ijk": [...], "ras": [...], "lps": [...]}, ...] (rounded to 1e-4)."""
+def all_spaces(points_lps: np.ndarray, image: Any, ras_from_ijk: np.ndarray | None = None
+               ) -> list[dict[str, list[float]]]:
+    """Each click in all three spaces: [{"ijk": [...], "ras": [...], "lps": [...]}, ...] (rounded to 1e-4).
+
+    `points_lps` are in `image`'s geometry (what `to_lps` returns); with `ras_from_ijk` the world positions
+    reported are the file's own (`to_lps`), so a click reads back as it was given.
+    """
     points_lps = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
     ijk = lps_to_ijk(points_lps, image)
+    if ras_from_ijk is not None:
+        affine = np.asarray(ras_from_ijk, dtype=np.float64)
+        points_lps = (ijk @ affine[:3, :3].T + affine[:3, 3]) * _LPS_FROM_RAS
     return [{"ijk": _rounded(i), "ras": _rounded(p * _LPS_FROM_RAS), "lps": _rounded(p)}
             for i, p in zip(ijk, points_lps)]
 
@@ -280,16 +344,28 @@ def check_inside(obj: ClickObject, points_lps: np.ndarray, image: Any, space: st
         if np.all(index >= -0.5) and np.all(index < size - 0.5):
             continue
         shape = "×".join(str(int(s)) for s in size)
-        position = ", ".join(f"{v:.1f}" for v in index)
+        position = ", ".join(_fmt_index(v, n) for v, n in zip(index, size))
         raise BadInputError(
             f"click {number} of object '{obj.name}' ({space} {_fmt_point(original)}) is outside the volume: "
-            f"voxel position (i, j, k) = ({position}), volume size {shape}",
+            f"voxel position (i, j, k) = ({position}), volume size {shape} (inside: -0.5 ≤ index < size - 0.5)",
             f"check the click and the file's space '{space}' (ijk is NIfTI axis order, not the reversed "
             "numpy-from-SimpleITK order; ras/lps are world mm)")
 
 
 def _fmt_point(point: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{v:g}" for v in point) + "]"
+    return "[" + ", ".join(f"{v:.6g}" for v in point) + "]"
+
+
+def _fmt_index(value: float, size: float) -> str:
+    """A voxel position for a message, rounded AWAY from the volume where it is outside: −0.51 shows as −0.51,
+    never as an inside-looking −0.5; huge values in exponent form, not 300 digits."""
+    if not math.isfinite(value) or abs(value) >= 1e6:
+        return f"{value:.3g}"
+    if value < -0.5:
+        return f"{math.floor(round(value * 100, 6)) / 100:.2f}"
+    if value >= size - 0.5:
+        return f"{math.ceil(round(value * 100, 6)) / 100:.2f}"
+    return f"{value:.2f}"
 
 
 def safe_file_part(name: str) -> str:

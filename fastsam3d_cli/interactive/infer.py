@@ -134,6 +134,7 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     from fastsam3d_cli.imaging.clickfile import check_inside, read_click_file, to_lps
     from fastsam3d_cli.device import resolve_device
     from fastsam3d_cli.imaging.volumes import read_image
+    from fastsam3d_cli.imaging.world import world_geometry
     from fastsam3d_cli.interactive.predictor import Predictor
 
     say = progress or (lambda stage: None)
@@ -160,7 +161,9 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     click_file = read_click_file(clicks)
     _check_probability_paths(outputs, click_file.objects, overwrite)
     image = read_image(volume_path, channel, strict_channel=True)
-    points_lps = [to_lps(obj.points, click_file.space, image) for obj in click_file.objects]
+    world = world_geometry(volume_path, image)  # world clicks through the NIfTI's own affine (imaging/world.py)
+    world.check_space(click_file.space)
+    points_lps = [to_lps(obj.points, click_file.space, image, world.ras_from_ijk) for obj in click_file.objects]
     for obj, lps in zip(click_file.objects, points_lps):
         check_inside(obj, lps, image, click_file.space)
     nifti_header = _nifti_header(volume_path, image)
@@ -175,10 +178,11 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     run_start = time.perf_counter()
     predictor = Predictor(loaded.model, loaded.device, max_crops=max_crops)
     say("preprocessing")
-    predictor.set_volume(image)
-    for obj, lps in zip(click_file.objects, points_lps):
+    predictor.set_volume(image, world=world)
+    for obj in click_file.objects:  # the predictor maps them as above (same world geometry)
         say(f"segmenting {obj.name}")
-        predictor.add_clicks(lps, obj.point_labels, space="lps", object=obj.name, return_mask=False)
+        predictor.add_clicks(obj.points, obj.point_labels, space=click_file.space, object=obj.name,
+                             return_mask=False)
         if obj is not click_file.objects[-1]:  # one object's merged canvas in memory at a time; the
             predictor.free_merged(obj.name)     # last one is used right away by compose_labelmap
 
@@ -225,7 +229,7 @@ def _sidecar(volume: Path, image: Any, input_sha256: str, click_file: Any, click
     from fastsam3d_cli import __version__
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1) if labels.size else np.zeros(1, int)
-    objects, warnings = [], []
+    objects, warnings = [], list(click_file.warnings)  # e.g. unknown click-file keys
     for obj in click_file.objects:
         report = predictor.object_report(obj.name)
         voxels = int(counts[obj.label]) if obj.label < len(counts) else 0
@@ -236,7 +240,7 @@ def _sidecar(volume: Path, image: Any, input_sha256: str, click_file: Any, click
                             "crop(s) and were not used; raise --max-crops")
         if voxels == 0:
             warnings.append(f"object '{obj.name}' is empty in the output")
-    warnings.extend(_header_warnings(nifti_header))
+    warnings.extend(predictor.world.notes)
     canonical = predictor.canonical_grid
     probabilities = ({o.name: str(probability_path(outputs.probabilities_dir, outputs.labelmap, o.label, o.name))
                       for o in click_file.objects} if outputs.probabilities_dir is not None else None)
@@ -387,12 +391,3 @@ def _nifti_header(path: Path, image: Any) -> Any:
     if tuple(int(v) for v in header.get_data_shape()[:3]) != tuple(image.GetSize()):
         return None
     return header
-
-
-def _header_warnings(header: Any) -> list[str]:
-    if header is None or int(header["qform_code"]) == 0 or int(header["sform_code"]) == 0:
-        return []
-    if np.allclose(header.get_qform(), header.get_sform(), atol=1e-3):
-        return []
-    return ["the input's qform and sform differ; world (ras/lps) clicks were placed with the geometry SimpleITK "
-            "reads (see input.origin_lps/direction_lps); both are kept unchanged in the output"]

@@ -50,6 +50,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from fastsam3d_cli.imaging.clickfile import ClickObject, check_inside, lps_to_ijk, to_lps
+from fastsam3d_cli.imaging.world import IMAGE_GEOMETRY, WorldGeometry, geometry_from_metadata, world_geometry
 from fastsam3d_cli.interactive.crop_canvas import CropCanvas, shown_box
 from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM, CropBox, box_centered_on, extract_crop, znormalize_foreground
 from fastsam3d_cli.errors import BadInputError, UsageError
@@ -148,6 +149,7 @@ class Predictor:
         self.extension_step = int(extension_step or self.crop_size // 2)
         self.timings: list[dict[str, Any]] = []  # one record per stage run: {"stage", "ms", ...}
         self._input: sitk.Image | None = None
+        self._world: WorldGeometry = IMAGE_GEOMETRY  # how world clicks map to the input's voxels
         self._oriented: sitk.Image | None = None  # input reoriented to RAS+ (float32, not resampled)
         self._grid: CanonicalGrid | None = None
         self._objects: dict[str, ObjectState] = {}
@@ -166,20 +168,31 @@ class Predictor:
         return cls(model, torch_device, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, name: str = "fastsam3d", device: str = "auto", attention: str = "auto",
+    def from_pretrained(cls, name: str | None = None, device: str = "auto", attention: str = "auto",
                         offline: bool | None = None, **kwargs: Any) -> "Predictor":
-        """Load a named checkpoint from the weights cache (downloading it unless offline)."""
+        """Load a named model: published weights from the cache (downloaded unless offline) or `bundled`.
+
+        No name: the default model — the published `fastsam3d`, or the bundled one (with a note on stderr)
+        when that cannot be fetched."""
         from fastsam3d_cli.weights.loading import load_inference_model
 
         loaded = load_inference_model(model=name, device=device, attention=attention, offline=offline)
         return cls(loaded.model, loaded.device, **kwargs)
 
     # ------------------------------------------------------------------------------ the volume
-    def set_volume(self, volume: sitk.Image | str | Path, channel: int | None = None) -> None:
-        """Read (if a path) and preprocess the volume: canonical orientation, 1.5 mm, float32. Clears all objects."""
+    def set_volume(self, volume: sitk.Image | str | Path, channel: int | None = None,
+                   world: WorldGeometry | None = None) -> None:
+        """Read (if a path) and preprocess the volume: canonical orientation, 1.5 mm, float32. Clears all objects.
+
+        World clicks (ras/lps) on a NIfTI path go through the file's own affine (`imaging.world`); for an image
+        already read, pass `world=world_geometry(path, image)` to get the same (else the image's geometry is used).
+        """
         if isinstance(volume, (str, Path)):
             start = time.perf_counter()
-            volume = read_image(volume, channel, strict_channel=True)
+            path = volume
+            volume = read_image(path, channel, strict_channel=True)
+            if world is None:
+                world = world_geometry(path, volume)
             self._record("read", start)
         if not isinstance(volume, sitk.Image) or volume.GetDimension() != 3 or volume.GetNumberOfComponentsPerPixel() != 1:
             raise BadInputError("the volume must be a 3D scalar image", "give a 3D volume (read 4D ones with a channel)")
@@ -187,6 +200,7 @@ class Predictor:
         oriented = to_canonical(sitk.Cast(volume, sitk.sitkFloat32))
         size, spacing, origin, direction = resampled_grid(oriented, self.spacing_mm)
         self._input, self._oriented = volume, oriented
+        self._world = world if world is not None else geometry_from_metadata(volume)
         self._grid = CanonicalGrid(tuple(size), spacing, origin, direction)  # type: ignore[arg-type]
         self._objects.clear()
         self._embeddings.clear()
@@ -196,6 +210,12 @@ class Predictor:
     def input_image(self) -> sitk.Image:
         """The volume as given (its grid is the grid of every returned mask)."""
         return self._require_volume()[0]
+
+    @property
+    def world(self) -> WorldGeometry:
+        """How world (ras/lps) clicks map to the input's voxels (`imaging.world`)."""
+        self._require_volume()
+        return self._world
 
     @property
     def canonical_grid(self) -> CanonicalGrid:
@@ -221,7 +241,11 @@ class Predictor:
         """Add one click to `object` and return its mask: bool array on the input grid, ijk (NIfTI) order.
 
         point: (3,) in `space` — "ras"/"lps" world millimetres, or "ijk" voxel index of the input volume.
+        An object's first click must be an include click (as in a click file).
         """
+        if np.ndim(point) != 1 or np.size(point) != 3:
+            raise UsageError(f"a click is 3 numbers [x, y, z], not an array of shape {np.shape(point)}",
+                             "pass one point, e.g. add_click([12.5, -40.0, 101.0])")
         self.add_clicks([point], [1 if include else 0], space=space, object=object, return_mask=False)
         return self.mask(object)
 
@@ -233,17 +257,24 @@ class Predictor:
         `fastsam3d infer` does with a click file); crop extension runs once at the end.
         """
         input_image, canonical, _ = self._require_volume()
-        if len(points) != len(point_labels) or not len(points):
-            raise UsageError(f"{len(points)} points but {len(point_labels)} point labels", "give one label per point")
+        name = str(object)
+        existing = len(self._objects[name].clicks) if name in self._objects else 0
+        array = _points_array(points)
+        if len(array) != len(point_labels) or not len(array):
+            raise UsageError(f"{len(array)} points but {len(point_labels)} point labels", "give one label per point")
         if space not in ("ijk", "ras", "lps"):
             raise UsageError(f"unknown click space '{space}'", "use ras, lps or ijk")
-        name = str(object)
-        lps = to_lps(points, space, input_image)
-        labels = tuple(int(v) for v in point_labels)
-        if any(v not in (0, 1) for v in labels):
-            raise UsageError("point labels must be 1 (include) or 0 (exclude)", "fix the labels")
-        original = tuple(tuple(float(c) for c in p) for p in np.asarray(points, dtype=np.float64).reshape(-1, 3))
-        existing = len(self._objects[name].clicks) if name in self._objects else 0
+        labels = _point_labels(point_labels)
+        for number, point in enumerate(array, start=existing + 1):
+            if not np.all(np.isfinite(point)):
+                raise BadInputError(f"click {number} of object '{name}' ({space} {list(point)}) has a non-finite "
+                                    "coordinate", "give finite numbers only")
+        if existing == 0 and 1 not in labels:
+            raise BadInputError(f"object '{name}' would have only exclude clicks",
+                                "start an object with an include click (include=True / point label 1)")
+        self._world.check_space(space)
+        lps = to_lps(array, space, input_image, self._world.ras_from_ijk)
+        original = tuple(tuple(float(c) for c in p) for p in array)
         check_inside(ClickObject(name, 1, original, labels), lps, input_image, space,  # type: ignore[arg-type]
                      first_number=existing + 1)
         state = self._objects.setdefault(name, ObjectState(name))
@@ -332,7 +363,8 @@ class Predictor:
         state = self.object_state(object)
         canonical = self.canonical_grid
         used = {i for crop in state.crops for i in crop.clicks}
-        spaces = all_spaces(np.array([c.lps for c in state.clicks]).reshape(-1, 3), self.input_image)
+        spaces = all_spaces(np.array([c.lps for c in state.clicks]).reshape(-1, 3), self.input_image,
+                            self._world.ras_from_ijk)
         clicks = [{"number": n + 1, "include": c.include, **spaces[n], "used": n in used}
                   for n, c in enumerate(state.clicks)]
         crops = []
@@ -590,6 +622,28 @@ class Predictor:
 
 
 # ----------------------------------------------------------------------------------------- helpers
+def _points_array(points: Any) -> np.ndarray:
+    """Clicks as an (N, 3) float array; a UsageError naming the shape otherwise."""
+    try:
+        array = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise UsageError("clicks must be numbers, one [x, y, z] per click", "pass a list of 3-number points") from None
+    if array.ndim != 2 or array.shape[1] != 3:
+        raise UsageError(f"clicks must have shape (N, 3), one [x, y, z] each, not {array.shape}",
+                         "pass a list of 3-number points, e.g. [[12.5, -40.0, 101.0]]")
+    return array
+
+
+def _point_labels(point_labels: Sequence[Any]) -> tuple[int, ...]:
+    """1/0 (True/False, 1.0/0.0 too) per click; a UsageError for anything else."""
+    labels = []
+    for value in point_labels:
+        if isinstance(value, str) or value not in (0, 1):
+            raise UsageError(f"point label {value!r} is invalid", "use 1 (include) or 0 (exclude)")
+        labels.append(int(value))
+    return tuple(labels)
+
+
 def _model_device(model: Any) -> Any:
     import torch
 
