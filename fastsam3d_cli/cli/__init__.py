@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 # Subcommands in the order `fastsam3d --help` lists them. Each module defines `register(app)`.
-COMMAND_MODULES = ["infer", "prepare", "train", "distill", "validate", "benchmark", "weights"]
+COMMAND_MODULES = ["infer", "serve", "prepare", "train", "distill", "validate", "benchmark", "weights"]
 
 
 def version_report() -> dict[str, str]:

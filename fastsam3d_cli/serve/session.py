@@ -1,0 +1,281 @@
+"""One open volume in the server: its `Predictor`, its objects (name, label, colour) and their click histories.
+
+No HTTP here. An object's mask is always what `fastsam3d infer` computes for the object's clicks in order
+(`Predictor.add_clicks` of all of them on a fresh object): so undo/redo are exact, and the click
+file `export_clicks` writes replays to the same labelmap. When the previous clicks left the object in one
+crop that the new click does not move, the new click is applied incrementally (one decoder step), which
+gives the same result as the replay; otherwise the object is recomputed from its clicks (cached crop
+embeddings are reused, so that costs decoder steps, and an encode only when the crop moves).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from fastsam3d_cli.errors import FastSAM3DError
+from fastsam3d_cli.serve.errors import ApiError
+
+PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
+           "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000")
+MAX_LABEL = 65535
+
+
+@dataclass
+class ObjectSpec:
+    """An object of a session: what the labelmap calls it and its clicks, in order.
+
+    Clicks are kept as continuous voxel indices (ijk) of the input volume: a world click is converted once,
+    with the input's geometry, so replaying the exported click file (space ijk) can never place it elsewhere.
+    """
+
+    name: str
+    label: int
+    colour: str
+    clicks: list[tuple[tuple[float, float, float], bool]] = field(default_factory=list)
+    redo: list[tuple[tuple[float, float, float], bool]] = field(default_factory=list)
+    timings: list[dict[str, Any]] = field(default_factory=list)  # one record per click / undo / redo
+
+    @property
+    def point_labels(self) -> tuple[int, ...]:
+        return tuple(1 if include else 0 for _, include in self.clicks)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "colour": self.colour, "clicks": len(self.clicks),
+                "redo": len(self.redo)}
+
+
+class Session:
+    """A volume open in the server. Callers hold `lock` around every call (the store does)."""
+
+    def __init__(self, session_id: str, predictor: Any, volume_path: Path, display_name: str,
+                 compute_lock: threading.Lock, owned_dir: Path | None = None) -> None:
+        self.id = session_id
+        self.predictor = predictor
+        self.volume_path = volume_path
+        self.display_name = display_name
+        self.owned_dir = owned_dir  # a temporary folder (uploads) removed when the session closes
+        self.lock = threading.RLock()
+        self.compute_lock = compute_lock  # one model shared by all sessions: one computation at a time
+        self.objects: dict[str, ObjectSpec] = {}
+        self.created = time.time()
+
+    # ------------------------------------------------------------------------------ objects
+    def add_object(self, name: str, label: int | None = None, colour: str | None = None) -> ObjectSpec:
+        name = str(name).strip()
+        if not name:
+            raise ApiError(422, "field 'name': an object needs a non-empty name")
+        if name in self.objects:
+            raise ApiError(409, f"object '{name}' already exists in session {self.id}")
+        used = {o.label for o in self.objects.values()}
+        if label is None:
+            label = next(n for n in range(1, MAX_LABEL + 1) if n not in used)
+        if isinstance(label, bool) or not isinstance(label, int) or not 1 <= label <= MAX_LABEL:
+            raise ApiError(422, f"field 'label': {label!r} is not an integer from 1 to {MAX_LABEL}")
+        if label in used:
+            raise ApiError(409, f"label {label} is already used by another object of session {self.id}")
+        if colour is None:
+            colour = PALETTE[len(self.objects) % len(PALETTE)]
+        if not (isinstance(colour, str) and len(colour) == 7 and colour[0] == "#"
+                and all(c in "0123456789abcdefABCDEF" for c in colour[1:])):
+            raise ApiError(422, f"field 'colour': {colour!r} is not a #rrggbb colour")
+        spec = ObjectSpec(name, int(label), colour.lower())
+        self.objects[name] = spec
+        return spec
+
+    def object(self, name: str) -> ObjectSpec:
+        if name not in self.objects:
+            raise ApiError(404, f"no object '{name}' in session {self.id}")
+        return self.objects[name]
+
+    def delete_object(self, name: str) -> None:
+        self.object(name)
+        del self.objects[name]
+        self.predictor.reset_object(name)
+
+    def reset_object(self, name: str) -> ObjectSpec:
+        """Forget the object's clicks (and its redo history); the object stays."""
+        spec = self.object(name)
+        spec.clicks.clear()
+        spec.redo.clear()
+        self.predictor.reset_object(name)
+        return spec
+
+    # ------------------------------------------------------------------------------ clicks
+    def click(self, name: str, point: Sequence[float], include: bool, space: str) -> dict[str, Any]:
+        """Add one click to object `name` (point in `space`: ijk of the input volume, ras or lps mm)."""
+        spec = self.object(name)
+        if not spec.clicks and not include:
+            raise ApiError(400, f"field 'include': the first click of object '{name}' must be an include click")
+        ijk = self._checked_ijk(spec, point, space, len(spec.clicks) + 1, "point")
+        spec.clicks.append((ijk, bool(include)))
+        spec.redo.clear()
+        return self._update(spec, "click")
+
+    def set_points(self, name: str, include: Sequence[Sequence[float]], exclude: Sequence[Sequence[float]],
+                   space: str = "ijk") -> dict[str, Any]:
+        """Make the object's clicks these include and exclude points (MONAI Label sends all points each time).
+
+        When the object's clicks so far are among them, the new points are appended (their order kept);
+        otherwise the object starts over with the include points, then the exclude points.
+        """
+        if name not in self.objects:
+            self.add_object(name)
+        spec = self.objects[name]
+        wanted = [(self._checked_ijk(spec, p, space, n, "foreground"), True) for n, p in enumerate(include, start=1)]
+        wanted += [(self._checked_ijk(spec, p, space, n, "background"), False) for n, p in enumerate(exclude, start=1)]
+        if not any(flag for _, flag in wanted):
+            raise ApiError(422, "field 'foreground': give at least one foreground point")
+        remaining = list(wanted)
+        for click in spec.clicks:
+            if click not in remaining:
+                remaining = None  # type: ignore[assignment]
+                break
+            remaining.remove(click)
+        spec.clicks = wanted if remaining is None else spec.clicks + remaining
+        spec.redo.clear()
+        return self._update(spec, "points")
+
+    def _checked_ijk(self, spec: ObjectSpec, point: Sequence[float], space: str, number: int,
+                     field_name: str) -> tuple[float, float, float]:
+        """A click as a continuous ijk index of the input volume (400/422 naming the field when unusable)."""
+        from fastsam3d_cli.imaging.clickfile import ClickObject, check_inside, lps_to_ijk, to_lps
+
+        if space not in ("ijk", "ras", "lps"):
+            raise ApiError(422, f"field 'space': {space!r} is not one of ijk, ras, lps")
+        try:
+            values = np.asarray(point, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise ApiError(422, f"field '{field_name}': give three numbers per point") from None
+        if values.shape != (3,) or not np.all(np.isfinite(values)):
+            raise ApiError(422, f"field '{field_name}': give three finite numbers per point")
+        image = self.predictor.input_image
+        lps = to_lps(values[None], space, image)
+        try:
+            check_inside(ClickObject(spec.name, spec.label, (tuple(float(v) for v in values),), (1,)), lps, image,
+                         space, first_number=number)
+        except FastSAM3DError as exc:
+            raise ApiError(400, f"field '{field_name}': {exc.message}") from None
+        ijk = values if space == "ijk" else lps_to_ijk(lps, image)[0]
+        return (float(ijk[0]), float(ijk[1]), float(ijk[2]))
+
+    def undo(self, name: str) -> dict[str, Any]:
+        spec = self.object(name)
+        if not spec.clicks:
+            raise ApiError(409, f"object '{name}' has no click to undo")
+        if len(spec.clicks) > 1 and not any(include for _, include in spec.clicks[:-1]):
+            raise ApiError(409, f"undoing would leave object '{name}' with only exclude clicks")
+        spec.redo.append(spec.clicks.pop())
+        return self._update(spec, "undo")
+
+    def redo(self, name: str) -> dict[str, Any]:
+        spec = self.object(name)
+        if not spec.redo:
+            raise ApiError(409, f"object '{name}' has nothing to redo")
+        spec.clicks.append(spec.redo.pop())
+        return self._update(spec, "redo")
+
+    def _update(self, spec: ObjectSpec, action: str) -> dict[str, Any]:
+        """Bring the predictor's object in line with spec.clicks; time it; return the object's summary."""
+        predictor = self.predictor
+        start = time.perf_counter()
+        first = len(predictor.timings)
+        with self.compute_lock:
+            mode = "incremental" if action == "click" and self._can_extend(spec) else "replay"
+            if mode == "incremental":
+                predictor.add_clicks([spec.clicks[-1][0]], [spec.point_labels[-1]], space="ijk", object=spec.name,
+                                     return_mask=False)
+            else:
+                predictor.reset_object(spec.name)
+                if spec.clicks:
+                    predictor.add_clicks([p for p, _ in spec.clicks], list(spec.point_labels), space="ijk",
+                                         object=spec.name, return_mask=False)
+            mask = self._mask_locked(spec.name)
+        stages = predictor.timings[first:]
+        record = {"action": action, "mode": mode, "clicks": len(spec.clicks),
+                  "ms": round((time.perf_counter() - start) * 1000.0, 2),
+                  **{stage: round(sum(t["ms"] for t in stages if t["stage"] == stage), 2)
+                     for stage in ("preprocess", "encode", "decode", "paste")}}
+        spec.timings.append(record)
+        voxel_ml = float(np.prod(predictor.input_image.GetSpacing())) / 1000.0
+        voxels = int(mask.sum())
+        return {**spec.describe(), "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 4), "timing": record}
+
+    def _can_extend(self, spec: ObjectSpec) -> bool:
+        """True when applying the newest click alone gives what replaying all clicks gives.
+
+        That holds when the object so far is exactly one crop (no extension or click crops) holding every
+        earlier click, and the crop the replay would centre on all the clicks is that same crop: then the
+        replay runs the same decoder steps in the same crop, and crop extension once at the end, as here.
+        """
+        predictor = self.predictor
+        if len(spec.clicks) < 2 or spec.name not in predictor.objects:
+            return False
+        state = predictor.object_state(spec.name)
+        if len(state.crops) != 1 or len(state.clicks) != len(spec.clicks) - 1:
+            return False
+        from fastsam3d_cli.imaging.clickfile import lps_to_ijk, to_lps
+
+        lps = to_lps(np.array([p for p, _ in spec.clicks]), "ijk", predictor.input_image)
+        indices = lps_to_ijk(lps, predictor.canonical_grid)  # what add_clicks computes
+        return predictor._primary_box(indices) == state.crops[0].box  # noqa: SLF001 - the crop add_clicks would pick
+
+    # ------------------------------------------------------------------------------ results
+    def mask(self, name: str) -> np.ndarray:
+        """The object's mask on the input grid (bool, ijk)."""
+        spec = self.object(name)
+        with self.compute_lock:
+            return self._mask_locked(spec.name)
+
+    def _mask_locked(self, name: str) -> np.ndarray:
+        if name not in self.predictor.objects:
+            return np.zeros(tuple(self.predictor.input_image.GetSize()), dtype=bool)
+        return self.predictor.mask(name)
+
+    def probabilities(self, name: str) -> np.ndarray:
+        spec = self.object(name)
+        with self.compute_lock:
+            if spec.name not in self.predictor.objects:
+                return np.zeros(tuple(self.predictor.input_image.GetSize()), dtype=np.float32)
+            return self.predictor.probabilities(spec.name)
+
+    def clicked_objects(self) -> list[ObjectSpec]:
+        return [o for o in self.objects.values() if o.clicks]
+
+    def labelmap(self) -> np.ndarray:
+        """All objects with clicks as one labelmap on the input grid, composed exactly as `infer` does."""
+        from fastsam3d_cli.interactive.infer import compose_labelmap
+
+        objects = self.clicked_objects()
+        if not objects:
+            return np.zeros(tuple(self.predictor.input_image.GetSize()), dtype=np.uint8)
+        with self.compute_lock:
+            return compose_labelmap(self.predictor, objects)
+
+    def export_clicks(self) -> dict[str, Any]:
+        """The session as a fastsam3d click file (space ijk, full precision): `fastsam3d infer` replays it."""
+        from fastsam3d_cli.imaging.clickfile import ClickFile, ClickObject
+
+        objects = tuple(ClickObject(o.name, o.label, tuple(p for p, _ in o.clicks), o.point_labels)
+                        for o in self.clicked_objects())
+        return ClickFile("ijk", objects, f"session {self.id}", "fastsam3d").to_dict()
+
+    def describe(self) -> dict[str, Any]:
+        image = self.predictor.input_image
+        return {"id": self.id, "name": self.display_name, "size": list(image.GetSize()),
+                "spacing": [round(v, 6) for v in image.GetSpacing()],
+                "origin_lps": [round(v, 6) for v in image.GetOrigin()],
+                "direction_lps": [round(v, 6) for v in image.GetDirection()],
+                "objects": [o.describe() for o in self.objects.values()]}
+
+    def approximate_bytes(self) -> int:
+        """A rough size of what the session keeps in memory (input, its float copy, crops, embeddings)."""
+        image = self.predictor.input_image
+        voxels = int(np.prod(image.GetSize()))
+        crops = sum(len(self.predictor.object_state(n).crops) for n in self.predictor.objects)
+        crop_bytes = self.predictor.crop_size ** 3 * 4
+        return voxels * (image.GetSizeOfPixelComponent() + 4) + crops * 3 * crop_bytes
