@@ -29,6 +29,9 @@ from fastsam3d_cli.weights.loading import (LoadedModel, load_inference_model, mo
                                             torch_dtype)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Header-only formats keep the voxels in a second file the header names: it cannot be written to a temporary
+# name and renamed with the header, so a labelmap is written as the single-file form of the same format.
+DETACHED_HEADER_SUFFIXES = {".mhd": ".mha", ".nhdr": ".nrrd"}
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 Progress = Callable[[str], None]
 
@@ -55,8 +58,14 @@ def sidecar_path(output: Path) -> Path:
 
 def _check_output_suffix(path: Path, what: str) -> None:
     if not path.name.lower().endswith(IMAGE_SUFFIXES):
+        writable = [s for s in IMAGE_SUFFIXES if s not in DETACHED_HEADER_SUFFIXES]
         raise UsageError(f"{what} {path} has no image file suffix",
-                         f"end it with one of {', '.join(IMAGE_SUFFIXES)} (e.g. mask.nii.gz)")
+                         f"end it with one of {', '.join(writable)} (e.g. mask.nii.gz)")
+    for detached, single in DETACHED_HEADER_SUFFIXES.items():
+        if path.name.lower().endswith(detached):
+            raise UsageError(f"{what} {path} is a header-only format: its voxels would go to a second file that "
+                             "cannot be written and moved together with it",
+                             f"write the same format as one file: {image_stem(path)}{single}")
 
 
 @dataclass
