@@ -8,6 +8,7 @@ the sessions' temporary upload folders are removed.
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 import sys
 import threading
@@ -121,12 +122,31 @@ def run_server(options: ServeOptions, say: Callable[[str], None] = lambda line: 
         shown = f"[{host}]" if ":" in str(host) else host
         say(f"serving {loaded.preset} on http://{shown}:{port}/ (API docs: /docs) — Ctrl-C stops")
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises the signal: that is the normal way out.
+        previous = signal.signal(signal.SIGTERM, _raise_stop) if _main_thread() else None
         try:
             server.run(sockets=[sock])
+        except (KeyboardInterrupt, _Stop):
+            pass
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             server_state.store.close_all()
+        say("stopped")
     finally:
         sock.close()
+
+
+class _Stop(Exception):
+    """SIGTERM after uvicorn's graceful shutdown."""
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop()
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 class BackgroundServer:
