@@ -37,9 +37,11 @@ def register(app: typer.Typer) -> None:
                                                    "input). The sidecar <MASK stem>.json is written beside it.",
                                               rich_help_panel=OUTPUTS),
         model: Optional[str] = typer.Option(None, "--model", "-m",
-                                            help="fastsam3d (default), sam-med3d or fastsam3d-tiny. Without "
-                                                 "--checkpoint the named weights come from the cache "
-                                                 "(`fastsam3d weights download NAME`).", rich_help_panel=ADVANCED),
+                                            help="fastsam3d, sam-med3d, fastsam3d-tiny or bundled (the small model "
+                                                 "shipped in the package). Without --checkpoint the named weights "
+                                                 "come from the cache (`fastsam3d weights download NAME`). Default: "
+                                                 "the published fastsam3d; when it cannot be fetched (offline) the "
+                                                 "bundled model, with a note on stderr.", rich_help_panel=ADVANCED),
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="PATH",
                                                   help="Checkpoint file; its model is inferred unless --model is given.",
                                                   rich_help_panel=ADVANCED),
@@ -57,7 +59,8 @@ def register(app: typer.Typer) -> None:
         channel: Optional[int] = typer.Option(None, "--channel", min=0,
                                               help="Channel of a 4D / multi-channel volume (0-based)."),
         offline: bool = typer.Option(False, "--offline", envvar="FASTSAM3D_OFFLINE",
-                                     help="Never download weights.", rich_help_panel=ADVANCED),
+                                     help="Never download weights (without --model: run the bundled model "
+                                          "unless the published one is cached).", rich_help_panel=ADVANCED),
         preview: Optional[Path] = typer.Option(None, "--preview", metavar="PNG",
                                                help="Also write a PNG: 3 slices through each object with its "
                                                     "outline and clicks.", rich_help_panel=OUTPUTS),

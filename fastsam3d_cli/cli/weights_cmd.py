@@ -1,16 +1,19 @@
-"""`fastsam3d weights ...`: list, download, verify, locate, import and remove named checkpoints.
+"""`fastsam3d weights ...`: list, download, verify, locate, import and remove named checkpoints; bundle a
+trained checkpoint as the package's bundled model.
 
-Each command calls one function of `fastsam3d_cli.weights.cache` and renders its result (Rich table or JSON).
+Each command calls one function of `fastsam3d_cli.weights.cache` (or `.bundled`) and renders its result
+(Rich table or JSON).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, List, NoReturn, Optional
 
 import typer
 
 from fastsam3d_cli.cli.common import cli_errors, print_error, print_json, progress_enabled, state, stdout_console
-from fastsam3d_cli.errors import ExitCode, WeightsError
+from fastsam3d_cli.errors import BadInputError, ExitCode, WeightsError
 
 weights_app = typer.Typer(
     help="Get, cache and verify the model checkpoints (`fastsam3d`, `sam-med3d-turbo`).",
@@ -32,6 +35,43 @@ def _names() -> list[str]:
 def _name_argument() -> Any:
     return typer.Argument(..., metavar="NAME", autocompletion=_names,
                           help="Checkpoint name: fastsam3d or sam-med3d-turbo (see `fastsam3d weights list`).")
+
+
+def _bundled_state() -> tuple[Any, Optional[str]]:
+    """(the shipped bundled model or None, the sha256 of its file); WeightsError when its manifest is damaged."""
+    from fastsam3d_cli.weights import bundled
+
+    model = bundled.installed()
+    return model, (bundled.file_sha256(model) if model is not None else None)
+
+
+def _bundled_json(model: Any, digest: Optional[str]) -> Optional[dict]:
+    return None if model is None else {**model.to_dict(), "file_sha256": digest, "verified": digest == model.sha256}
+
+
+def _render_bundled(model: Any, digest: Optional[str]) -> None:
+    from rich.table import Table
+
+    from fastsam3d_cli.weights.bundled import BUNDLED_DIR
+
+    if model is None:
+        _say(f"bundled model: none shipped with this installation ({BUNDLED_DIR})")
+        return
+    table = Table(title="bundled model (ships with the package; `--model bundled`, and the default when the "
+                        "published weights cannot be fetched)", title_justify="left")
+    for column in ("name", "preset", "size", "dtype", "sha256", "verified"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("path", overflow="fold")
+    table.add_row(model.name, model.preset, _size_text(model.size_bytes, 0), model.dtype, model.sha256,
+                  "yes" if digest == model.sha256 else "NO (sha256 mismatch)", str(model.path))
+    stdout_console.print(table)
+
+
+def _fail_if_bundled_damaged(model: Any, digest: Optional[str]) -> None:
+    from fastsam3d_cli.weights.bundled import verified_path
+
+    if model is not None and digest != model.sha256:
+        verified_path(model)  # raises the one-line error that names the fix (reinstall)
 
 
 def _size_text(size_bytes: Optional[int], approx_size_mb: int) -> str:
@@ -66,14 +106,19 @@ def _render_table(entries: list, title: str) -> None:
 @weights_app.command("list")
 @cli_errors
 def list_command(json_output: bool = JSON_OPTION) -> None:
-    """List the named checkpoints: preset, size, whether cached, how and whether verified, path."""
+    """List the named checkpoints (preset, size, cached?, how and whether verified, path) and the bundled model
+    (size, sha256; exit 4 if its file is damaged)."""
     from fastsam3d_cli.weights.cache import cache_dir, list_weights
 
     entries = list_weights()
+    shipped, digest = _bundled_state()
     if json_output:
-        print_json({"cache_dir": str(cache_dir()), "weights": [e.to_dict() for e in entries]})
-        return
-    _render_table(entries, f"weights cache: {cache_dir()}")
+        print_json({"cache_dir": str(cache_dir()), "weights": [e.to_dict() for e in entries],
+                    "bundled": _bundled_json(shipped, digest)})
+    else:
+        _render_table(entries, f"weights cache: {cache_dir()}")
+        _render_bundled(shipped, digest)
+    _fail_if_bundled_damaged(shipped, digest)
 
 
 @weights_app.command("download")
@@ -112,20 +157,34 @@ def _interrupted(name: str) -> NoReturn:
 @cli_errors
 def verify_command(
     name: Optional[str] = typer.Argument(None, metavar="[NAME]", autocompletion=_names,
-                                         help="Checkpoint to check; default: every cached one."),
+                                         help="Checkpoint to check (or `bundled`); default: every cached one and "
+                                              "the bundled model."),
     json_output: bool = JSON_OPTION,
 ) -> None:
-    """Re-hash cached checkpoints and compare with their pinned or recorded sha256 (exit 4 on a mismatch)."""
+    """Re-hash cached checkpoints and the bundled model; compare with their pinned, recorded or shipped sha256
+    (exit 4 on a mismatch)."""
+    from fastsam3d_cli.weights.bundled import file_sha256, is_bundled_name, require_installed
     from fastsam3d_cli.weights.cache import verify
 
-    entries = verify(name)
+    if is_bundled_name(name):
+        entries, shipped = [], require_installed()
+        digest = file_sha256(shipped)
+    else:
+        entries = verify(name)
+        shipped, digest = _bundled_state() if name is None else (None, None)
     failed = [e for e in entries if e.verified is False]
+    bundled_ok = shipped is None or digest == shipped.sha256
     if json_output:
-        print_json({"ok": not failed, "weights": [e.to_dict() for e in entries]})
-    elif not entries:
+        print_json({"ok": not failed and bundled_ok, "weights": [e.to_dict() for e in entries],
+                    "bundled": _bundled_json(shipped, digest)})
+    elif not entries and shipped is None:
         _say("no checkpoints in the cache")
     else:
-        _render_table(entries, "verification")
+        if entries:
+            _render_table(entries, "verification")
+        if shipped is not None:
+            _render_bundled(shipped, digest)
+    _fail_if_bundled_damaged(shipped, digest)
     if failed:
         names = ", ".join(e.name for e in failed)
         raise WeightsError(f"sha256 mismatch for cached weights: {names}",
@@ -135,10 +194,13 @@ def verify_command(
 @weights_app.command("path")
 @cli_errors
 def path_command(name: str = _name_argument(), json_output: bool = JSON_OPTION) -> None:
-    """Print the cached checkpoint's path (exit 4 if it is not cached; nothing is downloaded)."""
+    """Print the cached checkpoint's path (exit 4 if it is not cached; nothing is downloaded), or with NAME
+    `bundled` the bundled model's file (checked against its sha256)."""
+    from fastsam3d_cli.weights import bundled
     from fastsam3d_cli.weights.cache import cached_path
 
-    path = cached_path(name)
+    path = bundled.verified_path(bundled.require_installed())[0] if bundled.is_bundled_name(name) \
+        else cached_path(name)
     if json_output:
         print_json({"name": name, "path": str(path)})
         return
@@ -175,6 +237,52 @@ def remove_command(name: str = _name_argument(), json_output: bool = JSON_OPTION
         print_json({"name": name, "removed": [str(p) for p in removed]})
         return
     _say((f"removed {name}: " + ", ".join(str(p) for p in removed)) if removed else f"{name} was not cached")
+
+
+@weights_app.command("bundle")
+@cli_errors
+def bundle_command(
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT",
+                                      help="A full checkpoint (train's best.pth/last.pth, distill's student.pth)."),
+    name: str = typer.Option("fastsam3d-bundled", "--name", help="Name of the bundled model (`--model NAME`)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", metavar="DIR",
+                                              help="Where to write <name>.pt + manifest.json (default: the "
+                                                   "package's fastsam3d_cli/weights/bundled/)."),
+    command: Optional[List[str]] = typer.Option(None, "--command", metavar="TEXT",
+                                                help="A command line that made the checkpoint (repeatable, in order)."),
+    cpu_hours: Optional[float] = typer.Option(None, "--cpu-hours", help="CPU-hours the training took."),
+    notes: Optional[str] = typer.Option(None, "--notes", help="Free text for the manifest."),
+    provenance: Optional[Path] = typer.Option(None, "--provenance", metavar="JSON",
+                                              help="A JSON object merged into the manifest's provenance "
+                                                   "(data sources and mixing, seeds, evaluation, ...)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a bundled model already there."),
+    json_output: bool = JSON_OPTION,
+) -> None:
+    """Convert CHECKPOINT into the bundled model: float16 weights (official key layout, ≤ 40 MB) + manifest.json
+    (name, preset, config, sha256, training provenance)."""
+    from fastsam3d_cli.weights.bundled import export_bundled
+
+    extra = _read_provenance(provenance) if provenance is not None else None
+    model = export_bundled(checkpoint, name=name, output_dir=output_dir, commands=command or (),
+                           cpu_hours=cpu_hours, notes=notes, provenance=extra, overwrite=overwrite)
+    if json_output:
+        print_json(model.to_dict())
+        return
+    _say(f"bundled: {model.name} ({model.preset}, {model.size_bytes / 1e6:.1f} MB float16, sha256 {model.sha256}) "
+         f"-> {model.path}")
+
+
+def _read_provenance(path: Path) -> dict:
+    """The --provenance file: a JSON object (BadInputError otherwise)."""
+    try:
+        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"--provenance {path} is not a readable JSON file ({type(exc).__name__})",
+                            "give a JSON object, e.g. {\"seeds\": [2023]}") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"--provenance {path} holds a JSON {type(data).__name__}, not an object",
+                            "give a JSON object, e.g. {\"seeds\": [2023]}")
+    return data
 
 
 def register(app: typer.Typer) -> None:
