@@ -1,0 +1,126 @@
+"""The training dataset that mixes sources (`train --data-mix real=0.3,synth-labels=0.3,shapes=0.3,supervoxels=0.1`).
+
+An epoch has `samples_per_epoch` items. Which source serves item i is fixed for the run: the counts follow
+the ratios exactly (largest remainder), spread over the indices by a permutation of the seed, so the
+trainer's shuffling sees every source in proportion and the run's sample names never change. What item i
+holds in epoch e is a pure function of (seed, e, i): runs are reproducible and resume exactly with any
+number of workers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fastsam3d_cli.errors import UsageError
+
+SOURCE_NAMES = ("real", "synth-labels", "shapes", "supervoxels")
+_STREAMS = {name: number for number, name in enumerate(SOURCE_NAMES, start=1)}
+
+
+def parse_data_mix(text: str) -> dict[str, float]:
+    """'real=0.3,shapes=0.7' → {'real': 0.3, 'shapes': 0.7}, normalised to sum 1 (UsageError, exit 2, otherwise).
+
+    Ratios are non-negative finite numbers, at least one positive; each source at most once.
+    """
+    fix = f"write SOURCE=RATIO pairs separated by commas, sources: {', '.join(SOURCE_NAMES)}"
+    ratios: dict[str, float] = {}
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise UsageError("--data-mix is empty", fix)
+    for part in parts:
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise UsageError(f"--data-mix entry '{part}' is not SOURCE=RATIO", fix)
+        if name not in SOURCE_NAMES:
+            raise UsageError(f"--data-mix source '{name}' is unknown", fix)
+        if name in ratios:
+            raise UsageError(f"--data-mix names '{name}' twice", "give each source once")
+        try:
+            ratio = float(value)
+        except ValueError:
+            raise UsageError(f"--data-mix ratio '{value.strip()}' of {name} is not a number", fix) from None
+        if not math.isfinite(ratio) or ratio < 0:
+            raise UsageError(f"--data-mix ratio of {name} must be a finite number >= 0 (got {value.strip()})", fix)
+        ratios[name] = ratio
+    total = sum(ratios.values())
+    if total <= 0:
+        raise UsageError("--data-mix ratios are all 0", "give at least one source a positive ratio")
+    return {name: ratio / total for name, ratio in ratios.items() if ratio > 0}
+
+
+def source_counts(ratios: Mapping[str, float], total: int) -> dict[str, int]:
+    """Items per source out of `total`, proportional to the ratios (largest remainder; ties in name order)."""
+    names = sorted(ratios)
+    exact = {name: ratios[name] * total for name in names}
+    counts = {name: int(math.floor(exact[name])) for name in names}
+    left = total - sum(counts.values())
+    for name in sorted(names, key=lambda n: (-(exact[n] - counts[n]), n))[:left]:
+        counts[name] += 1
+    return counts
+
+
+class MixedDataset(Dataset):
+    """Items from several sources by ratio; each item a dict like the real dataset's (`image`, `label`, `valid`,
+    `sample_index`).
+
+    `sources` maps a name to an object with `sample(generator) -> dict` (generated sources) or, for "real",
+    to a wrapper with `sample_real(index, epoch, generator)`; see data/synthetic.py and data/pseudo_tasks.py.
+    """
+
+    def __init__(self, sources: Mapping[str, Any], ratios: Mapping[str, float], samples_per_epoch: int,
+                 seed: int) -> None:
+        missing = [name for name in ratios if name not in sources]
+        if missing:
+            raise ValueError(f"no source object for {missing}")
+        self.sources, self.ratios = dict(sources), dict(ratios)
+        self.seed, self.epoch = int(seed), 0
+        self.counts = source_counts(ratios, int(samples_per_epoch))
+        names = [name for name in sorted(self.counts) for _ in range(self.counts[name])]
+        order = np.random.default_rng([self.seed, 16_003]).permutation(len(names))
+        self.source_of = [names[k] for k in order]
+        # rank of each index within its source (the real source cycles through its samples by it)
+        seen: dict[str, int] = {}
+        self.rank_in_source = []
+        for name in self.source_of:
+            self.rank_in_source.append(seen.get(name, 0))
+            seen[name] = seen.get(name, 0) + 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.source_of)
+
+    def describe(self, index: int) -> str:
+        name = self.source_of[index]
+        return f"{name}/{self.rank_in_source[index]}"
+
+    def generator(self, index: int) -> torch.Generator:
+        from fastsam3d_cli.data.synthetic import generator_for
+
+        return generator_for(self.seed, self.epoch, index, _STREAMS[self.source_of[index]])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        name = self.source_of[index]
+        source = self.sources[name]
+        gen = self.generator(index)
+        if name == "real":
+            item = source.sample_real(self.rank_in_source[index], self.epoch, gen)
+        else:
+            item = source.sample(gen)
+        return {"image": item["image"], "label": item["label"], "valid": item["valid"], "sample_index": index}
+
+
+def describe_mix(dataset: MixedDataset) -> str:
+    """'shapes 300, synth-labels 300, …' for the run's log line."""
+    return ", ".join(f"{name} {count}" for name, count in sorted(dataset.counts.items()) if count)
+
+
+def mix_names(ratios: Mapping[str, float]) -> Sequence[str]:
+    return [name for name in SOURCE_NAMES if ratios.get(name, 0) > 0]

@@ -1,0 +1,215 @@
+"""Training samples from real images: pseudo-tasks (`supervoxels`) and real pairs with stronger augmentation (`real`).
+
+* `supervoxels` (ScribblePrompt-style pseudo-labels, reference/quality.md §1): a 128³ crop of a real
+  training image at 1.5 mm; on its 64³ half-resolution copy, lightly smoothed and quantised into 4–11
+  intensity bins (quantiles) and opened (thin bridges cut), the connected region of one bin that holds a random seed near the centre is
+  the target — an intensity-homogeneous region, mostly inside the crop, of at least `min_foreground_voxels`.
+  The image is the real crop, z-normalised like the real dataset's.
+* `real`: the prepared pairs of data/training_data.py, then intensity augmentation (gamma, contrast, bias,
+  noise), thick-slice simulation, zoom (1–1.25, labels nearest-neighbour) and sometimes a rotation (±15°,
+  labels nearest-neighbour).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastsam3d_cli.data import appearance as ap
+from fastsam3d_cli.data.appearance import WORK_SIZE, chance, randint, uniform
+from fastsam3d_cli.data.label_maps import LabelMapVolume
+from fastsam3d_cli.data.shapes import small_rotation
+from fastsam3d_cli.imaging.crops import CROP_SIZE, CropBox, extract_crop
+
+MIN_FOREGROUND_VOXELS = 1000
+MAX_TARGET_FRACTION = 0.08  # of the crop (~420 mL at 1.5 mm): larger regions are mostly background
+BORDER_FRACTION = 0.1  # at most this share of the target on the crop's outer 2 work voxels
+
+
+def _gaussian_blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of a (S, S, S) tensor (replicate padding)."""
+    radius = max(1, int(math.ceil(2 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = volume[None, None]
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        pads = [0] * 6
+        pads[2 * (2 - axis)] = pads[2 * (2 - axis) + 1] = radius
+        x = F.conv3d(F.pad(x, pads, mode="replicate"), kernel.view(shape))
+    return x[0, 0]
+
+
+class SupervoxelSource:
+    """Intensity-homogeneous connected regions of real training images as targets (`supervoxels`)."""
+
+    name = "supervoxels"
+
+    def __init__(self, volumes: Sequence[LabelMapVolume], min_foreground_voxels: int = MIN_FOREGROUND_VOXELS) -> None:
+        self.volumes = [v for v in volumes if v.image is not None]
+        if not self.volumes:
+            raise ValueError("no training image to draw pseudo-tasks from")
+        self.min_work_voxels = max(1, int(math.ceil(min_foreground_voxels / 8)))
+        # a voxel counts as "inside the body" above this intensity (air / background below)
+        self.thresholds = [float(np.percentile(v.image[::3, ::3, ::3], 35)) for v in self.volumes]  # type: ignore[index]
+
+    def sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        from scipy import ndimage
+
+        fallback = None
+        for _ in range(12):
+            which = randint(gen, 0, len(self.volumes))
+            image, threshold = self.volumes[which].image, self.thresholds[which]
+            assert image is not None
+            centre = self._centre(image, threshold, gen)
+            box = CropBox(tuple(int(c) - CROP_SIZE // 2 for c in centre), CROP_SIZE)  # type: ignore[arg-type]
+            outside = float(image.min())
+            crop = torch.from_numpy(extract_crop(image, box, fill=outside))
+            work = F.avg_pool3d(crop[None, None], CROP_SIZE // WORK_SIZE)[0, 0]
+            smooth = _gaussian_blur(work, uniform(gen, 0.5, 1.5))
+            bins = randint(gen, 4, 12)
+            edges = torch.quantile(smooth[::2, ::2, ::2].flatten(), torch.linspace(0, 1, bins + 1)[1:-1])
+            levels = torch.bucketize(smooth, edges).numpy()
+            for _ in range(6):
+                seed = [randint(gen, WORK_SIZE // 4, 3 * WORK_SIZE // 4) for _ in range(3)]
+                if smooth[tuple(seed)] <= threshold:  # air / background is no target
+                    continue
+                # an opening cuts the thin bridges that join most regions of one intensity into one
+                same = ndimage.binary_opening(levels == levels[tuple(seed)])
+                if not same[tuple(seed)]:
+                    continue
+                components, _ = ndimage.label(same)
+                region = components == components[tuple(seed)]
+                count = int(region.sum())
+                if not self.min_work_voxels <= count <= MAX_TARGET_FRACTION * WORK_SIZE ** 3:
+                    continue
+                border = count - int(region[2:-2, 2:-2, 2:-2].sum())
+                if border > BORDER_FRACTION * count:
+                    continue
+                sample = self._finish(crop, region, gen)
+                if sample is not None:
+                    return sample
+                fallback = fallback or (crop, region)
+        if fallback is not None:  # pragma: no cover - only for a pathological image
+            return self._finish(fallback[0], fallback[1], gen, force=True)  # type: ignore[return-value]
+        raise RuntimeError("no pseudo-task region found")  # pragma: no cover
+
+    def _centre(self, image: np.ndarray, threshold: float, gen: torch.Generator) -> list[int]:
+        for _ in range(20):
+            ijk = [randint(gen, 0, n) for n in image.shape]
+            if image[tuple(ijk)] > threshold:
+                return ijk
+        return [n // 2 for n in image.shape]
+
+    def _finish(self, crop: torch.Tensor, region: np.ndarray, gen: torch.Generator,
+                force: bool = False) -> dict[str, torch.Tensor] | None:
+        field = _gaussian_blur(torch.from_numpy(region.astype(np.float32)), 0.7) - 0.5  # rounds the stair-steps
+        label = ap.upsample(field, CROP_SIZE) > 0
+        if int(label.sum()) < self.min_work_voxels * 8 and not force:
+            return None
+        mean, std = ap.positive_statistics(crop[::2, ::2, ::2].contiguous())
+        image = (crop - mean) / (std if std > 0 else 1.0)
+        if chance(gen, 0.5):
+            image = intensity_augment(image, gen)
+        return {"image": image.float()[None].contiguous(), "label": label.float()[None],
+                "valid": torch.ones((1,) + (CROP_SIZE,) * 3, dtype=torch.bool)}
+
+
+# ------------------------------------------------------------------------------------------- real (d)
+def intensity_augment(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Gamma, contrast, smooth multiplicative bias and noise on a z-normalised crop; the result is restandardised
+    to the input's mean and std (the model keeps seeing z-normalised crops)."""
+    mean, std = float(image.mean()), float(image.std())
+    low, high = float(image.min()), float(image.max())
+    x = image
+    if high - low > 1e-6 and chance(gen, 0.6):
+        unit = (x - low) / (high - low)
+        x = low + (high - low) * unit.pow(math.exp(ap.normal(gen, 0.0, 0.35)))
+    if chance(gen, 0.5):
+        bias = ap.upsample(torch.exp(uniform(gen, 0.1, 0.4) * torch.randn((4, 4, 4), generator=gen)), x.shape[-1])
+        x = low + (x - low) * bias
+    if chance(gen, 0.5):
+        x = x + uniform(gen, 0.0, 0.15) * std * torch.randn(x.shape, generator=gen)
+    new_mean, new_std = float(x.mean()), float(x.std())
+    return (x - new_mean) / max(new_std, 1e-6) * std + mean
+
+
+def thick_slices(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Simulate thicker slices (2–5 mm → up to 3.3× the 1.5 mm spacing) along one random axis (image only)."""
+    axis = randint(gen, 0, 3)
+    size = list(image.shape)
+    low = list(size)
+    low[axis] = max(8, int(round(size[axis] / uniform(gen, 1.5, 3.3))))
+    down = F.interpolate(image[None, None], size=tuple(low), mode="area")
+    return F.interpolate(down, size=tuple(size), mode="trilinear", align_corners=False)[0, 0]
+
+
+def zoom_in(image: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, gen: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Magnify a random sub-cube by 1–1.25× back to full size (image trilinear, label and valid nearest)."""
+    size = image.shape[-1]
+    inner = max(8, int(round(size / uniform(gen, 1.0, 1.25))))
+    if inner >= size:
+        return image, label, valid
+    start = [randint(gen, 0, size - inner + 1) for _ in range(3)]
+    cut = tuple(slice(s, s + inner) for s in start)
+    out = (size,) * 3
+    image = F.interpolate(image[cut][None, None], size=out, mode="trilinear", align_corners=False)[0, 0]
+    label = F.interpolate(label[cut][None, None], size=out, mode="nearest")[0, 0]
+    valid = F.interpolate(valid[cut][None, None].float(), size=out, mode="nearest")[0, 0] > 0.5
+    return image, label, valid
+
+
+def rotate(image: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, gen: torch.Generator,
+           max_degrees: float = 15.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotate about the crop centre by up to ±max_degrees per axis (image bilinear, label and valid nearest;
+    outside the crop: image at its minimum, label 0, valid True)."""
+    rotation = small_rotation(gen, max_degrees)
+    theta = torch.cat([rotation, torch.zeros(3, 1)], dim=1)[None]
+    grid = F.affine_grid(theta, (1, 1) + tuple(image.shape), align_corners=False)
+    low = float(image.min())
+    image = F.grid_sample((image - low)[None, None], grid, mode="bilinear", align_corners=False)[0, 0] + low
+    label = F.grid_sample(label[None, None], grid, mode="nearest", align_corners=False)[0, 0]
+    invalid = F.grid_sample((~valid)[None, None].float(), grid, mode="nearest", align_corners=False)[0, 0]
+    return image, label, invalid < 0.5
+
+
+class RealAugmentedSource:
+    """The real prepared pairs (an InteractiveCropDataset) with stronger augmentation (`real`)."""
+
+    name = "real"
+    CYCLE = 1000  # the wrapped dataset's epoch key for pass c of epoch e: e * CYCLE + c (no repeated crop)
+
+    def __init__(self, dataset: Any, prepared_dirs: Sequence = (), p_rotate: float = 0.15, p_zoom: float = 0.35,
+                 p_thick: float = 0.25, p_intensity: float = 0.7) -> None:
+        if dataset is None:
+            raise ValueError("the real source needs the prepared dataset")
+        self.dataset = dataset
+        self.p_rotate, self.p_zoom, self.p_thick, self.p_intensity = p_rotate, p_zoom, p_thick, p_intensity
+
+    def sample_real(self, rank: int, epoch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        count = len(self.dataset)
+        self.dataset.set_epoch(epoch * self.CYCLE + rank // count)
+        item = self.dataset[rank % count]
+        image, label, valid = item["image"][0], item["label"][0], item["valid"][0]
+        minimum = min(float(label.sum()), float(getattr(self.dataset, "min_foreground_voxels", MIN_FOREGROUND_VOXELS)))
+        for p, transform in ((self.p_zoom, zoom_in), (self.p_rotate, rotate)):
+            if chance(gen, p):
+                moved = transform(image, label, valid, gen)
+                if float(moved[1].sum()) >= minimum:  # never a target the transform pushed out of the crop
+                    image, label, valid = moved
+        if chance(gen, self.p_thick):
+            image = thick_slices(image, gen)
+        if chance(gen, self.p_intensity):
+            image = intensity_augment(image, gen)
+        return {"image": image.float()[None].contiguous(), "label": label.float()[None].contiguous(),
+                "valid": valid[None].contiguous()}
+
+    def sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """A random real sample (for benchmarks): rank and epoch drawn from the generator."""
+        return self.sample_real(randint(gen, 0, len(self.dataset)), 0, gen)

@@ -1,0 +1,232 @@
+"""Generated training samples for `train`: sources of (image, target) pairs and the mix that draws from them.
+
+Every source returns what the real dataset (data/training_data.py) returns: `image` (1, 128, 128, 128)
+float32 z-normalised over voxels > 0, `label` (1, 128, 128, 128) float32 {0, 1}, `valid` all True. Sources:
+
+* `synth-labels` — domain-randomised images of real label maps (SynthSeg-style): a label map is cut at a
+  random pose (rotation, scale, elastic warp, flips), every label painted with a random intensity (half
+  CT-like Hounsfield clusters, half fully random) and texture, then bias, low resolution or thick slices,
+  blur, gamma and noise; the target is one label or a label with the labels it touches.
+* `shapes` — procedural scenes (data/shapes.py): blobs, tubes, vessel trees, sheets, touching and nested
+  objects on textured backgrounds, painted the same way.
+* `supervoxels` — pseudo-tasks on real images (data/pseudo_tasks.py).
+* `real` — the prepared real pairs with stronger augmentation (data/pseudo_tasks.py).
+
+Scenes are built on a 64³ work grid (3 mm cells) and upsampled to the 128³ crop: the cost of a sample is a
+few full-size operations. A target has at least `min_foreground_voxels` voxels and lies inside the crop
+(a pose is redrawn otherwise). Sample i of epoch e is a pure function of (seed, e, i, source).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastsam3d_cli.data import appearance as ap
+from fastsam3d_cli.data.appearance import WORK_SIZE, chance, randint, uniform
+from fastsam3d_cli.data.label_maps import LabelMapVolume
+from fastsam3d_cli.data.shapes import small_rotation
+from fastsam3d_cli.imaging.crops import CROP_SIZE, MODEL_SPACING_MM
+
+MIN_FOREGROUND_VOXELS = 1000
+MAX_TARGET_FRACTION = 0.35  # of the crop: larger targets are redrawn (nothing left to click around)
+MAX_TRIES = 8
+
+
+def generator_for(seed: int, epoch: int, index: int, stream: int) -> torch.Generator:
+    """A torch generator seeded from (seed, epoch, index, stream) through numpy's SeedSequence."""
+    value = np.random.SeedSequence([int(seed), int(epoch), int(index), int(stream)]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(value[0] >> np.uint64(1)))
+
+
+# ------------------------------------------------------------------------------------- rendering
+def ring_labels(mask: torch.Tensor, labels: torch.Tensor, width: int = 2) -> torch.Tensor:
+    """Labels of the voxels just outside `mask` (shifted copies of the mask along each axis)."""
+    grown = mask.clone()
+    for axis in range(3):
+        for shift in (-width, width):
+            grown |= torch.roll(mask, shifts=shift, dims=axis)
+    return labels[grown & ~mask]
+
+
+def separate_target(means: torch.Tensor, sds: torch.Tensor, labels: torch.Tensor, target: torch.Tensor,
+                    target_values: Sequence[int], gen: torch.Generator, ct_like: bool) -> None:
+    """Give the target a mean that differs from its surroundings' by ≥ ~1 sd most of the time (in place).
+
+    Real targets are visible; a target painted like its neighbours teaches nothing. 10% are left as drawn
+    (low-contrast cases exist).
+    """
+    if chance(gen, 0.1):
+        return
+    around = ring_labels(target, labels)
+    if around.numel() == 0:
+        return
+    counts = torch.bincount(around, minlength=len(means)).float()
+    neighbour_mean = float((counts * means).sum() / counts.sum())
+    spread = float(sds.mean())
+    needed = max(2.0 * spread, 40.0 if ct_like else 25.0)
+    for value in target_values:
+        if abs(float(means[value]) - neighbour_mean) < needed:
+            sign = 1.0 if chance(gen, 0.5) else -1.0
+            means[value] = neighbour_mean + sign * needed * uniform(gen, 1.0, 2.5)
+    for value in target_values:  # the texture of a target stays below its contrast
+        sds[value] = min(float(sds[value]), needed * 0.6)
+
+
+def render(labels: torch.Tensor, target_field: torch.Tensor, target_values: Sequence[int], gen: torch.Generator,
+           names: Sequence[str] | None = None, out_size: int = CROP_SIZE) -> dict[str, torch.Tensor] | None:
+    """Paint a work-grid label scene and cut the target: the sample dict, or None when the target is too small
+    or too large for the crop."""
+    label = ap.upsample(target_field, out_size) > 0
+    voxels = int(label.sum())
+    if voxels < MIN_FOREGROUND_VOXELS or voxels > MAX_TARGET_FRACTION * out_size ** 3:
+        return None
+    ct_like = chance(gen, 0.5)
+    count = int(labels.max()) + 1
+    means, sds = ap.label_intensities(gen, count, ct_like, names)
+    separate_target(means, sds, labels, target_field > 0, target_values, gen, ct_like)
+    work = ap.paint(labels, means, sds, gen, texture_scale=uniform(gen, 0.3, 1.0))
+    noise = uniform(gen, 5.0, 40.0) if ct_like else uniform(gen, 0.0, 12.0)
+    air = uniform(gen, 0.0, 0.2) if not ct_like and chance(gen, 0.3) else None  # MR-like air ≈ 0
+    image = ap.finish_image(work, gen, out_size, noise_sd=noise, bias_strength=uniform(gen, 0.0, 0.5),
+                            ct_like=ct_like, air_floor=air)
+    return {"image": image.float()[None].contiguous(), "label": label.float()[None],
+            "valid": torch.ones((1,) + (out_size,) * 3, dtype=torch.bool)}
+
+
+# ------------------------------------------------------------------------------------------ shapes
+class ShapesSource:
+    """Procedural scenes (data/shapes.py) painted with random appearance."""
+
+    name = "shapes"
+
+    def sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        from fastsam3d_cli.data.shapes import generate_scene
+
+        for _ in range(MAX_TRIES * 2):
+            scene = generate_scene(gen, WORK_SIZE)
+            sample = render(scene.labels, scene.target_field, scene.target_labels, gen)
+            if sample is not None:
+                return sample
+        raise RuntimeError("no shapes scene with a usable target")  # pragma: no cover - needs 16 failures
+
+
+# ---------------------------------------------------------------------------------- label maps (a)
+@dataclass
+class Pose:
+    """Where the crop sits in a label map: centre (voxels), rotation, zoom (>1 magnifies), flips."""
+
+    centre: torch.Tensor
+    rotation: torch.Tensor
+    zoom: float
+    flips: tuple[bool, bool, bool]
+
+
+def sample_grid(shape: Sequence[int], pose: Pose, size: int, elastic_voxels: float,
+                gen: torch.Generator) -> torch.Tensor:
+    """grid_sample grid (1, S, S, S, 3) mapping work voxels to the label map (align_corners=True)."""
+    from fastsam3d_cli.data.shapes import coordinates
+
+    cell = CROP_SIZE / size  # source voxels (1.5 mm) per work voxel, before zoom
+    offsets = (coordinates(size) - (size - 1) / 2.0) * (cell / pose.zoom)
+    for axis, flip in enumerate(pose.flips):
+        if flip:
+            offsets[axis] = -offsets[axis]  # mirror the crop about its centre along this axis
+    points = torch.einsum("ij,jxyz->ixyz", pose.rotation, offsets) + pose.centre.view(3, 1, 1, 1)
+    if elastic_voxels > 0:
+        points = points + elastic_voxels * ap.smooth_noise(gen, size, randint(gen, 3, 6), channels=3)
+    extent = torch.tensor([float(n - 1) for n in shape]).view(3, 1, 1, 1)
+    normalised = points / extent.clamp_min(1.0) * 2 - 1
+    return normalised.flip(0).permute(1, 2, 3, 0)[None]  # grid_sample wants (x, y, z) = (k, j, i)
+
+
+class LabelMapSource:
+    """SynthSeg-style domain-randomised images of real label maps (`synth-labels`)."""
+
+    name = "synth-labels"
+
+    def __init__(self, volumes: Sequence[LabelMapVolume], min_foreground_voxels: int = MIN_FOREGROUND_VOXELS,
+                 p_union: float = 0.3) -> None:
+        self.volumes = list(volumes)
+        self.min_foreground_voxels = int(min_foreground_voxels)
+        self.p_union = p_union
+        self.candidates = [[v for v, n in volume.counts.items() if n >= min_foreground_voxels]
+                           for volume in self.volumes]
+        if not any(self.candidates):
+            raise ValueError("no label map has a label of at least min_foreground_voxels voxels")
+
+    def sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        usable = [i for i, c in enumerate(self.candidates) if c]
+        for _ in range(MAX_TRIES):
+            volume_index = usable[randint(gen, 0, len(usable))]
+            volume, candidates = self.volumes[volume_index], self.candidates[volume_index]
+            values = self._target(volume, candidates, gen)
+            sample = self._render(volume, values, gen)
+            if sample is not None:
+                return sample
+        raise RuntimeError("no label-map target fitted the crop")  # pragma: no cover
+
+    def _target(self, volume: LabelMapVolume, candidates: list[int], gen: torch.Generator) -> list[int]:
+        first = candidates[randint(gen, 0, len(candidates))]
+        values = [first]
+        neighbours = sorted(volume.touching.get(first, ()))
+        if neighbours and chance(gen, self.p_union):
+            for _ in range(randint(gen, 1, 3)):
+                values.append(neighbours[randint(gen, 0, len(neighbours))])
+        return sorted(set(values))
+
+    def _pose(self, volume: LabelMapVolume, values: list[int], gen: torch.Generator) -> Pose:
+        lo = np.min([volume.boxes[v][0] for v in values], axis=0)
+        hi = np.max([volume.boxes[v][1] for v in values], axis=0)
+        extent = float((hi - lo).max())  # source voxels
+        zoom = math.exp(uniform(gen, math.log(0.85), math.log(1.2)))
+        fit = 0.85 * CROP_SIZE / max(extent, 1.0)  # the whole target inside 85% of the crop
+        zoom = min(zoom, fit)
+        slack = np.maximum(0.0, 0.85 * CROP_SIZE / zoom - (hi - lo)) / 2  # how far the centre may move
+        centre = (lo + hi - 1) / 2 + np.array([uniform(gen, -s, s) for s in slack])
+        rotation = small_rotation(gen, 15.0 if chance(gen, 0.8) else 40.0)
+        flips = tuple(chance(gen, 0.5) for _ in range(3))
+        return Pose(torch.tensor(centre, dtype=torch.float32), rotation, zoom, flips)  # type: ignore[arg-type]
+
+    def _render(self, volume: LabelMapVolume, values: list[int], gen: torch.Generator) -> dict[str, torch.Tensor] | None:
+        pose = self._pose(volume, values, gen)
+        grid = sample_grid(volume.labels.shape, pose, WORK_SIZE, elastic_voxels=uniform(gen, 0.0, 3.0), gen=gen)
+        labels = F.grid_sample(volume.label_tensor(), grid, mode="nearest", padding_mode="zeros",
+                               align_corners=True)[0, 0].long()
+        shifted = [v + 1 for v in values]  # label_tensor holds value + 1
+        target = torch.isin(labels, torch.tensor(shifted))
+        # relabel compactly so the intensity table stays small (AAL has 116 labels, values up to ~9000)
+        present, compact = torch.unique(labels, return_inverse=True)
+        names = ["outside" if int(v) == 0 else volume.names.get(int(v) - 1, "background") for v in present]
+        target_values = [i for i, v in enumerate(present.tolist()) if v in shifted]
+        return render(compact, target.float() - 0.5, target_values, gen, names=names)
+
+
+# ------------------------------------------------------------------------------------------ building
+GENERATED_SOURCES = ("shapes", "synth-labels", "supervoxels")
+SOURCES = ("real",) + GENERATED_SOURCES
+
+
+def build_source(name: str, *, label_maps: Sequence = (), prepared_dirs: Sequence = (), real_dataset=None,
+                 min_foreground_voxels: int = MIN_FOREGROUND_VOXELS):
+    """The source called `name` (one of SOURCES); label-map datasets are read once per process."""
+    from fastsam3d_cli.data.label_maps import cached_label_maps
+
+    if name == "shapes":
+        return ShapesSource()
+    if name == "synth-labels":
+        return LabelMapSource(cached_label_maps(label_maps), min_foreground_voxels=min_foreground_voxels)
+    if name == "supervoxels":
+        from fastsam3d_cli.data.pseudo_tasks import SupervoxelSource
+
+        return SupervoxelSource(cached_label_maps(label_maps, with_images=True),
+                                min_foreground_voxels=min_foreground_voxels)
+    if name == "real":
+        from fastsam3d_cli.data.pseudo_tasks import RealAugmentedSource
+
+        return RealAugmentedSource(real_dataset, prepared_dirs)
+    raise ValueError(f"unknown source {name!r}")
