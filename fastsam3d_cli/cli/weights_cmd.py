@@ -194,8 +194,9 @@ def verify_command(
 @weights_app.command("path")
 @cli_errors
 def path_command(name: str = _name_argument(), json_output: bool = JSON_OPTION) -> None:
-    """Print the cached checkpoint's path (exit 4 if it is not cached; nothing is downloaded), or with NAME
-    `bundled` the bundled model's file (checked against its sha256)."""
+    """Print the path of a cached checkpoint, or of the bundled model's file with NAME `bundled`.
+
+    Nothing is downloaded; exit 4 if NAME is not cached or the bundled file fails its sha256."""
     from fastsam3d_cli.weights import bundled
     from fastsam3d_cli.weights.cache import cached_path
 
