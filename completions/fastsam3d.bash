@@ -2,8 +2,8 @@
 # Install: source this file, or copy it to ~/.local/share/bash-completion/completions/fastsam3d
 _fastsam3d_children() {
     case "$1" in
-        "") echo "infer prepare train distill validate benchmark weights" ;;
-        "weights") echo "list download verify path import remove" ;;
+        "") echo "infer serve prepare train distill validate benchmark weights" ;;
+        "weights") echo "list download verify path import remove bundle" ;;
     esac
 }
 _fastsam3d_completion() {
@@ -20,7 +20,7 @@ _fastsam3d_completion() {
             case "$prev" in
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--version -V --debug --quiet -q" -- "$cur"))
-            else COMPREPLY=($(compgen -W "infer prepare train distill validate benchmark weights" -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -W "infer serve prepare train distill validate benchmark weights" -- "$cur")); fi ;;
         "infer")
             case "$prev" in
                 --clicks|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -36,6 +36,24 @@ _fastsam3d_completion() {
                 --probabilities) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--clicks -c --output -o --model -m --checkpoint --device --attention --dtype --max-crops --channel --offline --preview --probabilities --overwrite --json" -- "$cur"))
+            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        "serve")
+            case "$prev" in
+                --host) return ;;
+                --port) return ;;
+                --root) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --token) return ;;
+                --model|-m) return ;;
+                --checkpoint) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --device) return ;;
+                --attention) return ;;
+                --dtype) return ;;
+                --max-crops) return ;;
+                --max-sessions) return ;;
+                --max-memory) return ;;
+                --max-upload) return ;;
+            esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--host --port --root --token --model -m --checkpoint --device --attention --dtype --max-crops --offline --max-sessions --max-memory --max-upload" -- "$cur"))
             else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "prepare")
             case "$prev" in
@@ -60,6 +78,9 @@ _fastsam3d_completion() {
                 --lr) return ;;
                 --lr-milestones) return ;;
                 --iterations) return ;;
+                --grad-iterations) return ;;
+                --centre-clicks) return ;;
+                --decoder-lr-scale) return ;;
                 --seed) return ;;
                 --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --device) return ;;
@@ -71,7 +92,7 @@ _fastsam3d_completion() {
                 --classes) return ;;
                 --min-foreground) return ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --init --freeze-encoder --unfreeze-patience --epochs --batch-size --accumulate --lr --lr-milestones --iterations --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --min-foreground --json" -- "$cur"))
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --init --freeze-encoder --unfreeze-patience --epochs --batch-size --accumulate --lr --lr-milestones --iterations --grad-iterations --centre-clicks --decoder-lr-scale --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --min-foreground --json" -- "$cur"))
             else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "distill")
             case "$prev" in
@@ -134,7 +155,7 @@ _fastsam3d_completion() {
             case "$prev" in
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "" -- "$cur"))
-            else COMPREPLY=($(compgen -W "list download verify path import remove" -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -W "list download verify path import remove bundle" -- "$cur")); fi ;;
         "weights list")
             case "$prev" in
             esac
@@ -164,6 +185,17 @@ _fastsam3d_completion() {
             case "$prev" in
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--json" -- "$cur"))
+            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        "weights bundle")
+            case "$prev" in
+                --name) return ;;
+                --output-dir) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --command) return ;;
+                --cpu-hours) return ;;
+                --notes) return ;;
+                --provenance) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--name --output-dir --command --cpu-hours --notes --provenance --overwrite --json" -- "$cur"))
             else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
     esac
 }
