@@ -8,6 +8,24 @@ from fastsam3d_cli.errors import DeviceError, UsageError
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
+def check_device_spec(spec: str | None) -> None:
+    """UsageError for a --device value that is not auto, cpu, cuda or cuda:N — checked before any other work,
+    so a typo is reported as the usage error it is (exit 2), not after an output or model check."""
+    text = (spec or "auto").strip().lower()
+    if not _DEVICE_PATTERN.match(text):
+        raise UsageError(f"unknown device '{text}'", "use auto, cpu, cuda or cuda:N")
+
+
+def check_attention_name(name: str, allowed: tuple[str, ...] | None = None) -> None:
+    """UsageError for an unknown --attention value, before the model is loaded (no torch import needed)."""
+    choices = allowed or ATTENTION_BACKENDS
+    if name not in choices:
+        raise UsageError(f"unknown attention backend '{name}'", f"choose one of: {', '.join(choices)}")
+
+
+ATTENTION_BACKENDS = ("auto", "exact", "sdpa", "flash", "sparse")  # model/attention.py BACKENDS (a test keeps them equal)
+
+
 def resolve_device(spec: str | None = "auto"):
     """Return the torch.device for `spec`; `auto` means the first CUDA device if present, else CPU."""
     import torch

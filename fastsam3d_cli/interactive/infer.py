@@ -141,7 +141,7 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     per-object probability maps (float32 NIfTI, linear interpolation onto the input grid) in `probabilities`.
     """
     from fastsam3d_cli.imaging.clickfile import check_inside, read_click_file, to_lps
-    from fastsam3d_cli.device import resolve_device
+    from fastsam3d_cli.device import check_attention_name, check_device_spec, resolve_device
     from fastsam3d_cli.imaging.volumes import read_image
     from fastsam3d_cli.imaging.world import world_geometry
     from fastsam3d_cli.interactive.predictor import Predictor
@@ -152,9 +152,11 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
         raise UsageError(f"--max-crops {max_crops} is invalid", "use 1 or more (1 turns crop extension off)")
     if channel is not None and channel < 0:
         raise UsageError(f"--channel {channel} is invalid", "channels are numbered from 0")
-    if loaded is None:
+    if loaded is None:  # every usage error before any file check or model load: the right error wins
         model_choice(model)
         torch_dtype(dtype)
+        check_attention_name(attention)
+        check_device_spec(device)
     volume_path = Path(volume).expanduser()
     if not volume_path.is_file():  # name a missing input as such, not as a missing output folder beside it
         read_image(volume_path, channel, strict_channel=True)
@@ -263,7 +265,7 @@ def _sidecar(volume: Path, image: Any, input_sha256: str, click_file: Any, click
                     "preview": str(outputs.preview) if outputs.preview else None, "probabilities": probabilities},
         "labelmap_dtype": str(labels.dtype),
         "model": {"preset": loaded.preset, "weights_name": loaded.weights_name, "checkpoint": str(loaded.checkpoint),
-                  "checkpoint_sha256": loaded.checkpoint_sha256, "fallback": loaded.fallback},
+                  "checkpoint_sha256": loaded.checkpoint_sha256},
         "device": str(loaded.device), "attention": loaded.attention, "dtype": loaded.dtype, "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
         "pipeline": {"spacing_mm": predictor.spacing_mm, "crop_size": predictor.crop_size,

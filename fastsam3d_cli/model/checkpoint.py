@@ -241,6 +241,11 @@ def load_model(checkpoint: str | Path, preset: str | None = None, device: torch.
         raise WeightsError(f"{checkpoint} holds only an image encoder (distillation output)",
                            "also give a full checkpoint for the prompt encoder and decoder (decoder_checkpoint / "
                            "--decoder-checkpoint)")
+    if any(k.startswith("projections.") for k in state_dict):  # DistillationModel's training-only layers
+        raise WeightsError(f"checkpoint {checkpoint} is a `fastsam3d distill` training checkpoint (the student with "
+                           "its training-only projections)",
+                           f"use the run's student.pth ({Path(checkpoint).with_name('student.pth')}), written when "
+                           "distill finishes")
     config = _choose_config(state_dict, info, preset, checkpoint)
     expected = config_shapes(config)
     actual = {k: tuple(v.shape) for k, v in state_dict.items()}

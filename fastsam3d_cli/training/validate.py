@@ -150,7 +150,7 @@ def validate(prepared_dirs: Sequence[str | Path] | str | Path, checkpoint: str |
     of another model → WeightsError (4).
     """
     from fastsam3d_cli.imaging.atomic import check_output_path
-    from fastsam3d_cli.device import resolve_device
+    from fastsam3d_cli.device import check_attention_name, check_device_spec, resolve_device
     from fastsam3d_cli.model.checkpoint import load_model
     from fastsam3d_cli.data.prepared import list_prepared_samples
     from fastsam3d_cli.data.training_data import load_sample, validation_crop
@@ -158,6 +158,12 @@ def validate(prepared_dirs: Sequence[str | Path] | str | Path, checkpoint: str |
     started = time.monotonic()
     if clicks < 1:
         raise UsageError(f"--clicks must be at least 1 (got {clicks})", "give the number of simulated clicks, e.g. 10")
+    check_attention_name(attention)  # usage errors before the data, output and checkpoint checks
+    check_device_spec(device)
+    if model is not None:
+        from fastsam3d_cli.model.config import get_config
+
+        get_config(model)
     folders = [prepared_dirs] if isinstance(prepared_dirs, (str, Path)) else list(prepared_dirs)
     samples = [s for folder in folders for s in list_prepared_samples(Path(folder), classes=classes)]
     csv_file = check_output_path(Path(csv_path), overwrite, "CSV output", "--csv") if csv_path is not None else None

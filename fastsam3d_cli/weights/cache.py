@@ -46,12 +46,6 @@ CHUNK_BYTES = 1 << 20  # for hashing
 NETWORK_CHUNK_BYTES = 1 << 16  # small: a cut-off connection loses the partly read chunk (urllib3)
 
 
-class UnreachableWeightsError(WeightsError):
-    """Named weights that are not cached and cannot be fetched because the network cannot be used: offline
-    mode, or a download that failed to connect (DNS, refused, timeout, proxy/TLS). Loading the default model
-    may then fall back to the bundled one (weights/loading.py); every other weights error never does."""
-
-
 @dataclass(frozen=True)
 class WeightsSpec:
     """One named checkpoint in the registry.
@@ -269,10 +263,8 @@ def download(name: str, *, progress: bool = False, offline: Optional[bool] = Non
         cached = _entry(spec, _read_index(cache_dir()).get(name))
         if cached.verified:
             return cached
-        raise UnreachableWeightsError(
-            f"cannot download '{name}': offline mode is on ({OFFLINE_ENV}=1 or --offline)",
-            f"unset {OFFLINE_ENV} / drop --offline, or copy {spec.filename} here and run "
-            f"`fastsam3d weights import {name} FILE`")
+        raise WeightsError(f"cannot download '{name}': offline mode is on ({OFFLINE_ENV}=1 or --offline)",
+                           f"unset {OFFLINE_ENV} / drop --offline, or {_import_hint(spec)}")
     timeout_s = timeout_from_env() if timeout_s is None else timeout_s
     folder = _writable_cache()
     target = folder / spec.filename
@@ -382,8 +374,8 @@ def resolve_weights(name: str, *, offline: Optional[bool] = None, progress: bool
             f"fetch a fresh copy with `fastsam3d weights download {name}` "
             f"(or `fastsam3d weights import {name} FILE`)")
     if offline_from_env() if offline is None else offline:
-        raise UnreachableWeightsError(f"weights '{name}' are not in the cache ({target}) and offline mode is on",
-                                      _get_them(spec, offline=True))
+        raise WeightsError(f"weights '{name}' are not in the cache ({target}) and offline mode is on",
+                           _get_them(spec, offline=True))
     return download(name, progress=progress, offline=False).path
 
 
@@ -450,9 +442,15 @@ def _record_found_file(spec: WeightsSpec, target: Path) -> WeightsEntry:
     return _entry(spec, _read_index(target.parent).get(spec.name), digest=digest)
 
 
+def _import_hint(spec: WeightsSpec) -> str:
+    """Where a copy goes, named: 'copy X to this machine and run import' (it lands in the cache folder)."""
+    return (f"copy {spec.filename} to this machine and run `fastsam3d weights import {spec.name} FILE` "
+            f"(it is stored in {cache_dir()})")
+
+
 def _get_them(spec: WeightsSpec, offline: bool = False) -> str:
     """The fix line: the exact commands that put `spec` into the cache."""
-    where = " on a machine with internet access, then copy the cache folder" if offline else ""
+    where = f" on a machine with internet access, then copy its cache folder to {cache_dir()}" if offline else ""
     return (f"run `fastsam3d weights download {spec.name}`{where}, or `fastsam3d weights import "
             f"{spec.name} FILE` with a copy of {spec.filename} ({spec.url})")
 
@@ -576,8 +574,7 @@ def _fetch(spec: WeightsSpec, target: Path, record: Optional[dict], *, progress:
                     f"{expected}; the file was removed", _mismatch_fix(spec, record, check))
             check_is_checkpoint(partial, spec, what=f"the file downloaded from {spec.url}",
                                 fix=f"{_url_origin(spec)} serves something else (a login or error page?); "
-                                    f"fix it, or copy {spec.filename} here and run "
-                                    f"`fastsam3d weights import {spec.name} FILE`")
+                                    f"fix it, or {_import_hint(spec)}")
             _write_record(folder, spec.name, digest, size, spec.url)
             os.replace(partial, target)
     except Exception:
@@ -690,7 +687,6 @@ def _stream_with_resume(spec: WeightsSpec, target: Path, note: Optional[_Partial
         for attempt in range(1, attempts + 1):
             offset = _file_size(tmp)
             received = 0
-            unreachable = False  # this attempt failed to connect or timed out (not an HTTP or content error)
             try:
                 with _request(session, spec.url, offset, validator, timeout_s) as response:
                     if response.status_code >= 400:
@@ -715,11 +711,10 @@ def _stream_with_resume(spec: WeightsSpec, target: Path, note: Optional[_Partial
                 problem = f"the connection closed after {size} of {total} bytes"
             except requests.RequestException as exc:
                 problem = _describe_network_error(exc, spec.url, timeout_s, _file_size(tmp), total)
-                unreachable = isinstance(exc, (requests.ConnectionError, requests.Timeout))
             if received == 0 or attempt == attempts:
                 tries = f" (after {attempt} attempts)" if attempt > 1 else ""
-                error = UnreachableWeightsError if unreachable else WeightsError
-                raise error(f"download of '{spec.name}' from {spec.url} failed: {problem}{tries}", _network_fix(spec))
+                raise WeightsError(f"download of '{spec.name}' from {spec.url} failed: {problem}{tries}",
+                                   _network_fix(spec))
             time.sleep(retry_pause_s)
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
@@ -810,8 +805,8 @@ def _http_error(spec: WeightsSpec, response: Any) -> WeightsError:
     hint = {404: "the file is not at that address", 401: "the server wants credentials",
             403: "access denied"}.get(code, "the server failed" if code >= 500 else "the request was refused")
     return WeightsError(f"download of '{spec.name}' from {spec.url} failed: HTTP {code} {response.reason or ''}",
-                        f"{hint}; check {_url_origin(spec)} or set {url_env_var(spec.name)} to a mirror, or copy "
-                        f"{spec.filename} here and run `fastsam3d weights import {spec.name} FILE`")
+                        f"{hint}; check {_url_origin(spec)} or set {url_env_var(spec.name)} to a mirror, or "
+                        f"{_import_hint(spec)}")
 
 
 def _describe_network_error(exc: Exception, url: str, timeout_s: float, have: int, total: Optional[int]) -> str:
@@ -841,7 +836,7 @@ def _url_origin(spec: WeightsSpec) -> str:
 
 def _network_fix(spec: WeightsSpec) -> str:
     return (f"check the network/proxy (HTTPS_PROXY), raise {TIMEOUT_ENV}, set {url_env_var(spec.name)} to a "
-            f"mirror, or copy {spec.filename} here and run `fastsam3d weights import {spec.name} FILE`")
+            f"mirror, or {_import_hint(spec)}")
 
 
 @contextlib.contextmanager
