@@ -8,7 +8,7 @@ import typer
 
 from fastsam3d_cli.cli.common import (ProgressBars, cli_errors, print_json, progress_enabled, state, stderr_console,
                                       stdout_console)
-from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM
+from fastsam3d_cli.imaging import MODEL_SPACING_MM
 
 EPILOG = (
     "Examples:\n\n"

@@ -11,8 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
+from fastsam3d_cli.imaging import MODEL_SPACING_MM  # re-exported here; defined without numpy for the CLI
+
 CROP_SIZE = 128  # voxels per side of the model input
-MODEL_SPACING_MM = 1.5  # the isotropic spacing every published model was trained at (prepare's default)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,112 @@
+"""Cold-start costs of loading a model: no torch._dynamo/sympy import, memory-mapped checkpoints, no model built
+per preset when the preset is known, and nothing heavy imported for `fastsam3d --help`."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastsam3d_cli.model import PRESETS, build_model, get_config
+from fastsam3d_cli.model import checkpoint as checkpoint_module
+from fastsam3d_cli.model.checkpoint import load_model, load_payload, meta_model, save_checkpoint
+from fastsam3d_cli.model.sam3d import Sam3D
+from infer_phantoms import make_tiny_checkpoint
+
+HEAVY_FOR_LOADING = ("torch._dynamo", "sympy")
+
+
+def _fresh_python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_meta_model_has_the_plain_meta_models_keys_shapes_and_dtypes(preset):
+    with torch.device("meta"):
+        plain = Sam3D(get_config(preset))
+    fast = meta_model(get_config(preset))
+    expect = {k: (tuple(v.shape), v.dtype, v.device.type) for k, v in plain.state_dict().items()}
+    assert {k: (tuple(v.shape), v.dtype, v.device.type) for k, v in fast.state_dict().items()} == expect
+    assert all(v.device.type == "meta" for v in fast.state_dict().values())
+
+
+def test_meta_build_leaves_real_tensors_and_random_init_elsewhere_alone():
+    torch.manual_seed(0)
+    real = build_model("fastsam3d-tiny")  # outside meta_model: initialised as always
+    torch.manual_seed(0)
+    again = build_model("fastsam3d-tiny")
+    meta_model(get_config("fastsam3d-tiny"))
+    weight = real.prompt_encoder.point_embeddings[0].weight
+    assert weight.abs().sum() > 0 and torch.equal(weight, again.prompt_encoder.point_embeddings[0].weight)
+
+
+def test_loading_a_checkpoint_imports_neither_dynamo_nor_sympy(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "tiny.pth")
+    out = _fresh_python(
+        "import sys\n"
+        "from fastsam3d_cli.weights.loading import load_inference_model\n"
+        f"load_inference_model(None, {str(path)!r}, 'cpu')\n"
+        f"print(','.join(m for m in {HEAVY_FOR_LOADING!r} if m in sys.modules))\n")
+    assert out == "", f"imported while loading: {out}"
+
+
+def _mapped_files() -> str:
+    return Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps (Linux)")
+def test_checkpoints_are_memory_mapped_and_legacy_files_still_load(tmp_path):
+    state = {k: v for k, v in build_model("fastsam3d-tiny").state_dict().items()}
+    save_checkpoint(tmp_path / "zip.pth", state)
+    torch.save({"model_state_dict": state}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    mapped = load_payload(tmp_path / "zip.pth")["model_state_dict"]
+    legacy = load_payload(tmp_path / "legacy.pth")["model_state_dict"]
+    maps = _mapped_files()
+    assert str(tmp_path / "zip.pth") in maps and str(tmp_path / "legacy.pth") not in maps
+    for loaded in (mapped, legacy):
+        assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_a_mapped_model_computes_what_a_copied_one_does_and_never_writes_the_file(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "tiny.pth")
+    before = path.read_bytes()
+    legacy = tmp_path / "legacy.pth"  # the same weights in the format that cannot be mapped: read as a copy
+    torch.save(torch.load(path, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    model, _ = load_model(path, "fastsam3d-tiny")
+    copied, _ = load_model(legacy, "fastsam3d-tiny")
+    volume = torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model.encode(volume), copied.encode(volume))
+        for parameter in model.parameters():  # in-place change of mapped weights: private copy-on-write pages
+            parameter.add_(1.0)
+    assert path.read_bytes() == before
+
+
+def test_a_known_preset_builds_one_model_not_one_per_preset(tmp_path, monkeypatch):
+    path = make_tiny_checkpoint(tmp_path / "tiny.pth")
+    built: list[str] = []
+    real = checkpoint_module.meta_model
+    monkeypatch.setattr(checkpoint_module, "meta_model", lambda config: built.append(config.name) or real(config))
+    checkpoint_module.expected_shapes.cache_clear()
+    try:
+        load_model(path, "fastsam3d-tiny")
+        assert built == ["fastsam3d-tiny"]
+        built.clear()
+        checkpoint_module.expected_shapes.cache_clear()
+        _, info = load_model(path)  # no preset: matched against the presets, as before
+        assert info.preset == "fastsam3d-tiny" and "fastsam3d-tiny" in built
+    finally:
+        checkpoint_module.expected_shapes.cache_clear()
+
+
+def test_help_imports_no_numeric_library():
+    out = _fresh_python(
+        "import sys\n"
+        "from fastsam3d_cli.cli import app\n"
+        "print(','.join(m for m in ('torch', 'numpy', 'SimpleITK', 'nibabel', 'matplotlib', 'requests') "
+        "if m in sys.modules))\n")
+    assert out == "", f"imported for --help: {out}"
