@@ -265,7 +265,7 @@ def _sidecar(volume: Path, image: Any, input_sha256: str, click_file: Any, click
                     "preview": str(outputs.preview) if outputs.preview else None, "probabilities": probabilities},
         "labelmap_dtype": str(labels.dtype),
         "model": {"preset": loaded.preset, "weights_name": loaded.weights_name, "checkpoint": str(loaded.checkpoint),
-                  "checkpoint_sha256": loaded.checkpoint_sha256},
+                  "checkpoint_sha256": loaded.checkpoint_sha256, "fallback": loaded.fallback},
         "device": str(loaded.device), "attention": loaded.attention, "dtype": loaded.dtype, "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
         "pipeline": {"spacing_mm": predictor.spacing_mm, "crop_size": predictor.crop_size,

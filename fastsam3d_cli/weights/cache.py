@@ -46,6 +46,12 @@ CHUNK_BYTES = 1 << 20  # for hashing
 NETWORK_CHUNK_BYTES = 1 << 16  # small: a cut-off connection loses the partly read chunk (urllib3)
 
 
+class UnreachableWeightsError(WeightsError):
+    """Named weights that are not cached and cannot be fetched because the network cannot be used: offline
+    mode, or a download that failed to connect (DNS, refused, timeout, proxy/TLS). Loading the default model
+    may then fall back to the bundled one (weights/loading.py); every other weights error never does."""
+
+
 @dataclass(frozen=True)
 class WeightsSpec:
     """One named checkpoint in the registry.
@@ -263,8 +269,9 @@ def download(name: str, *, progress: bool = False, offline: Optional[bool] = Non
         cached = _entry(spec, _read_index(cache_dir()).get(name))
         if cached.verified:
             return cached
-        raise WeightsError(f"cannot download '{name}': offline mode is on ({OFFLINE_ENV}=1 or --offline)",
-                           f"unset {OFFLINE_ENV} / drop --offline, or {_import_hint(spec)}")
+        raise UnreachableWeightsError(
+            f"cannot download '{name}': offline mode is on ({OFFLINE_ENV}=1 or --offline)",
+            f"unset {OFFLINE_ENV} / drop --offline, or {_import_hint(spec)}")
     timeout_s = timeout_from_env() if timeout_s is None else timeout_s
     folder = _writable_cache()
     target = folder / spec.filename
@@ -374,8 +381,8 @@ def resolve_weights(name: str, *, offline: Optional[bool] = None, progress: bool
             f"fetch a fresh copy with `fastsam3d weights download {name}` "
             f"(or `fastsam3d weights import {name} FILE`)")
     if offline_from_env() if offline is None else offline:
-        raise WeightsError(f"weights '{name}' are not in the cache ({target}) and offline mode is on",
-                           _get_them(spec, offline=True))
+        raise UnreachableWeightsError(f"weights '{name}' are not in the cache ({target}) and offline mode is on",
+                                      _get_them(spec, offline=True))
     return download(name, progress=progress, offline=False).path
 
 
@@ -687,6 +694,7 @@ def _stream_with_resume(spec: WeightsSpec, target: Path, note: Optional[_Partial
         for attempt in range(1, attempts + 1):
             offset = _file_size(tmp)
             received = 0
+            unreachable = False  # this attempt failed to connect or timed out (not an HTTP or content error)
             try:
                 with _request(session, spec.url, offset, validator, timeout_s) as response:
                     if response.status_code >= 400:
@@ -711,10 +719,11 @@ def _stream_with_resume(spec: WeightsSpec, target: Path, note: Optional[_Partial
                 problem = f"the connection closed after {size} of {total} bytes"
             except requests.RequestException as exc:
                 problem = _describe_network_error(exc, spec.url, timeout_s, _file_size(tmp), total)
+                unreachable = isinstance(exc, (requests.ConnectionError, requests.Timeout))
             if received == 0 or attempt == attempts:
                 tries = f" (after {attempt} attempts)" if attempt > 1 else ""
-                raise WeightsError(f"download of '{spec.name}' from {spec.url} failed: {problem}{tries}",
-                                   _network_fix(spec))
+                error = UnreachableWeightsError if unreachable else WeightsError
+                raise error(f"download of '{spec.name}' from {spec.url} failed: {problem}{tries}", _network_fix(spec))
             time.sleep(retry_pause_s)
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
