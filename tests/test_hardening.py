@@ -60,3 +60,47 @@ def test_the_single_file_forms_write_one_file_each(case, tiny):
                                      "--checkpoint", str(tiny), "-o", str(case / name), "--overwrite"], env=CLI_ENV)
         assert result.exit_code == 0, result.output
     assert set(_tree(case)) == {"v.nii.gz", "clicks.json", "mask.mha", "mask.nrrd", "mask.json"}
+
+
+# ------------------------------------------------------------------ 4: prepare forgets what has no source
+def test_a_prepare_rerun_drops_what_the_source_no_longer_has_and_says_so(tmp_path):
+    import numpy as np
+
+    from fastsam3d_cli.data.prepared import list_prepared_samples
+    from prepare_phantoms import CLI_ENV as PREPARE_ENV, make_v2_dataset, phantom_label, write_volume
+
+    raw = make_v2_dataset(tmp_path / "raw", cases=("case_a", "case_b", "case_c"))
+    out = tmp_path / "prepared"
+    first = runner.invoke(app, ["prepare", str(raw), "-o", str(out), "--min-volume-mm3", "0"], env=PREPARE_ENV)
+    assert first.exit_code == 0, first.output
+    names = lambda: {(s.case, s.class_name) for s in list_prepared_samples(out)}  # noqa: E731
+    assert names() == {(c, k) for c in ("case_a", "case_b", "case_c") for k in ("liver", "left_kidney", "tiny")}
+    # The source changes: case_b deleted, class "tiny" removed from dataset.json, left kidney emptied in case_c.
+    for file in (raw / "imagesTr" / "case_b_0000.nii.gz", raw / "labelsTr" / "case_b.nii.gz"):
+        file.unlink()
+    meta = json.loads((raw / "dataset.json").read_text())
+    del meta["labels"]["tiny"]
+    meta["numTraining"] = 2
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    without_tiny = np.where(phantom_label() == 3, 0, phantom_label()).astype(np.uint8)
+    write_volume(raw / "labelsTr" / "case_a.nii.gz", without_tiny)
+    write_volume(raw / "labelsTr" / "case_c.nii.gz", np.where(without_tiny == 2, 0, without_tiny).astype(np.uint8))
+    again = runner.invoke(app, ["prepare", str(raw), "-o", str(out), "--min-volume-mm3", "0"], env=PREPARE_ENV)
+    assert again.exit_code == 0, again.output
+    assert names() == {("case_a", "liver"), ("case_a", "left_kidney"), ("case_c", "liver")}
+    warnings = [line for line in again.stderr.splitlines() if line.startswith("warning: ")]
+    assert ("warning: Dataset900_Phantom: case case_b is gone from the source; dropped its 4 manifest entries and "
+            "their prepared files") in warnings
+    assert ("warning: Dataset900_Phantom: class tiny is gone from the source; dropped its 2 manifest entries and "
+            "their prepared files") in warnings
+    assert any(w.startswith("warning: Dataset900_Phantom/case_c/left_kidney: now ") and "files were removed" in w
+               for w in warnings)
+    # Nothing stale is left on disk: only files the manifest lists (and the manifest).
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {e[f] for e in manifest["entries"] for f in ("image_path", "label_path", "ignore_path") if e[f]}
+    assert set(_tree(out)) == listed | {"manifest.json"}
+    assert not (out / "tiny").exists()
+    assert {(e["case"], e["class"], e["status"]) for e in manifest["entries"]} == {
+        ("case_a", "liver", "written"), ("case_a", "left_kidney", "written"), ("case_c", "liver", "written"),
+        ("case_c", "left_kidney", "skipped"), ("case_a", "absent_organ", "skipped"),
+        ("case_c", "absent_organ", "skipped")}

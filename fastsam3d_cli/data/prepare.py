@@ -408,6 +408,7 @@ class ManifestStore:
                                 f"pass --spacing {existing['spacing_mm']:g}, or prepare into another folder with -o")
         self.own_keys: set[EntryKey] = set()
         self.recorded_this_run = 0
+        self.removed: list[str] = []  # what this run dropped because its source is gone (said as warnings)
         self._last_flush = time.monotonic()
 
     @property
@@ -417,8 +418,54 @@ class ManifestStore:
 
     def record(self, entries: list[dict[str, Any]]) -> None:
         for entry in entries:
-            self.entries[entry_key(entry)] = entry
+            key = entry_key(entry)
+            previous = self.entries.get(key)
+            self.entries[key] = entry
+            if previous is not None and previous.get("status") == "written" and entry.get("status") != "written":
+                # E.g. the class was emptied in the source label: its earlier files must not outlive it.
+                self._remove_files(previous)
+                self.removed.append(f"{'/'.join((entry['dataset'], entry['case'], entry['class']))}: now "
+                                    f"{entry.get('reason') or entry.get('status')}; its earlier prepared files "
+                                    "were removed")
         self.recorded_this_run += len(entries)
+
+    def drop_sourceless(self, datasets: Sequence[RawDataset]) -> None:
+        """Forget entries of these datasets whose case or class the source no longer has, and delete their files.
+
+        A re-run over the same dataset otherwise keeps serving data that no longer exists in the source (a case
+        deleted, a class removed from dataset.json). Other datasets' entries are left alone.
+        """
+        present = {d.name: ({c.case_id for c in d.cases}, {c.name for c in d.classes}) for d in datasets}
+        gone: dict[str, list[str]] = {}
+        for key, entry in list(self.entries.items()):
+            cases, classes = present.get(entry["dataset"], (None, None))
+            if cases is None:
+                continue
+            if entry["case"] in cases and entry["class"] in classes:
+                continue
+            reason = (f"case {entry['case']} is gone" if entry["case"] not in cases
+                      else f"class {entry['class']} is gone")
+            gone.setdefault(f"{entry['dataset']}: {reason}", []).append(entry["case"])
+            del self.entries[key]
+            self._remove_files(entry)
+        for what, items in sorted(gone.items()):
+            self.removed.append(f"{what} from the source; dropped its {len(items)} manifest entr"
+                                f"{'y' if len(items) == 1 else 'ies'} and their prepared files")
+
+    def _remove_files(self, entry: dict[str, Any]) -> None:
+        """Delete an entry's files that no remaining entry lists, then the folders that leaves empty."""
+        listed = {e.get(f) for e in self.entries.values() for f in ("image_path", "label_path", "ignore_path")}
+        for field_name in ("image_path", "label_path", "ignore_path"):
+            relative = entry.get(field_name)
+            if relative is None or relative in listed:
+                continue
+            file = self.output_dir / relative
+            file.unlink(missing_ok=True)
+            for folder in (file.parent, file.parent.parent, file.parent.parent.parent):
+                if folder == self.output_dir or self.output_dir not in folder.parents:
+                    break
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
 
     def flush(self, final: bool = False, force: bool = False) -> None:
         """Write the manifest atomically (at most every MANIFEST_FLUSH_SECONDS unless final/force)."""
@@ -612,6 +659,8 @@ def prepare_datasets(raw_dirs: Sequence[Path | str], output_dir: Path | str, *, 
     store = ManifestStore(output_dir, settings.spacing_mm, shard)
     for dataset in datasets:
         store.sources[dataset.name] = _source_record(dataset)
+    if not shard:  # shards of one folder may run at the same time: only a plain run forgets
+        store.drop_sourceless(datasets)
     jobs, complete = _plan_jobs(plan, wanted, store, settings, output_dir)
     if not shard:
         _remove_stale_partials(output_dir)
@@ -624,6 +673,7 @@ def prepare_datasets(raw_dirs: Sequence[Path | str], output_dir: Path | str, *, 
             _remove_untouched(output_dir, store.path, remove_root=not existed)
         raise
     store.flush(final=True)
+    warnings += store.removed
     summaries, small = _summarise(plan, wanted, store)
     return PrepareResult(output_dir=output_dir, manifest_path=store.path, spacing_mm=settings.spacing_mm,
                          datasets=[{"name": d.name, "path": str(d.root), "format": d.format, "modality": d.modality,
