@@ -104,3 +104,47 @@ def test_a_prepare_rerun_drops_what_the_source_no_longer_has_and_says_so(tmp_pat
         ("case_a", "liver", "written"), ("case_a", "left_kidney", "written"), ("case_c", "liver", "written"),
         ("case_c", "left_kidney", "skipped"), ("case_a", "absent_organ", "skipped"),
         ("case_c", "absent_organ", "skipped")}
+
+
+# ------------------------------------------------------------------ 9, 10: prepare output folder and spacing
+def test_prepare_into_a_folder_that_cannot_be_written_is_exit_3(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from fastsam3d_cli.data import prepare as prepare_module
+    from prepare_phantoms import CLI_ENV as PREPARE_ENV, make_v2_dataset
+
+    raw = make_v2_dataset(tmp_path / "raw")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anyway: let the check see what a user would
+        real_access = os.access
+        monkeypatch.setattr(prepare_module.os, "access",
+                            lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    result = runner.invoke(app, ["prepare", str(raw), "-o", str(locked / "out")], env=PREPARE_ENV)
+    _one_line_error(result, 3, f"output folder {locked / 'out'} cannot be created: {locked} is not writable",
+                    "choose a writable location with -o")
+    assert _tree(locked) == {} and not (locked / "out").exists()
+    monkeypatch.undo()
+    locked.chmod(0o755)
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(prepare_module.Path, "mkdir", read_only)  # a read-only mount os.access does not see
+    result = runner.invoke(app, ["prepare", str(raw), "-o", str(locked / "out")], env=PREPARE_ENV)
+    _one_line_error(result, 3, "cannot be created: Read-only file system")
+
+
+def test_prepare_with_a_spacing_that_would_make_a_huge_grid_is_a_usage_error(tmp_path):
+    from prepare_phantoms import CLI_ENV as PREPARE_ENV, make_v2_dataset
+
+    raw = make_v2_dataset(tmp_path / "raw")  # 20×16×12 voxels of 3 mm
+    out = tmp_path / "prepared"
+    result = runner.invoke(app, ["prepare", str(raw), "-o", str(out), "--spacing", "0.01"], env=PREPARE_ENV)
+    _one_line_error(result, 2, "--spacing 0.01 would resample Dataset900_Phantom case case_a onto a 6000×4800×3600 "
+                               "grid (104 billion voxels", "give a coarser --spacing")
+    assert not out.exists()
+    fine = runner.invoke(app, ["prepare", str(raw), "-o", str(out), "--spacing", "0.5"], env=PREPARE_ENV)
+    assert fine.exit_code == 0, fine.output  # 120×96×72: allowed

@@ -542,6 +542,9 @@ def _check_output_dir(output_dir: Path, raw_dirs: Sequence[Path]) -> None:
     elif not output_dir.parent.is_dir():
         raise BadInputError(f"parent folder {output_dir.parent} of the output does not exist",
                             "create it first or choose another -o")
+    elif not os.access(output_dir.parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"output folder {output_dir} cannot be created: {output_dir.parent} is not writable",
+                            "choose a writable location with -o")
 
 
 def _only_prepared_layout(folder: Path) -> bool:
@@ -584,10 +587,21 @@ def _read_header(path: Path) -> _Header | None:
     return _Header(reader)
 
 
-def preflight_case(dataset: RawDataset, case: RawCase, resample_labels: bool) -> None:
-    """Header-only checks before any output is written: 4D without --channel, mismatched grids."""
+MAX_GRID_VOXELS = 2**30  # one float32 volume of this many voxels is 4 GiB; a finer --spacing is a mistake
+
+
+def preflight_case(dataset: RawDataset, case: RawCase, resample_labels: bool,
+                   spacing_mm: float | None = None) -> None:
+    """Header-only checks before any output is written: 4D without --channel, mismatched grids, and a
+    `spacing_mm` that would make a grid too large to allocate (a usage error naming the grid size)."""
     where = f"{dataset.name} case {case.case_id}"
     image, label = _read_header(case.image_path), _read_header(case.label_path)
+    if image is not None and spacing_mm is not None:
+        size = [max(1, int(round(n * s / spacing_mm))) for n, s in zip(image.GetSize()[:3], image.GetSpacing()[:3])]
+        if math.prod(size) > MAX_GRID_VOXELS:
+            raise UsageError(f"--spacing {spacing_mm:g} would resample {where} onto a {'×'.join(map(str, size))} "
+                             f"grid ({math.prod(size) / 1e9:.3g} billion voxels, {math.prod(size) * 4 / 2**30:.0f} "
+                             "GiB as float32)", "give a coarser --spacing in mm (the models work at 1.5)")
     if image is not None and (image.dimension == 4 or image.components > 1) and case.channel_in_file is None:
         channels = image.GetSize()[3] if image.dimension == 4 else image.components
         raise BadInputError(f"{where}: image {case.image_path} is 4D with {channels} channels",
@@ -652,10 +666,14 @@ def prepare_datasets(raw_dirs: Sequence[Path | str], output_dir: Path | str, *, 
     if shard:
         plan = plan[shard[0] - 1:: shard[1]]
     for dataset, case in plan:
-        preflight_case(dataset, case, resample_labels)
+        preflight_case(dataset, case, resample_labels, settings.spacing_mm)
 
     existed = output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a read-only file system, which os.access does not always see
+        raise BadInputError(f"output folder {output_dir} cannot be created: {exc.strerror or exc}",
+                            "choose a writable location with -o") from None
     store = ManifestStore(output_dir, settings.spacing_mm, shard)
     for dataset in datasets:
         store.sources[dataset.name] = _source_record(dataset)
