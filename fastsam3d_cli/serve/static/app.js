@@ -11,6 +11,7 @@ const state = { sid: null, name: null, objects: [], selected: null, hidden: new 
 window.fastsam3d = state; // read by the browser test
 
 const nv = new niivue.Niivue({ dragAndDropEnabled: false, backColor: [0.07, 0.07, 0.07, 1], show3Dcrosshair: true,
+                               crosshairColor: [0.2, 0.8, 1.0, 0.8],
                                multiplanarShowRender: niivue.SHOW_RENDER.ALWAYS, isResizeCanvas: true });
 const $ = (id) => document.getElementById(id);
 
