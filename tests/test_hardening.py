@@ -148,3 +148,16 @@ def test_prepare_with_a_spacing_that_would_make_a_huge_grid_is_a_usage_error(tmp
     assert not out.exists()
     fine = runner.invoke(app, ["prepare", str(raw), "-o", str(out), "--spacing", "0.5"], env=PREPARE_ENV)
     assert fine.exit_code == 0, fine.output  # 120×96×72: allowed
+
+
+# ------------------------------------------------------------------ 11: a click file nested thousands deep
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,
+                                  '{"space": "ijk", "objects": [{"label": 1, "points": ' + "[" * 50_000 + "]" * 50_000
+                                  + ', "point_labels": [1]}]}'])
+def test_a_deeply_nested_click_file_is_invalid_json_not_an_internal_error(case, tiny, text):
+    (case / "clicks.json").write_text(text)
+    before = _tree(case)
+    result = runner.invoke(app, ["infer", str(case / "v.nii.gz"), "--clicks", str(case / "clicks.json"),
+                                 "--checkpoint", str(tiny)], env=CLI_ENV)
+    _one_line_error(result, 3, f"click file {case / 'clicks.json'} is not valid JSON", "nested too deeply")
+    assert _tree(case) == before

@@ -84,10 +84,13 @@ def read_click_file(path: str | Path) -> ClickFile:
                             "in Slicer, save the point list as Markups JSON (.mrk.json) and give that file")
     try:
         data = json.loads(text)
+        return parse_click_data(data, source=str(path))
     except json.JSONDecodeError as exc:
         raise BadInputError(f"click file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
                             "see the click-file format in the README") from None
-    return parse_click_data(data, source=str(path))
+    except RecursionError:  # `[[[[…]]]]` thousands deep: Python's decoder (or a check) runs out of stack
+        raise BadInputError(f"click file {path} is not valid JSON for fastsam3d: it is nested too deeply",
+                            "see the click-file format in the README") from None
 
 
 def parse_click_data(data: Any, source: str = "<memory>") -> ClickFile:
