@@ -461,3 +461,57 @@ def test_shipped_bundled_model_matches_its_manifest_and_runs():
     assert all(v.dtype == torch.float16 for v in torch.load(path, weights_only=True)["model_state_dict"].values()
                if v.is_floating_point())
 
+
+
+# --- validate and benchmark: `--model bundled` stands for the shipped file --------------------------
+
+
+class _Captured(Exception):
+    pass
+
+
+def _capture(monkeypatch, module: str, function: str) -> dict:
+    """Replace `module.function` by a spy that records its call and stops the command (exit 1)."""
+    import importlib
+
+    seen: dict = {}
+
+    def spy(*args, **kwargs):
+        seen.update(args=args, kwargs=kwargs)
+        raise _Captured()
+
+    monkeypatch.setattr(importlib.import_module(module), function, spy)
+    return seen
+
+
+def test_validate_model_bundled_scores_the_shipped_file(installed, tmp_path, monkeypatch):
+    seen = _capture(monkeypatch, "fastsam3d_cli.training.validate", "validate")
+    result = _cli("validate", str(tmp_path), "--model", "bundled")
+    assert isinstance(result.exception, _Captured) or result.exit_code == 1, result.stderr
+    assert seen["args"][1:] == (installed.path, None)  # the checked file; its own config decides the model
+
+
+@pytest.mark.parametrize("args, code, text", [
+    (["--model", "bundled", "--checkpoint", "x.pth"], 2, "has nothing to do"),
+    ([], 2, "no checkpoint to validate"),
+])
+def test_validate_bad_model_and_checkpoint_combinations(installed, tmp_path, monkeypatch, args, code, text):
+    _capture(monkeypatch, "fastsam3d_cli.training.validate", "validate")
+    _one_error_line(_cli("validate", str(tmp_path), *args), code, text)
+
+
+def test_validate_model_bundled_without_one_or_damaged_is_exit_4(home, shipped, tmp_path, monkeypatch):
+    _capture(monkeypatch, "fastsam3d_cli.training.validate", "validate")
+    _one_error_line(_cli("validate", str(tmp_path), "--model", "bundled"), 4, "ships no bundled model")
+    folder = tmp_path / "pkg"
+    shutil.copytree(shipped, folder)
+    monkeypatch.setattr(bundled, "BUNDLED_DIR", folder)
+    _corrupt(bundled.installed().path)
+    _one_error_line(_cli("validate", str(tmp_path), "--model", "bundled"), 4, "reinstall")
+
+
+def test_benchmark_model_bundled_times_the_shipped_file(installed, monkeypatch):
+    seen = _capture(monkeypatch, "fastsam3d_cli.benchmark.speed", "run_benchmark")
+    result = _cli("benchmark", "-m", "fastsam3d-tiny", "-m", "bundled", "--device", "cpu")
+    assert isinstance(result.exception, _Captured) or result.exit_code == 1, result.stderr
+    assert seen["kwargs"]["models"] == ["fastsam3d-tiny"] and seen["kwargs"]["checkpoints"] == [installed.path]

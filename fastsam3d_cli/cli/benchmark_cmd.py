@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
 def benchmark_command(
     model: Optional[List[str]] = typer.Option(
         None, "--model", "-m", metavar="NAME",
-        help="Model preset, repeatable: sam-med3d, fastsam3d, fastsam3d-tiny. Default: fastsam3d. "
+        help="Model preset, repeatable: sam-med3d, fastsam3d, fastsam3d-tiny; bundled times the model shipped "
+             "in the package (as a --checkpoint). Default: fastsam3d. "
              "Speed-ups are relative to the first model × attention × dtype listed."),
     checkpoint: Optional[List[Path]] = typer.Option(
         None, "--checkpoint", metavar="PATH",
@@ -61,8 +62,12 @@ def benchmark_command(
     warm-up is excluded. Example: fastsam3d benchmark -m sam-med3d -m fastsam3d -a sdpa --dtype bfloat16
     """
     from fastsam3d_cli.benchmark.speed import run_benchmark
+    from fastsam3d_cli.weights.loading import bundled_file
 
     show_progress = progress_enabled(json_output)
+    named = [(name, bundled_file(name)) for name in model or []]  # `-m bundled`: the shipped file, timed as a checkpoint
+    model = [name for name, path in named if path is None]
+    checkpoint = [*(checkpoint or []), *(path for _, path in named if path is not None)]
     result = run_benchmark(
         models=model or ([] if checkpoint else ["fastsam3d"]), checkpoints=checkpoint or [],
         attentions=attention or ["auto"], device=device, dtypes=dtype or ["float32"],

@@ -32,9 +32,11 @@ def register(app: typer.Typer) -> None:
     def validate(
         prepared_dirs: List[Path] = typer.Argument(..., metavar="PREPARED_DIR",
                                                    help="Folder(s) written by `fastsam3d prepare`."),
-        checkpoint: Path = typer.Option(..., "--checkpoint", metavar="CKPT", help="Checkpoint to validate."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="CKPT",
+                                                  help="Checkpoint to validate (required unless --model bundled)."),
         model: Optional[str] = typer.Option(None, "--model", "-m",
-                                            help="sam-med3d, fastsam3d or fastsam3d-tiny (default: from the checkpoint).",
+                                            help="sam-med3d, fastsam3d or fastsam3d-tiny (default: from the checkpoint); "
+                                                 "bundled: validate the model shipped in the package.",
                                             rich_help_panel=ADVANCED),
         clicks: int = typer.Option(10, "--clicks", help="Simulated clicks per (case, class)."),
         seed: int = typer.Option(2023, "--seed", help="Seed of the simulated clicks."),
@@ -56,7 +58,17 @@ def register(app: typer.Typer) -> None:
 
         from fastsam3d_cli.data.prepare import parse_class_list
 
+        from fastsam3d_cli.errors import UsageError
+        from fastsam3d_cli.weights.loading import bundled_file
+
         class_names = parse_class_list(classes)
+        shipped = bundled_file(model)
+        if shipped is not None and checkpoint is not None:
+            raise UsageError(f"--model {model} is the bundled model's file, so --checkpoint has nothing to do",
+                             "drop one of them")
+        if shipped is None and checkpoint is None:
+            raise UsageError("no checkpoint to validate", "give --checkpoint PATH, or --model bundled")
+        checkpoint, model = (shipped, None) if shipped is not None else (checkpoint, model)
         with ProgressBars(progress_enabled(json_output)) as bars:
             result = run_validation(prepared_dirs, checkpoint, model, clicks=clicks, seed=seed, device=device,
                                     attention=attention, classes=class_names, csv_path=csv_path, plot_path=plot,

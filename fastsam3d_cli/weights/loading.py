@@ -130,6 +130,19 @@ def resolve_model_source(model: str | None = None, checkpoint: str | Path | None
                            {"instead_of": weights_name, "reason": reason}, notice)
 
 
+def bundled_file(model: str | None) -> Path | None:
+    """The bundled model's checked file when `model` names it (`bundled` or its own name), else None.
+
+    For commands that take checkpoint files (`validate`, `benchmark`): `--model bundled` stands for that file.
+    WeightsError (exit 4) when none is shipped or its file fails its sha256.
+    """
+    from fastsam3d_cli.weights import bundled
+
+    if not bundled.is_bundled_name(model):
+        return None
+    return bundled.verified_path(bundled.require_installed())[0]
+
+
 def print_notice(text: str) -> None:
     """Default for `notify`: one line on stderr."""
     sys.stderr.write(f"fastsam3d: note: {text}\n")
