@@ -29,7 +29,8 @@ def register(app: typer.Typer) -> None:
     @app.command("infer", epilog=EPILOG)
     @cli_errors
     def infer(
-        volume: Path = typer.Argument(..., metavar="VOLUME", help="3D volume: NIfTI (.nii/.nii.gz), NRRD or MHA."),
+        volume: Path = typer.Argument(..., metavar="VOLUME", help="3D volume: NIfTI (.nii/.nii.gz), NRRD or MHA, or a "
+                                                                  "DICOM series (a folder or .zip of its files)."),
         clicks: Path = typer.Option(..., "--clicks", "-c", metavar="CLICKS_JSON",
                                     help="Click file (fastsam3d JSON with space ijk|ras|lps, or a 3D Slicer .mrk.json)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="MASK",
@@ -70,6 +71,16 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs.",
                                        rich_help_panel=OUTPUTS),
         json_output: bool = typer.Option(False, "--json", help="Print the sidecar as one JSON object on stdout."),
+        series: Optional[str] = typer.Option(None, "--series", metavar="UID",
+                                             help="SeriesInstanceUID of the DICOM series to read when the folder "
+                                                  "holds several."),
+        output_format: Optional[str] = typer.Option(None, "--format", metavar="FORMAT",
+                                                    help="labelmap (default) or dicom-seg: also write <MASK stem>.dcm, "
+                                                         "a DICOM-SEG referencing the input series (DICOM input only; "
+                                                         "-o mask.dcm does the same).", rich_help_panel=OUTPUTS),
+        mesh: Optional[Path] = typer.Option(None, "--mesh", metavar="DIR",
+                                            help="Also write one STL surface per object (LPS mm) into DIR.",
+                                            rich_help_panel=OUTPUTS),
     ) -> None:
         """Segment the objects of a click file; write a labelmap on the volume's own grid and a JSON sidecar."""
         from fastsam3d_cli.interactive.infer import infer_file
@@ -78,7 +89,7 @@ def register(app: typer.Typer) -> None:
         result = infer_file(volume, clicks, output, model=model, checkpoint=checkpoint, device=device,
                             attention=attention, preview=preview, probabilities=probabilities, overwrite=overwrite,
                             max_crops=max_crops, channel=channel, offline=offline or None, progress=report,
-                            dtype=dtype)
+                            dtype=dtype, series=series, output_format=output_format, mesh=mesh)
         if json_output:
             print_json(result)
         elif not state.quiet:
@@ -116,7 +127,8 @@ def _render(result: dict[str, Any]) -> None:
         f"paste {t['paste']:.0f}, write {t['write']:.0f}", highlight=False, markup=False)
     outputs = result["outputs"]
     written = [outputs["labelmap"], outputs["sidecar"]] + ([outputs["preview"]] if outputs["preview"] else []) \
-        + list((outputs["probabilities"] or {}).values())
+        + list((outputs["probabilities"] or {}).values()) + ([outputs["dicom_seg"]] if outputs.get("dicom_seg") else []) \
+        + list((outputs.get("meshes") or {}).values())
     stdout_console.print("wrote " + ", ".join(written), highlight=False, markup=False, soft_wrap=True)
     for warning in result["warnings"]:
         sys.stderr.write(f"fastsam3d: warning: {warning}\n")

@@ -30,19 +30,25 @@ _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor
 
 # --------------------------------------------------------------------------------------------- reading
 def read_image(path: str | Path, channel: int | None = None, what: str = "volume",
-               strict_channel: bool = False) -> sitk.Image:
-    """Read a 3D scalar volume (NIfTI, NRRD, MHA, ...) with its geometry.
+               strict_channel: bool = False, series: str | None = None) -> sitk.Image:
+    """Read a 3D scalar volume (NIfTI, NRRD, MHA, ..., or a DICOM series) with its geometry.
 
     SimpleITK first; for a NIfTI that SimpleITK rejects (e.g. non-orthonormal direction cosines) fall back
-    to nibabel. A 4D volume needs `channel` (index on the 4th axis). Raises `BadInputError` for a missing,
+    to nibabel. A folder or .zip is read as one DICOM series (`imaging.dicom`; `series` picks one by UID).
+    A 4D volume needs `channel` (index on the 4th axis). Raises `BadInputError` for a missing,
     unreadable, empty, 2D or 4D-without-channel file, and with `strict_channel` for a channel other than 0
     asked of a 3D volume (`prepare` is lenient: one --channel serves datasets of 3D and 4D files).
     """
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"{what} {path} does not exist", "check the path")
-    if path.is_dir():
-        raise BadInputError(f"{what} {path} is a folder, not an image file", "give a NIfTI/NRRD/MHA file")
+    from fastsam3d_cli.imaging.dicom import is_dicom_input, read_dicom
+
+    if is_dicom_input(path):
+        if strict_channel and channel not in (None, 0):
+            raise BadInputError(f"--channel {channel} does not exist in DICOM series {path}: it has one channel",
+                                "drop --channel")
+        return read_dicom(path, series, what).image
     if path.stat().st_size == 0:
         raise BadInputError(f"{what} {path} is an empty file", "re-export or re-download it")
     if path.name.lower().endswith(NIFTI_SUFFIXES):

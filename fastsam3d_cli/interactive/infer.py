@@ -132,18 +132,23 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
                attention: str = "auto", preview: str | Path | None = None,
                probabilities: str | Path | None = None, overwrite: bool = False, max_crops: int = 8,
                channel: int | None = None, offline: bool | None = None, loaded: LoadedModel | None = None,
-               progress: Progress | None = None, dtype: str = "float32") -> dict[str, Any]:
+               progress: Progress | None = None, dtype: str = "float32",
+               series: str | None = None, output_format: str | None = None,
+               mesh: str | Path | None = None) -> dict[str, Any]:
     """Segment every object of a click file on `volume`; write the labelmap and its sidecar; return the sidecar.
 
     `loaded` re-uses a model loaded by `load_inference_model` (benchmarks, batch use); otherwise `model` /
     `checkpoint` / `device` / `attention` are loaded here. Writes: the labelmap (`output`, default
     `<stem>_mask.nii.gz` beside the input), `<output stem>.json`, and optionally a preview PNG and
     per-object probability maps (float32 NIfTI, linear interpolation onto the input grid) in `probabilities`.
+    A folder or .zip input is a DICOM series (`series` picks one by UID); `output_format="dicom-seg"` (or an
+    `output` ending in .dcm) adds a DICOM-SEG, `mesh` a folder of per-object STL surfaces (interactive/export.py).
     """
     from fastsam3d_cli.imaging.clickfile import check_inside, read_click_file, to_lps
     from fastsam3d_cli.device import check_attention_name, check_device_spec, resolve_device
     from fastsam3d_cli.imaging.volumes import read_image
     from fastsam3d_cli.imaging.world import world_geometry
+    from fastsam3d_cli.interactive import export
     from fastsam3d_cli.interactive.predictor import Predictor
 
     say = progress or (lambda stage: None)
@@ -158,27 +163,32 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
         check_attention_name(attention)
         check_device_spec(device)
     volume_path = Path(volume).expanduser()
-    if not volume_path.is_file():  # name a missing input as such, not as a missing output folder beside it
+    if not volume_path.exists():  # name a missing input as such, not as a missing output folder beside it
         read_image(volume_path, channel, strict_channel=True)
     if not Path(clicks).expanduser().is_file():  # inputs before outputs: a missing click file first
         read_click_file(clicks)
+    output, want_seg = export.labelmap_and_format(volume_path, Path(output) if output is not None else None,
+                                                  output_format)
     outputs = _plan_outputs(volume_path, Path(clicks).expanduser(), Path(output) if output is not None else None,
                             Path(preview) if preview is not None else None,
                             Path(probabilities) if probabilities is not None else None, overwrite)
+    extras = export.plan_extra_outputs(outputs.labelmap, image_stem(outputs.labelmap), want_seg, mesh, overwrite,
+                                       outputs.inputs)
     torch_device = loaded.device if loaded is not None else resolve_device(device)
 
     say("reading")
     read_start = time.perf_counter()
     click_file = read_click_file(clicks)
     _check_probability_paths(outputs, click_file.objects, overwrite)
-    image = read_image(volume_path, channel, strict_channel=True)
+    export.check_mesh_paths(extras, click_file.objects, overwrite, outputs.inputs)
+    image, dicom = export.read_input(volume_path, channel, series)
     world = world_geometry(volume_path, image)  # world clicks through the NIfTI's own affine (imaging/world.py)
     world.check_space(click_file.space)
     points_lps = [to_lps(obj.points, click_file.space, image, world.ras_from_ijk) for obj in click_file.objects]
     for obj, lps in zip(click_file.objects, points_lps):
         check_inside(obj, lps, image, click_file.space)
     nifti_header = _nifti_header(volume_path, image)
-    input_sha256 = sha256_of(volume_path)
+    input_sha256 = dicom.sha256 if dicom is not None else sha256_of(volume_path)
     clicks_sha256 = sha256_of(Path(clicks))
     read_ms = (time.perf_counter() - read_start) * 1000.0
 
@@ -201,9 +211,10 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     labels = compose_labelmap(predictor, click_file.objects)
     result = _sidecar(volume_path, image, input_sha256, click_file, Path(clicks), clicks_sha256, outputs, labels,
                       predictor, loaded, channel, max_crops, nifti_header)
+    export.describe(extras, result, dicom, click_file.objects)
     say("writing")
     _write_outputs(outputs, labels, image, nifti_header, predictor, click_file, result,
-                   timings_start=(read_ms, run_start, wall_start, loaded))
+                   timings_start=(read_ms, run_start, wall_start, loaded), extra=(extras, dicom))
     return result
 
 
@@ -304,7 +315,7 @@ def _timings(predictor: Any, read_ms: float, run_start: float, wall_start: float
 
 # ------------------------------------------------------------------------------------------ writing
 def _write_outputs(outputs: _Outputs, labels: np.ndarray, image: Any, nifti_header: Any, predictor: Any,
-                   click_file: Any, result: dict[str, Any], timings_start: tuple) -> None:
+                   click_file: Any, result: dict[str, Any], timings_start: tuple, extra: tuple | None = None) -> None:
     """Write everything to temporary files, then rename them all; nothing is left behind on failure."""
     import json
 
@@ -327,11 +338,19 @@ def _write_outputs(outputs: _Outputs, labels: np.ndarray, image: Any, nifti_head
                 from fastsam3d_cli.interactive.preview import write_preview
 
                 write_preview(group.path(outputs.preview), image, labels, _preview_objects(predictor, click_file))
+            if extra is not None:  # DICOM-SEG and meshes (interactive/export.py)
+                from fastsam3d_cli.interactive.export import write_extra_outputs
+
+                write_extra_outputs(group, extra[0], labels, image, extra[1], click_file.objects, loaded, result)
             sidecar_tmp = group.path(outputs.sidecar)
             write_ms = (time.perf_counter() - write_start) * 1000.0
             result["timings_ms"] = _timings(predictor, read_ms, run_start, wall_start, loaded, write_ms)
             sidecar_tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     except BaseException:
+        if extra is not None:
+            from fastsam3d_cli.interactive.export import remove_created_dirs
+
+            remove_created_dirs(extra[0])
         if created_dir:
             with contextlib.suppress(OSError):
                 outputs.probabilities_dir.rmdir()
