@@ -3,6 +3,7 @@ one-line message, the exit code, and that nothing partial or stale is left."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,22 @@ def test_a_deeply_nested_click_file_is_invalid_json_not_an_internal_error(case, 
                                  "--checkpoint", str(tiny)], env=CLI_ENV)
     _one_line_error(result, 3, f"click file {case / 'clicks.json'} is not valid JSON", "nested too deeply")
     assert _tree(case) == before
+
+
+# ------------------------------------------------------------------ 12: Dice 0.0 is not nan in the train table
+def test_the_train_table_shows_a_dice_of_zero_as_zero(capsys):
+    from types import SimpleNamespace
+
+    from fastsam3d_cli.cli.train_cmd import _render, _step_text
+
+    records = [{"epoch": 1, "step": 3, "loss": 3.25, "dice": 0.0, "lr": [1e-4], "seconds": 2.0, "best": True},
+               {"epoch": 2, "step": 6, "loss": 2.5, "lr": [1e-4], "seconds": 2.0}]
+    outcome = SimpleNamespace(epoch_records=records, stop_reason="completed", epochs_completed=2, global_step=6,
+                              wall_s=4.0, last_checkpoint=Path("run/last.pth"), best_checkpoint=None, best_metric="dice",
+                              best_value=0.0)
+    _render(SimpleNamespace(outcome=outcome, preset="fastsam3d-tiny", run_dir=Path("run"), samples=2, world_size=1,
+                            device="cpu"))
+    rows = [line for line in capsys.readouterr().out.splitlines() if "3.2500" in line or "2.5000" in line]
+    assert "0.0000" in rows[0] and "nan" not in rows[0]
+    assert "nan" not in rows[1] and re.search(r"│\s+-\s+│", rows[1])  # no Dice recorded: a dash
+    assert _step_text({"epoch": 0.5, "loss": 1.0, "dice": 0.0}) == "epoch 0.50 loss 1.0000 dice 0.0000"
