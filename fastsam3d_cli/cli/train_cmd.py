@@ -129,7 +129,12 @@ def register(app: typer.Typer) -> None:
 
 
 def _step_text(record: dict[str, Any]) -> str:
-    return f"epoch {record['epoch']:.2f} loss {record['loss']:.4f} dice {record.get('dice', float('nan')):.4f}"
+    return f"epoch {record['epoch']:.2f} loss {_metric(record.get('loss'))} dice {_metric(record.get('dice'))}"
+
+
+def _metric(value: float | None) -> str:
+    """A metric for the table: 0.0 is 0.0000 (not a missing value); only a missing one shows as '-'."""
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _render(result: Any) -> None:  # noqa: ANN401 - TrainResult, imported lazily
@@ -141,8 +146,8 @@ def _render(result: Any) -> None:  # noqa: ANN401 - TrainResult, imported lazily
         table.add_column(column, justify="right" if column else "left")
     for record in outcome.epoch_records[-10:]:
         lr = record.get("lr") or [0.0]
-        table.add_row(str(record["epoch"]), str(record["step"]), f"{record['loss']:.4f}",
-                      f"{record.get('dice') or float('nan'):.4f}", f"{max(lr):.2e}", f"{record['seconds']:.0f}",
+        table.add_row(str(record["epoch"]), str(record["step"]), _metric(record.get("loss")),
+                      _metric(record.get("dice")), f"{max(lr):.2e}", f"{record['seconds']:.0f}",
                       "best" if record.get("best") else "")
     if outcome.epoch_records:
         stdout_console.print(table)
