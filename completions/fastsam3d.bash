@@ -25,29 +25,32 @@ _fastsam3d_completion() {
             case "$prev" in
                 --clicks|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --model|-m) return ;;
+                --model|-m) COMPREPLY=($(compgen -W "fastsam3d sam-med3d sam-med3d-turbo fastsam3d-tiny bundled" -- "$cur")); return ;;
                 --checkpoint) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --device) return ;;
-                --attention) return ;;
-                --dtype) return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
+                --attention) COMPREPLY=($(compgen -W "auto exact sdpa flash sparse" -- "$cur")); return ;;
+                --dtype) COMPREPLY=($(compgen -W "float32 bfloat16 float16" -- "$cur")); return ;;
                 --max-crops) return ;;
                 --channel) return ;;
                 --preview) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --probabilities) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --probabilities) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --series) return ;;
+                --format) return ;;
+                --mesh) COMPREPLY=($(compgen -d -- "$cur")); return ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--clicks -c --output -o --model -m --checkpoint --device --attention --dtype --max-crops --channel --offline --preview --probabilities --overwrite --json" -- "$cur"))
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--clicks -c --output -o --model -m --checkpoint --device --attention --dtype --max-crops --channel --offline --preview --probabilities --overwrite --json --series --format --mesh" -- "$cur"))
             else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "serve")
             case "$prev" in
                 --host) return ;;
                 --port) return ;;
-                --root) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --root) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --token) return ;;
-                --model|-m) return ;;
+                --model|-m) COMPREPLY=($(compgen -W "fastsam3d sam-med3d sam-med3d-turbo fastsam3d-tiny bundled" -- "$cur")); return ;;
                 --checkpoint) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --device) return ;;
-                --attention) return ;;
-                --dtype) return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
+                --attention) COMPREPLY=($(compgen -W "auto exact sdpa flash" -- "$cur")); return ;;
+                --dtype) COMPREPLY=($(compgen -W "float32 bfloat16 float16" -- "$cur")); return ;;
                 --max-crops) return ;;
                 --max-sessions) return ;;
                 --max-memory) return ;;
@@ -57,7 +60,7 @@ _fastsam3d_completion() {
             else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "prepare")
             case "$prev" in
-                --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --spacing) return ;;
                 --min-volume-mm3) return ;;
                 --classes) return ;;
@@ -66,10 +69,10 @@ _fastsam3d_completion() {
                 --shard) return ;;
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --spacing --min-volume-mm3 --classes --channel --workers --shard --resample-labels --shared-grid --json" -- "$cur"))
-            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -d -- "$cur")); fi ;;
         "train")
             case "$prev" in
-                --model|-m) return ;;
+                --model|-m) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny" -- "$cur")); return ;;
                 --init) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --unfreeze-patience) return ;;
                 --epochs) return ;;
@@ -82,10 +85,10 @@ _fastsam3d_completion() {
                 --centre-clicks) return ;;
                 --decoder-lr-scale) return ;;
                 --seed) return ;;
-                --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --device) return ;;
+                --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
                 --workers) return ;;
-                --attention) return ;;
+                --attention) COMPREPLY=($(compgen -W "auto exact sdpa flash" -- "$cur")); return ;;
                 --max-steps) return ;;
                 --time-limit) return ;;
                 --save-every) return ;;
@@ -93,24 +96,24 @@ _fastsam3d_completion() {
                 --min-foreground) return ;;
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --init --freeze-encoder --unfreeze-patience --epochs --batch-size --accumulate --lr --lr-milestones --iterations --grad-iterations --centre-clicks --decoder-lr-scale --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --min-foreground --json" -- "$cur"))
-            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -d -- "$cur")); fi ;;
         "distill")
             case "$prev" in
                 --teacher) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --teacher-model) return ;;
-                --student|-s) return ;;
+                --teacher-model) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny auto" -- "$cur")); return ;;
+                --student|-s) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny" -- "$cur")); return ;;
                 --student-init) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --cache-features) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --cache-dtype) return ;;
+                --cache-features) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --cache-dtype) COMPREPLY=($(compgen -W "float16 float32" -- "$cur")); return ;;
                 --epochs-per-stage) return ;;
                 --lr) return ;;
                 --batch-size) return ;;
                 --accumulate) return ;;
                 --seed) return ;;
-                --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --device) return ;;
+                --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
                 --workers) return ;;
-                --attention) return ;;
+                --attention) COMPREPLY=($(compgen -W "auto exact sdpa flash" -- "$cur")); return ;;
                 --max-steps) return ;;
                 --time-limit) return ;;
                 --save-every) return ;;
@@ -118,34 +121,34 @@ _fastsam3d_completion() {
                 --max-samples) return ;;
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--teacher --teacher-model --student -s --student-init --cache-features --cache-dtype --epochs-per-stage --init-from-teacher --no-init-from-teacher --freeze-copied --lr --batch-size --accumulate --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --max-samples --json" -- "$cur"))
-            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -d -- "$cur")); fi ;;
         "validate")
             case "$prev" in
                 --checkpoint) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --model|-m) return ;;
+                --model|-m) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny" -- "$cur")); return ;;
                 --clicks) return ;;
                 --seed) return ;;
                 --classes) return ;;
-                --device) return ;;
-                --attention) return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
+                --attention) COMPREPLY=($(compgen -W "auto exact sdpa flash" -- "$cur")); return ;;
                 --plot) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --csv) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--checkpoint --model -m --clicks --seed --classes --device --attention --plot --csv --overwrite --json" -- "$cur"))
-            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -d -- "$cur")); fi ;;
         "benchmark")
             case "$prev" in
-                --model|-m) return ;;
-                --checkpoint) return ;;
-                --attention|-a) return ;;
-                --device) return ;;
-                --dtype) return ;;
+                --model|-m) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny" -- "$cur")); return ;;
+                --checkpoint) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --attention|-a) COMPREPLY=($(compgen -W "auto exact sdpa flash sparse" -- "$cur")); return ;;
+                --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
+                --dtype) COMPREPLY=($(compgen -W "float32 bfloat16 float16" -- "$cur")); return ;;
                 --batch) return ;;
                 --repeats) return ;;
                 --warmup) return ;;
                 --clicks) return ;;
-                --volume) return ;;
-                --clicks-file) return ;;
+                --volume) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --clicks-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --budget) return ;;
                 --threads) return ;;
             esac
@@ -160,43 +163,43 @@ _fastsam3d_completion() {
             case "$prev" in
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--json" -- "$cur"))
-            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -W "fastsam3d sam-med3d-turbo" -- "$cur")); fi ;;
         "weights download")
             case "$prev" in
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--offline --json" -- "$cur"))
-            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -W "fastsam3d sam-med3d-turbo" -- "$cur")); fi ;;
         "weights verify")
             case "$prev" in
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--json" -- "$cur"))
-            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -W "fastsam3d sam-med3d-turbo" -- "$cur")); fi ;;
         "weights path")
             case "$prev" in
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--json" -- "$cur"))
-            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -W "fastsam3d sam-med3d-turbo" -- "$cur")); fi ;;
         "weights import")
             case "$prev" in
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--replace --json" -- "$cur"))
-            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -W "fastsam3d sam-med3d-turbo" -- "$cur") $(compgen -f -- "$cur")); fi ;;
         "weights remove")
             case "$prev" in
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--json" -- "$cur"))
-            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -W "fastsam3d sam-med3d-turbo" -- "$cur")); fi ;;
         "weights bundle")
             case "$prev" in
                 --name) return ;;
-                --output-dir) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --output-dir) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --command) return ;;
                 --cpu-hours) return ;;
                 --notes) return ;;
                 --provenance) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--name --output-dir --command --cpu-hours --notes --provenance --overwrite --json" -- "$cur"))
-            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            else COMPREPLY=($(compgen -W "fastsam3d sam-med3d-turbo" -- "$cur") $(compgen -f -- "$cur")); fi ;;
     esac
 }
 complete -o filenames -F _fastsam3d_completion fastsam3d

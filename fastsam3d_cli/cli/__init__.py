@@ -17,6 +17,7 @@ app = typer.Typer(
     help="Interactive 3D medical segmentation with SAM-Med3D and FastSAM3D: "
     "segment a CT/MRI volume from a few clicks, prepare nnU-Net data, train, distill, validate and benchmark.",
     no_args_is_help=True,
+    add_completion=False,  # one completion story: the static scripts in completions/ (cli/completion.py)
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},

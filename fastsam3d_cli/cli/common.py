@@ -186,6 +186,40 @@ class OneLineErrorGroup(typer.core.TyperGroup):
         sys.exit(result if isinstance(result, int) else int(ExitCode.OK))
 
 
+_PLAIN_TYPE_NAMES = {"str": "TEXT", "int": "INTEGER", "int range": "INTEGER", "float": "NUMBER",
+                     "float range": "NUMBER", "path": "PATH", "file": "FILE", "directory": "DIR"}
+
+
+def _plain_option_type(self: Any, ctx: Any) -> str | None:
+    """An option's value placeholder in --help: its metavar, or a plain word (TEXT, INTEGER, PATH, a|b|c);
+    nothing for a flag. Typer's own are Python type names (`<bool>`, `<str>`, `<list[Path]>`)."""
+    if getattr(self, "is_flag", False) or getattr(self, "count", False):
+        return None
+    if self.metavar is not None:
+        return self.metavar
+    label = str(_TYPER_DISPLAY_TYPE(self, ctx) or "").strip("<>")
+    many = label.startswith("list[") or self.nargs != 1
+    label = label[5:-1] if label.startswith("list[") else label
+    label = _PLAIN_TYPE_NAMES.get(label.lower(), label if "|" in label else label.upper())
+    return label + ("..." if many else "")
+
+
+def _plain_argument_usage(self: Any) -> str:
+    """An argument in the usage line the way Click writes it: NAME required, [NAME] optional (Typer: {NAME})."""
+    name = self.display_name_raw
+    if not self.required and not name.startswith("["):
+        name = f"[{name}]"
+    return name + ("..." if self.nargs != 1 else "")
+
+
+_TYPER_DISPLAY_TYPE = getattr(typer.core.TyperOption, "display_type", None)
+if _TYPER_DISPLAY_TYPE is not None and hasattr(typer.core, "TyperArgument"):  # Typer >= 0.2x renders types itself
+    typer.core.TyperOption.display_type_rich = _plain_option_type  # type: ignore[method-assign]
+    typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
+    if hasattr(typer.core.TyperArgument, "_usage_display_name"):
+        typer.core.TyperArgument._usage_display_name = _plain_argument_usage  # type: ignore[method-assign]
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else ""

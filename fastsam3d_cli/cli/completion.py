@@ -1,8 +1,10 @@
 """Static shell-completion scripts (bash, zsh, fish) generated from the Typer app.
 
 Static scripts complete instantly (no Python start-up, no torch import on every Tab) and list every
-subcommand, option and choice. `completions/` holds the generated files; a test checks they are current.
-Regenerate with:  python -m fastsam3d_cli.cli.completion completions/
+subcommand, option and option value that has a fixed set (--model, --attention, --dtype, --device, weight
+names), folders where a folder is expected and files where a file is. They are the one completion story:
+Typer's --install-completion is switched off. `completions/` holds the generated files; a test checks they
+are current. Regenerate with:  python -m fastsam3d_cli.cli.completion completions/
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class OptionSpec:
     takes_value: bool
     choices: list[str] = field(default_factory=list)
     is_path: bool = False
+    is_dir: bool = False  # complete folders only
 
 
 @dataclass
@@ -32,6 +35,47 @@ class CommandSpec:
     options: list[OptionSpec]
     positional_paths: bool
     subcommands: list["CommandSpec"] = field(default_factory=list)
+    positional_dirs: bool = False  # the positional arguments are folders
+    positional_choices: list[str] = field(default_factory=list)  # e.g. weight names
+
+
+# Placeholders (metavars) that name a folder or a file: how the scripts know what to complete.
+DIR_METAVARS = {"DIR", "RUN_DIR", "PREPARED_DIR", "RAW_DATASET_DIR"}
+FILE_METAVARS = {"FILE", "PATH", "CKPT", "CHECKPOINT", "PNG", "CSV", "CLICKS_JSON", "MASK", "VOLUME"}
+
+
+def value_choices(command: list[str], option: str) -> list[str]:
+    """The fixed values of an option (or, for option "", of a command's positional argument), from the code
+    that checks them, so the scripts stay true when a choice is added."""
+    from fastsam3d_cli.model.attention import BACKENDS
+    from fastsam3d_cli.model.config import PRESET_NAMES
+    from fastsam3d_cli.weights.cache import BUILTIN_REGISTRY
+    from fastsam3d_cli.weights.loading import DTYPES, MODEL_CHOICES
+
+    top = command[0] if command else ""
+    if option == "":
+        return sorted(BUILTIN_REGISTRY) if top == "weights" else []
+    if option == "--model":
+        if top in ("infer", "serve"):
+            from fastsam3d_cli.weights.bundled import ALIAS
+
+            return list(MODEL_CHOICES) + [ALIAS]
+        return list(PRESET_NAMES)
+    if option == "--student":
+        return list(PRESET_NAMES)
+    if option == "--teacher-model":
+        return list(PRESET_NAMES) + ["auto"]
+    if option == "--attention":
+        return list(BACKENDS) if top in ("infer", "benchmark") else [b for b in BACKENDS if b != "sparse"]
+    if option == "--dtype":
+        return list(DTYPES)
+    if option == "--cache-dtype":
+        from fastsam3d_cli.training.feature_cache import CACHE_DTYPES
+
+        return list(CACHE_DTYPES)
+    if option == "--device":
+        return ["auto", "cpu", "cuda"]
+    return []
 
 
 def _first_line(text: str | None) -> str:
@@ -51,24 +95,32 @@ def _value_kind(param) -> tuple[list[str], bool]:
 
 def _spec(command, path: list[str]) -> CommandSpec:
     """Introspect a (Typer-vendored) click command; duck-typed so it works with either click flavour."""
-    options, positional_paths = [], False
+    options, positional_paths, positional_dirs = [], False, False
     for param in command.params:
+        metavar = str(getattr(param, "metavar", None) or "").strip("[]")
         if param.param_type_name == "option":
             if getattr(param, "hidden", False) or param.name in ("install_completion", "show_completion"):
                 continue
             choices, is_path = _value_kind(param)
+            names = list(param.opts) + list(param.secondary_opts)
+            long_name = next((n for n in names if n.startswith("--")), names[0])
+            choices = choices or value_choices(path, long_name)
             takes_value = not getattr(param, "is_flag", False) and not getattr(param, "count", False)
-            options.append(OptionSpec(list(param.opts) + list(param.secondary_opts), _first_line(param.help),
-                                      takes_value, choices, is_path))
-        elif param.param_type_name == "argument" and _value_kind(param)[1]:
-            positional_paths = True
+            options.append(OptionSpec(names, _first_line(param.help), takes_value, choices,
+                                      is_path or metavar in FILE_METAVARS | DIR_METAVARS, metavar in DIR_METAVARS))
+        elif param.param_type_name == "argument":
+            if metavar in DIR_METAVARS:
+                positional_dirs = True
+            elif _value_kind(param)[1] or metavar in FILE_METAVARS:
+                positional_paths = True
     subcommands = []
     if hasattr(command, "list_commands"):
         for name in command.list_commands(None):
             sub = command.get_command(None, name)
             if sub is not None and not getattr(sub, "hidden", False):
                 subcommands.append(_spec(sub, path + [name]))
-    return CommandSpec(path, _first_line(command.help or command.short_help), options, positional_paths, subcommands)
+    return CommandSpec(path, _first_line(command.help or command.short_help), options, positional_paths, subcommands,
+                       positional_dirs, value_choices(path, "") if path[:1] == ["weights"] and len(path) > 1 else [])
 
 
 def command_tree(app: typer.Typer | None = None) -> CommandSpec:
@@ -118,6 +170,8 @@ def bash_script(tree: CommandSpec) -> str:
                 joined = "|".join(option.names)
                 if option.choices:
                     lines.append(f'                {joined}) COMPREPLY=($(compgen -W "{" ".join(option.choices)}" -- "$cur")); return ;;')
+                elif option.is_dir:
+                    lines.append(f'                {joined}) COMPREPLY=($(compgen -d -- "$cur")); return ;;')
                 elif option.is_path:
                     lines.append(f'                {joined}) COMPREPLY=($(compgen -f -- "$cur")); return ;;')
                 else:
@@ -127,6 +181,11 @@ def bash_script(tree: CommandSpec) -> str:
         lines.append(f'            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "{opts}" -- "$cur"))')
         if spec.subcommands:
             lines.append(f'            else COMPREPLY=($(compgen -W "{" ".join(s.path[-1] for s in spec.subcommands)}" -- "$cur")); fi ;;')
+        elif spec.positional_choices:
+            files = ' $(compgen -f -- "$cur")' if spec.positional_paths else ""
+            lines.append(f'            else COMPREPLY=($(compgen -W "{" ".join(spec.positional_choices)}" -- "$cur"){files}); fi ;;')
+        elif spec.positional_dirs:
+            lines.append('            else COMPREPLY=($(compgen -d -- "$cur")); fi ;;')
         else:
             lines.append('            else COMPREPLY=($(compgen -f -- "$cur")); fi ;;')
     lines += ['    esac',
@@ -151,6 +210,8 @@ def zsh_script(tree: CommandSpec) -> str:
             if option.takes_value:
                 if option.choices:
                     action = f":value:({' '.join(option.choices)})"
+                elif option.is_dir:
+                    action = ":folder:_files -/"
                 elif option.is_path:
                     action = ":file:_files"
                 else:
@@ -163,6 +224,12 @@ def zsh_script(tree: CommandSpec) -> str:
                 args.append(f"'{option.names[0]}[{description}]{action}'")
         if spec.subcommands:
             args += ["'1: :->command'", "'*:: :->args'"]
+        elif spec.positional_choices:
+            args.append(f"'1:name:({' '.join(spec.positional_choices)})'")
+            if spec.positional_paths:
+                args.append("'*:file:_files'")
+        elif spec.positional_dirs:
+            args.append("'*:folder:_files -/'")
         elif spec.positional_paths:
             args.append("'*:file:_files'")
         lines.append("    local state line")
@@ -217,10 +284,16 @@ def fish_script(tree: CommandSpec) -> str:
                 extra = " -r"
                 if option.choices:
                     extra += f" -a '{' '.join(option.choices)}'"
+                elif option.is_dir:
+                    extra += " -a '(__fish_complete_directories)'"
                 elif option.is_path:
                     extra += " -F"
             lines.append(f"complete -c {PROG} -n '{condition}' {' '.join(flags)}{extra} -d '{_quote(option.help)}'")
-        if spec.positional_paths and spec.path:
+        if spec.positional_choices and spec.path:
+            lines.append(f"complete -c {PROG} -n '{condition}' -a '{' '.join(spec.positional_choices)}'")
+        if spec.positional_dirs and spec.path:
+            lines.append(f"complete -c {PROG} -n '{condition}' -a '(__fish_complete_directories)'")
+        elif spec.positional_paths and spec.path:
             lines.append(f"complete -c {PROG} -n '{condition}' -F")
     lines.append("")
     return "\n".join(lines)
