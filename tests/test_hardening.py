@@ -181,3 +181,30 @@ def test_the_train_table_shows_a_dice_of_zero_as_zero(capsys):
     assert "0.0000" in rows[0] and "nan" not in rows[0]
     assert "nan" not in rows[1] and re.search(r"│\s+-\s+│", rows[1])  # no Dice recorded: a dash
     assert _step_text({"epoch": 0.5, "loss": 1.0, "dice": 0.0}) == "epoch 0.50 loss 1.0000 dice 0.0000"
+
+
+# ------------------------------------------------------------------ 13: import runs loading's strict key check
+def test_weights_import_refuses_a_checkpoint_that_misses_a_key(tmp_path, monkeypatch):
+    """Recorded as verified before, then refused by every load with a fix that could not apply."""
+    import dataclasses
+
+    import torch
+
+    from fastsam3d_cli.errors import WeightsError
+    from fastsam3d_cli.model import build_model
+    from fastsam3d_cli.weights import cache as weights
+
+    spec = dataclasses.replace(weights.get_spec("fastsam3d"), preset="fastsam3d-tiny")  # a small model, same rules
+    monkeypatch.setattr(weights, "registry", lambda: {"fastsam3d": spec})
+    monkeypatch.setenv(weights.HOME_ENV, str(tmp_path / "home"))
+    state = build_model("fastsam3d-tiny").state_dict()
+    whole, broken = tmp_path / "whole.pth", tmp_path / "broken.pth"
+    torch.save({"model_state_dict": state}, whole)
+    del state["mask_decoder.iou_token.weight"]
+    torch.save({"model_state_dict": state}, broken)
+    with pytest.raises(WeightsError, match=rf"{broken} does not fit model 'fastsam3d-tiny'") as error:
+        weights.import_file("fastsam3d", broken)
+    assert any("missing from the checkpoint: 1 keys" in line for line in error.value.details)
+    assert list((tmp_path / "home").rglob("*.pth")) == []  # nothing recorded, nothing left half-written
+    entry = weights.import_file("fastsam3d", whole)  # the whole file is still taken
+    assert entry.verified and entry.path.is_file()

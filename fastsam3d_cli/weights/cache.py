@@ -401,19 +401,27 @@ def sha256_file(path: Path) -> str:
 def check_is_checkpoint(path: Path, spec: WeightsSpec, what: str, fix: str) -> None:
     """WeightsError unless `path` loads safely as a checkpoint that is not for another model than `spec`'s.
 
-    The model core reads it (never executing pickled code) and infers its preset from keys and shapes;
-    a file whose preset cannot be inferred is accepted here and diagnosed by the loader.
+    The model core reads it (never executing pickled code) and infers its preset from keys and shapes. A file
+    holding most of `spec`'s model keys must hold exactly its keys and shapes, the check loading makes (a
+    checkpoint missing one key was recorded as verified, then refused by every load); a file with few of them
+    (nothing a loader could take for this model) is left to the loader's diagnosis.
     """
-    from fastsam3d_cli.model.checkpoint import read_checkpoint_info
+    from fastsam3d_cli.model.checkpoint import expected_shapes, read_checkpoint_info, state_dict_diff
 
     try:
-        _, info = read_checkpoint_info(path)
+        state_dict, info = read_checkpoint_info(path)
     except WeightsError as exc:
         raise WeightsError(f"{what} is not a usable checkpoint: {exc.message.replace(str(path), 'it')}",
                            fix) from None
     if info.preset is not None and info.preset != spec.preset:
         raise WeightsError(f"{what} is a '{info.preset}' checkpoint, not '{spec.name}' (preset '{spec.preset}')",
                            fix)
+    if info.preset is None:
+        expected = expected_shapes(spec.preset)
+        actual = {key: tuple(value.shape) for key, value in state_dict.items()}
+        if 2 * len(expected.keys() & actual.keys()) >= len(expected):
+            raise WeightsError(f"{what} does not fit model '{spec.preset}' (keys or shapes differ; it would not load)",
+                               fix, details=state_dict_diff(expected, actual))
 
 
 def _expected_sha256(spec: WeightsSpec, record: Optional[dict]) -> tuple[Optional[str], str]:
