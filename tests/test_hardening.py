@@ -208,3 +208,21 @@ def test_weights_import_refuses_a_checkpoint_that_misses_a_key(tmp_path, monkeyp
     assert list((tmp_path / "home").rglob("*.pth")) == []  # nothing recorded, nothing left half-written
     entry = weights.import_file("fastsam3d", whole)  # the whole file is still taken
     assert entry.verified and entry.path.is_file()
+
+
+# ------------------------------------------------------------------ 15: a 4D file where channels are files
+@pytest.mark.parametrize("channel", [[], ["--channel", "0"]])
+def test_a_4d_image_in_a_one_channel_per_file_dataset_gets_a_fix_that_works(tmp_path, channel):
+    import nibabel as nib
+    import numpy as np
+
+    from prepare_phantoms import CLI_ENV as PREPARE_ENV, make_v2_dataset
+
+    raw = make_v2_dataset(tmp_path / "raw")
+    nib.save(nib.Nifti1Image(np.zeros((20, 16, 12, 2), np.int16), np.diag([3.0, 3.0, 3.0, 1.0])),
+             str(raw / "imagesTr" / "case_a_0000.nii.gz"))
+    result = runner.invoke(app, ["prepare", str(raw), "-o", str(tmp_path / "out"), *channel], env=PREPARE_ENV)
+    line = _one_line_error(result, 3, "is 4D with 2 channels, but this dataset keeps one 3D channel per file",
+                           "split the 4D file into one 3D file per channel")
+    assert "--channel" not in line
+    assert not (tmp_path / "out").exists()

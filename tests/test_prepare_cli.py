@@ -116,7 +116,9 @@ BAD_INPUTS = [
     (_break_unreadable_label, r"Dataset900_Phantom case b: cannot read label .*b.nii.gz"),
     (_break_label_value, r"Dataset900_Phantom case b: label value\(s\) 7 not in dataset.json labels \(0..4\)"),
     (_break_grid, r"Dataset900_Phantom case b: image and label grids differ \(spacing \(3, 3, 3\) vs \(3, 3, 2.5\)\) — .*--resample-labels"),
-    (_break_4d, r"Dataset900_Phantom case b: image .*b_0000.nii.gz is 4D with 2 channels — choose one with --channel N"),
+    # Issue 15.15: --channel picks a CASE_XXXX file in this layout, so "choose one with --channel N" could not help.
+    (_break_4d, r"Dataset900_Phantom case b: image .*b_0000.nii.gz is 4D with 2 channels, but this dataset keeps one 3D "
+                r"channel per file .* — split the 4D file into one 3D file per channel"),
 ]
 
 

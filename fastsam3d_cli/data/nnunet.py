@@ -59,12 +59,15 @@ class LabelMap:
 @dataclass(frozen=True)
 class RawCase:
     """One training case. `image_path` holds the chosen channel; `channel_in_file` is the index to pick
-    inside a 4D file (v1 raw MSD), or None for a single-channel 3D file."""
+    inside a 4D file (v1 raw MSD), or None for a single-channel 3D file. `channel_per_file`: the dataset
+    keeps one channel per file (`CASE_0000`, `CASE_0001`, …), so `--channel` picks a file, never a channel
+    inside one, and a 4D file there is a malformed dataset rather than a missing option."""
 
     case_id: str
     image_path: Path
     label_path: Path
     channel_in_file: int | None
+    channel_per_file: bool = True
 
 
 @dataclass(frozen=True)
@@ -269,7 +272,7 @@ def discover_cases_v1(root: Path, meta: dict[str, Any], channel: int, path: Path
                 raise BadInputError(f"{root.name} case {case_id}: image not found: "
                                     f"neither {listed_image} nor {image} exists",
                                     "check imagesTr (nnU-Net names channel files CASE_0000.nii.gz)")
-        cases.append(RawCase(case_id, image, label, channel_in_file))
+        cases.append(RawCase(case_id, image, label, channel_in_file, channel_per_file=image != listed_image))
     return cases
 
 

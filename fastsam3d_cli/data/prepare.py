@@ -604,6 +604,10 @@ def preflight_case(dataset: RawDataset, case: RawCase, resample_labels: bool,
                              "GiB as float32)", "give a coarser --spacing in mm (the models work at 1.5)")
     if image is not None and (image.dimension == 4 or image.components > 1) and case.channel_in_file is None:
         channels = image.GetSize()[3] if image.dimension == 4 else image.components
+        if case.channel_per_file:  # --channel picks a CASE_XXXX file here: no value of it could help
+            raise BadInputError(f"{where}: image {case.image_path} is 4D with {channels} channels, but this dataset "
+                                "keeps one 3D channel per file (CASE_0000, CASE_0001, … as named in channel_names)",
+                                "split the 4D file into one 3D file per channel (and list each in channel_names)")
         raise BadInputError(f"{where}: image {case.image_path} is 4D with {channels} channels",
                             "choose one with --channel N (0-based)")
     if label is not None and (label.dimension != 3 or label.components != 1):
