@@ -96,3 +96,14 @@ def test_weights_messages_name_the_cache_folder(tmp_path, monkeypatch):
     with pytest.raises(WeightsError) as info:
         cache.resolve_weights("fastsam3d", offline=True)
     assert str(tmp_path / "home" / "weights") in info.value.one_line()
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "NODATA", "-m", "fastsam3d-tiny"],
+    ["distill", "NODATA", "--teacher", "NOFILE", "-s", "fastsam3d-tiny"],
+])
+def test_train_and_distill_report_an_unknown_attention_before_the_data(tmp_path, command):
+    args = [a.replace("NODATA", str(tmp_path / "no_data")).replace("NOFILE", str(tmp_path / "t.pth")) for a in command]
+    code, lines = _run(*args, "--attention", "fast", "-o", str(tmp_path / "run"))
+    assert code == 2 and len(lines) == 1 and "unknown attention backend 'fast'" in lines[0], lines
+    assert sorted(os.listdir(tmp_path)) == []

@@ -569,6 +569,9 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
         raise UsageError(f"--epochs-per-stage must be at least 1 (got {epochs_per_stage})", "give a value >= 1")
     if max_samples is not None and max_samples < 1:
         raise UsageError(f"--max-samples must be at least 1 (got {max_samples})", "give a value >= 1")
+    from fastsam3d_cli.device import check_attention_name
+
+    check_attention_name(attention)  # a usage error, before the data, teacher and cache checks
     student_config = _resolve_config(student)
     env = distributed.detect_environment()
     torch_device = distributed.device_for_rank(env, resolve_device(device))

@@ -371,6 +371,9 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
         raise UsageError(f"--decoder-lr-scale {decoder_lr_scale} must be positive", "give a value > 0, e.g. 0.1")
     if init is not None and resume:
         raise UsageError("--init and --resume together", "--resume continues the run's own weights; drop --init")
+    from fastsam3d_cli.device import check_attention_name
+
+    check_attention_name(attention)  # a usage error, before the data and run-folder checks
     config = get_config(model)
     env = distributed.detect_environment()
     torch_device = distributed.device_for_rank(env, resolve_device(device))
