@@ -35,7 +35,7 @@ _fastsam3d_completion() {
                 --preview) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --probabilities) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --series) return ;;
-                --format) return ;;
+                --format) COMPREPLY=($(compgen -W "labelmap dicom-seg" -- "$cur")); return ;;
                 --mesh) COMPREPLY=($(compgen -d -- "$cur")); return ;;
             esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--clicks -c --output -o --model -m --checkpoint --device --attention --dtype --max-crops --channel --offline --preview --probabilities --overwrite --json --series --format --mesh" -- "$cur"))

@@ -197,3 +197,14 @@ def test_validation_labelmap_as_dicom_seg_lands_on_the_same_points(series_dir, d
     for value in keep:  # the points of the ORIGINAL stored file, through its own (flipped) geometry
         expected = _rounded(_points(np.argwhere(stored_ijk == value).astype(float), stored_affine))
         assert_same_points({value: from_seg[value]}, {value: expected})
+
+
+def test_empty_result_still_writes_a_valid_seg(series_dir, tmp_path, caplog):
+    series = read_dicom(series_dir)
+    labels = np.zeros(series.image.GetSize(), dtype=np.uint8)
+    write_dicom_seg(tmp_path / "e.dcm", labels, series, [SegmentSpec(3, "nothing", "#00ff00")],
+                    AlgorithmSpec("fastsam3d", "0", "m", "w", "0" * 64))
+    seg = hd.seg.segread(str(tmp_path / "e.dcm"))
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["nothing"]
+    assert not seg.pixel_array.any()
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # nothing highdicom would print

@@ -75,6 +75,10 @@ def value_choices(command: list[str], option: str) -> list[str]:
         return list(CACHE_DTYPES)
     if option == "--device":
         return ["auto", "cpu", "cuda"]
+    if option == "--format" and top == "infer":
+        from fastsam3d_cli.interactive.export import FORMATS
+
+        return list(FORMATS)
     return []
 
 

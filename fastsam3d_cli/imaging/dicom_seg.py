@@ -132,7 +132,8 @@ def write_dicom_seg(path: Path, labels_ijk: np.ndarray, series: DicomSeries, seg
         manufacturer="fastsam3d", manufacturer_model_name=algorithm.model[:64], software_versions=algorithm.version,
         device_serial_number="none", content_label="FASTSAM3D",
         content_description=f"fastsam3d {algorithm.version} ({algorithm.model})"[:64],
-        transfer_syntax_uid=ExplicitVRLittleEndian, omit_empty_frames=True)
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        omit_empty_frames=bool(frames.any()))  # all empty: highdicom keeps every frame (and would log why)
     segmentation.save_as(str(path), enforce_file_format=True)
     return warnings
 
