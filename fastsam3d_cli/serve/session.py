@@ -29,8 +29,9 @@ MAX_LABEL = 65535
 class ObjectSpec:
     """An object of a session: what the labelmap calls it and its clicks, in order.
 
-    Clicks are kept as continuous voxel indices (ijk) of the input volume: a world click is converted once,
-    with the input's geometry, so replaying the exported click file (space ijk) can never place it elsewhere.
+    Clicks are kept as continuous voxel indices (ijk) of the input volume: a world click is converted once
+    (through the file's own affine, as `infer` does), so the exported click file (space ijk) replays it on
+    the same voxel whatever the header.
     """
 
     name: str
@@ -154,7 +155,12 @@ class Session:
         if values.shape != (3,) or not np.all(np.isfinite(values)):
             raise ApiError(422, f"field '{field_name}': give three finite numbers per point")
         image = self.predictor.input_image
-        lps = to_lps(values[None], space, image)
+        world = self.predictor.world  # ras/lps through the file's own affine, as infer and the viewer place them
+        try:
+            world.check_space(space)
+        except FastSAM3DError as exc:
+            raise ApiError(400, f"field 'space': {exc.message}") from None
+        lps = to_lps(values[None], space, image, world.ras_from_ijk)
         try:
             check_inside(ClickObject(spec.name, spec.label, (tuple(float(v) for v in values),), (1,)), lps, image,
                          space, first_number=number)
