@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from fastsam3d_cli.data.synthetic import build_source, generator_for
+from fastsam3d_cli.data.mixing import build_source
+from fastsam3d_cli.data.synthetic import generator_for
 
 LABEL_MAP_DATASETS = ("Dataset501_AbdomenCT", "Dataset502_AbdomenMR", "Task503_Colin27")
 

@@ -14,6 +14,8 @@ EPILOG = (
     "  fastsam3d train prepared --model fastsam3d-tiny -o runs/tiny --epochs 20\n\n"
     "  fastsam3d train prepared --model fastsam3d --init FastSAM3D.pth --freeze-encoder --lr 8e-5 -o runs/ft\n\n"
     "  fastsam3d train prepared --model fastsam3d-tiny -o runs/tiny --resume          (continue exactly)\n\n"
+    "  fastsam3d train prepared --model fastsam3d-tiny -o runs/mix --data-mix real=0.3,synth-labels=0.3,shapes=0.3,"
+    "supervoxels=0.1 --label-maps Dataset501_AbdomenCT --samples-per-epoch 400\n\n"
     "  torchrun --nproc-per-node 4 -m fastsam3d_cli train prepared --model sam-med3d -o runs/teacher --amp\n\n"
     "Writes RUN_DIR/last.pth and best.pth (official checkpoint layout + optimizer, scheduler, RNG states, config), "
     "metrics.jsonl (per epoch), steps.jsonl (per step) and train.png. Ctrl-C stops after the current step and "
@@ -106,6 +108,17 @@ def register(app: typer.Typer) -> None:
                                               rich_help_panel=DATA),
         min_foreground: int = typer.Option(1000, "--min-foreground", metavar="VOXELS",
                                            help="Redraw crops with fewer label voxels than this.", rich_help_panel=DATA),
+        data_mix: Optional[str] = typer.Option(
+            None, "--data-mix", metavar="SOURCE=RATIO,...", rich_help_panel=DATA,
+            help="Draw each epoch's samples from these sources by ratio: real (prepared pairs, stronger "
+                 "augmentation), synth-labels (random-appearance images of --label-maps), shapes (procedural "
+                 "scenes), supervoxels (regions of the --label-maps images). Default: the prepared pairs only."),
+        label_maps: Optional[List[Path]] = typer.Option(
+            None, "--label-maps", metavar="DIR", rich_help_panel=DATA,
+            help="nnU-Net training dataset folder for synth-labels and supervoxels (repeat for several)."),
+        samples_per_epoch: Optional[int] = typer.Option(
+            None, "--samples-per-epoch", metavar="N", rich_help_panel=DATA,
+            help="Samples per epoch with --data-mix (default 500)."),
         json_output: bool = typer.Option(False, "--json", help="Print one JSON object with the summary on stdout."),
     ) -> None:
         """Train a model to segment from clicks (SAM-Med3D recipe: simulated clicks, Dice + CE, AdamW, DDP)."""
@@ -123,6 +136,7 @@ def register(app: typer.Typer) -> None:
                 lr_milestones=_int_list(lr_milestones, "--lr-milestones"), max_steps=max_steps,
                 time_limit_s=None if time_limit is None else time_limit * 60.0, save_every_steps=save_every,
                 classes=class_names, min_foreground_voxels=min_foreground, attention=attention,
+                data_mix=data_mix, label_maps=label_maps, samples_per_epoch=samples_per_epoch,
                 log=None if state.quiet or json_output else log_to_stderr,
                 on_step=lambda record, total: bars.update("steps", record["step"], total, _step_text(record)))
         finish_training_command(result, json_output, _render)

@@ -9,6 +9,8 @@ number of workers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -73,12 +75,13 @@ class MixedDataset(Dataset):
     """
 
     def __init__(self, sources: Mapping[str, Any], ratios: Mapping[str, float], samples_per_epoch: int,
-                 seed: int) -> None:
+                 seed: int, real: Any = None) -> None:
         missing = [name for name in ratios if name not in sources]
         if missing:
             raise ValueError(f"no source object for {missing}")
         self.sources, self.ratios = dict(sources), dict(ratios)
         self.seed, self.epoch = int(seed), 0
+        self.real = real  # the prepared pairs' dataset (its left-out samples are reported by train)
         self.counts = source_counts(ratios, int(samples_per_epoch))
         names = [name for name in sorted(self.counts) for _ in range(self.counts[name])]
         order = np.random.default_rng([self.seed, 16_003]).permutation(len(names))
@@ -92,6 +95,15 @@ class MixedDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    @property
+    def empty(self) -> list:
+        """The real dataset's samples left out for an empty label (none without one)."""
+        return list(getattr(self.real, "empty", []))
+
+    @property
+    def excluded(self) -> list:
+        return list(getattr(self.real, "excluded", []))
 
     def __len__(self) -> int:
         return len(self.source_of)
@@ -124,3 +136,96 @@ def describe_mix(dataset: MixedDataset) -> str:
 
 def mix_names(ratios: Mapping[str, float]) -> Sequence[str]:
     return [name for name in SOURCE_NAMES if ratios.get(name, 0) > 0]
+
+
+# ------------------------------------------------------------------------------------------ building
+def build_source(name: str, *, label_maps: Sequence = (), prepared_dirs: Sequence = (), real_dataset=None,
+                 min_foreground_voxels: int = 1000, crop_size: int = 128) -> Any:
+    """The source called `name` (one of SOURCE_NAMES); label-map datasets are read once per process."""
+    from fastsam3d_cli.data.label_maps import cached_label_maps
+    from fastsam3d_cli.data.synthetic import LabelMapSource, ShapesSource
+
+    if name == "shapes":
+        return ShapesSource(crop_size)
+    if name == "synth-labels":
+        return LabelMapSource(cached_label_maps(label_maps), min_foreground_voxels=min_foreground_voxels,
+                              crop_size=crop_size)
+    if name == "supervoxels":
+        from fastsam3d_cli.data.pseudo_tasks import SupervoxelSource
+
+        return SupervoxelSource(cached_label_maps(label_maps, with_images=True),
+                                min_foreground_voxels=min_foreground_voxels, crop_size=crop_size)
+    if name == "real":
+        from fastsam3d_cli.data.pseudo_tasks import RealAugmentedSource
+
+        return RealAugmentedSource(real_dataset, prepared_dirs)
+    raise ValueError(f"unknown source {name!r}")
+
+
+DEFAULT_SAMPLES_PER_EPOCH = 500
+LABEL_MAP_SOURCES = ("synth-labels", "supervoxels")
+
+
+@dataclass
+class MixSettings:
+    """The checked `--data-mix`, `--label-maps` and `--samples-per-epoch` of a run (None ratios: real pairs only)."""
+
+    ratios: dict[str, float] | None
+    label_maps: list[Path]
+    samples_per_epoch: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data_mix": self.ratios, "label_maps": [str(p) for p in self.label_maps],
+                "samples_per_epoch": self.samples_per_epoch}
+
+
+def check_mix_options(data_mix: str | Mapping[str, float] | None, label_maps: Sequence[str | Path] | None,
+                      samples_per_epoch: int | None) -> MixSettings:
+    """Validate the data-mix options before anything is read: UsageError (exit 2) for a bad ratio or value, a
+    generated-only option without --data-mix, a label-map source without --label-maps; BadInputError (exit 3)
+    for a --label-maps folder that is missing or lies in a `validation/` folder."""
+    from fastsam3d_cli.data.label_maps import check_label_map_folders
+
+    label_maps = list(label_maps or [])
+    if data_mix is None:
+        if samples_per_epoch is not None:
+            raise UsageError("--samples-per-epoch only applies with --data-mix",
+                             "add --data-mix (e.g. real=0.5,shapes=0.5) or drop --samples-per-epoch")
+        if label_maps:
+            raise UsageError("--label-maps only applies with --data-mix",
+                             "add --data-mix with synth-labels or supervoxels, or drop --label-maps")
+        return MixSettings(None, [], None)
+    ratios = parse_data_mix(data_mix) if isinstance(data_mix, str) else _checked_mapping(data_mix)
+    if samples_per_epoch is not None and samples_per_epoch < 1:
+        raise UsageError(f"--samples-per-epoch must be at least 1 (got {samples_per_epoch})", "give a value >= 1")
+    needs_maps = [name for name in LABEL_MAP_SOURCES if name in ratios]
+    if needs_maps and not label_maps:
+        raise UsageError(f"--data-mix {needs_maps[0]} needs --label-maps DIR",
+                         "give nnU-Net training dataset folders with --label-maps (repeat the option for several)")
+    if label_maps and not needs_maps:
+        raise UsageError("--label-maps is given but --data-mix uses neither synth-labels nor supervoxels",
+                         "add synth-labels=… or supervoxels=… to --data-mix, or drop --label-maps")
+    return MixSettings(ratios, check_label_map_folders(label_maps), samples_per_epoch or DEFAULT_SAMPLES_PER_EPOCH)
+
+
+def _checked_mapping(ratios: Mapping[str, float]) -> dict[str, float]:
+    return parse_data_mix(",".join(f"{name}={value}" for name, value in ratios.items()))
+
+
+def build_training_dataset(real: Any, settings: MixSettings, seed: int,
+                           min_foreground_voxels: int = 1000, crop_size: int = 128) -> Any:
+    """The dataset `train` iterates: `real` itself without a mix, else a MixedDataset over the mix's sources
+    (label maps read once here, before any DataLoader worker starts, so workers share them)."""
+    if settings.ratios is None:
+        return real
+    sources = {}
+    for name in settings.ratios:
+        if name == "supervoxels":
+            try:
+                import scipy.ndimage  # noqa: F401
+            except ImportError:
+                raise UsageError("--data-mix supervoxels needs scipy", "pip install scipy, or drop supervoxels") from None
+        sources[name] = build_source(name, label_maps=settings.label_maps, real_dataset=real,
+                                     min_foreground_voxels=min_foreground_voxels, crop_size=crop_size)
+    return MixedDataset(sources, settings.ratios, int(settings.samples_per_epoch or DEFAULT_SAMPLES_PER_EPOCH), seed,
+                        real=real)

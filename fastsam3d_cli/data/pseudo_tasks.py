@@ -4,7 +4,8 @@
   training image at 1.5 mm; on its 64³ half-resolution copy, lightly smoothed and quantised into 4–11
   intensity bins (quantiles) and opened (thin bridges cut), the connected region of one bin that holds a random seed near the centre is
   the target — an intensity-homogeneous region, mostly inside the crop, of at least `min_foreground_voxels`.
-  The image is the real crop, z-normalised like the real dataset's.
+  The image is the real crop, z-normalised like the real dataset's. When 72 seeds find no region (a tiny
+  or flat image) the least-cut region seen is used, or, with none at all, a procedural scene.
 * `real`: the prepared pairs of data/training_data.py, then intensity augmentation (gamma, contrast, bias,
   noise), thick-slice simulation, zoom (1–1.25, labels nearest-neighbour) and sometimes a rotation (±15°,
   labels nearest-neighbour).
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastsam3d_cli.data import appearance as ap
-from fastsam3d_cli.data.appearance import WORK_SIZE, chance, randint, uniform
+from fastsam3d_cli.data.appearance import chance, randint, uniform
 from fastsam3d_cli.data.label_maps import LabelMapVolume
 from fastsam3d_cli.data.shapes import small_rotation
 from fastsam3d_cli.imaging.crops import CROP_SIZE, CropBox, extract_crop
@@ -50,7 +51,10 @@ class SupervoxelSource:
 
     name = "supervoxels"
 
-    def __init__(self, volumes: Sequence[LabelMapVolume], min_foreground_voxels: int = MIN_FOREGROUND_VOXELS) -> None:
+    def __init__(self, volumes: Sequence[LabelMapVolume], min_foreground_voxels: int = MIN_FOREGROUND_VOXELS,
+                 crop_size: int = CROP_SIZE) -> None:
+        self.crop_size = int(crop_size)
+        self.work_size = max(8, self.crop_size // 2)
         self.volumes = [v for v in volumes if v.image is not None]
         if not self.volumes:
             raise ValueError("no training image to draw pseudo-tasks from")
@@ -61,43 +65,46 @@ class SupervoxelSource:
     def sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
         from scipy import ndimage
 
-        fallback = None
+        fallback: tuple[int, torch.Tensor, np.ndarray] | None = None  # (border voxels, crop, region)
         for _ in range(12):
             which = randint(gen, 0, len(self.volumes))
             image, threshold = self.volumes[which].image, self.thresholds[which]
             assert image is not None
             centre = self._centre(image, threshold, gen)
-            box = CropBox(tuple(int(c) - CROP_SIZE // 2 for c in centre), CROP_SIZE)  # type: ignore[arg-type]
-            outside = float(image.min())
-            crop = torch.from_numpy(extract_crop(image, box, fill=outside))
-            work = F.avg_pool3d(crop[None, None], CROP_SIZE // WORK_SIZE)[0, 0]
+            box = CropBox(tuple(int(c) - self.crop_size // 2 for c in centre), self.crop_size)  # type: ignore[arg-type]
+            crop = torch.from_numpy(extract_crop(image, box, fill=float(image.min())))
+            work = F.interpolate(crop[None, None], size=(self.work_size,) * 3, mode="area")[0, 0]
             smooth = _gaussian_blur(work, uniform(gen, 0.5, 1.5))
             bins = randint(gen, 4, 12)
             edges = torch.quantile(smooth[::2, ::2, ::2].flatten(), torch.linspace(0, 1, bins + 1)[1:-1])
             levels = torch.bucketize(smooth, edges).numpy()
             for _ in range(6):
-                seed = [randint(gen, WORK_SIZE // 4, 3 * WORK_SIZE // 4) for _ in range(3)]
-                if smooth[tuple(seed)] <= threshold:  # air / background is no target
+                seed = tuple(randint(gen, self.work_size // 4, 3 * self.work_size // 4) for _ in range(3))
+                if smooth[seed] <= threshold:  # air / background is no target
                     continue
                 # an opening cuts the thin bridges that join most regions of one intensity into one
-                same = ndimage.binary_opening(levels == levels[tuple(seed)])
-                if not same[tuple(seed)]:
+                same = ndimage.binary_opening(levels == levels[seed])
+                if not same[seed]:
                     continue
                 components, _ = ndimage.label(same)
-                region = components == components[tuple(seed)]
+                region = components == components[seed]
                 count = int(region.sum())
-                if not self.min_work_voxels <= count <= MAX_TARGET_FRACTION * WORK_SIZE ** 3:
+                if count < self.min_work_voxels:
                     continue
                 border = count - int(region[2:-2, 2:-2, 2:-2].sum())
-                if border > BORDER_FRACTION * count:
+                if count > MAX_TARGET_FRACTION * self.work_size ** 3 or border > BORDER_FRACTION * count:
+                    if fallback is None or border < fallback[0]:
+                        fallback = (border, crop, region)
                     continue
                 sample = self._finish(crop, region, gen)
                 if sample is not None:
                     return sample
-                fallback = fallback or (crop, region)
-        if fallback is not None:  # pragma: no cover - only for a pathological image
-            return self._finish(fallback[0], fallback[1], gen, force=True)  # type: ignore[return-value]
-        raise RuntimeError("no pseudo-task region found")  # pragma: no cover
+        if fallback is not None:  # rare: the least-cut region seen (too large or touching the edge)
+            return self._finish(fallback[1], fallback[2], gen, force=True)  # type: ignore[return-value]
+        # an image with no region of the right size at all (tiny or flat): a procedural scene instead
+        from fastsam3d_cli.data.synthetic import ShapesSource
+
+        return ShapesSource(self.crop_size).sample(gen)
 
     def _centre(self, image: np.ndarray, threshold: float, gen: torch.Generator) -> list[int]:
         for _ in range(20):
@@ -109,7 +116,7 @@ class SupervoxelSource:
     def _finish(self, crop: torch.Tensor, region: np.ndarray, gen: torch.Generator,
                 force: bool = False) -> dict[str, torch.Tensor] | None:
         field = _gaussian_blur(torch.from_numpy(region.astype(np.float32)), 0.7) - 0.5  # rounds the stair-steps
-        label = ap.upsample(field, CROP_SIZE) > 0
+        label = ap.upsample(field, self.crop_size) > 0
         if int(label.sum()) < self.min_work_voxels * 8 and not force:
             return None
         mean, std = ap.positive_statistics(crop[::2, ::2, ::2].contiguous())
@@ -117,7 +124,7 @@ class SupervoxelSource:
         if chance(gen, 0.5):
             image = intensity_augment(image, gen)
         return {"image": image.float()[None].contiguous(), "label": label.float()[None],
-                "valid": torch.ones((1,) + (CROP_SIZE,) * 3, dtype=torch.bool)}
+                "valid": torch.ones((1,) + (self.crop_size,) * 3, dtype=torch.bool)}
 
 
 # ------------------------------------------------------------------------------------------- real (d)

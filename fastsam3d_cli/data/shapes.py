@@ -183,13 +183,13 @@ def _scene_blob(gen, size):
 
 
 def _scene_vessel(gen, size):
-    field = vessel_tree_field(gen, size, _random_centre(gen, size, 0.1), extent=uniform(gen, 0.5, 0.85) * size)
+    field = vessel_tree_field(gen, size, _random_centre(gen, size, 0.1), extent=uniform(gen, 0.4, 0.7) * size)
     return [field], 0, "vessels"
 
 
 def _scene_tube(gen, size):
     direction = random_direction(gen)
-    extent = uniform(gen, 0.4, 0.8) * size
+    extent = uniform(gen, 0.35, 0.7) * size
     centre = _random_centre(gen, size, 0.1)
     radius = uniform(gen, 1.5, 5.0)
     points = polyline(gen, centre - direction * extent / 2, direction, extent, 8, uniform(gen, 0.05, 0.5))
@@ -197,7 +197,7 @@ def _scene_tube(gen, size):
 
 
 def _scene_sheet(gen, size):
-    return [sheet_field(gen, size, _random_centre(gen, size, 0.08), uniform(gen, 0.35, 0.7) * size)], 0, "sheet"
+    return [sheet_field(gen, size, _random_centre(gen, size, 0.08), uniform(gen, 0.3, 0.6) * size)], 0, "sheet"
 
 
 def _scene_touching(gen, size):

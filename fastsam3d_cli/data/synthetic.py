@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from fastsam3d_cli.data import appearance as ap
-from fastsam3d_cli.data.appearance import WORK_SIZE, chance, randint, uniform
+from fastsam3d_cli.data.appearance import chance, randint, uniform
 from fastsam3d_cli.data.label_maps import LabelMapVolume
 from fastsam3d_cli.data.shapes import small_rotation
 from fastsam3d_cli.imaging.crops import CROP_SIZE, MODEL_SPACING_MM
 
 MIN_FOREGROUND_VOXELS = 1000
 MAX_TARGET_FRACTION = 0.35  # of the crop: larger targets are redrawn (nothing left to click around)
+MAX_BORDER_FRACTION = 0.05  # of the target's work voxels on the crop's outer face: more is redrawn (cut off)
 MAX_TRIES = 8
 
 
@@ -80,7 +81,11 @@ def separate_target(means: torch.Tensor, sds: torch.Tensor, labels: torch.Tensor
 def render(labels: torch.Tensor, target_field: torch.Tensor, target_values: Sequence[int], gen: torch.Generator,
            names: Sequence[str] | None = None, out_size: int = CROP_SIZE) -> dict[str, torch.Tensor] | None:
     """Paint a work-grid label scene and cut the target: the sample dict, or None when the target is too small
-    or too large for the crop."""
+    too large, or cut by the crop's edge."""
+    inside = target_field > 0
+    work_voxels = int(inside.sum())
+    if work_voxels == 0 or work_voxels - int(inside[1:-1, 1:-1, 1:-1].sum()) > MAX_BORDER_FRACTION * work_voxels:
+        return None
     label = ap.upsample(target_field, out_size) > 0
     voxels = int(label.sum())
     if voxels < MIN_FOREGROUND_VOXELS or voxels > MAX_TARGET_FRACTION * out_size ** 3:
@@ -104,12 +109,15 @@ class ShapesSource:
 
     name = "shapes"
 
+    def __init__(self, crop_size: int = CROP_SIZE) -> None:
+        self.crop_size = int(crop_size)
+
     def sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
         from fastsam3d_cli.data.shapes import generate_scene
 
         for _ in range(MAX_TRIES * 2):
-            scene = generate_scene(gen, WORK_SIZE)
-            sample = render(scene.labels, scene.target_field, scene.target_labels, gen)
+            scene = generate_scene(gen, work_size(self.crop_size))
+            sample = render(scene.labels, scene.target_field, scene.target_labels, gen, out_size=self.crop_size)
             if sample is not None:
                 return sample
         raise RuntimeError("no shapes scene with a usable target")  # pragma: no cover - needs 16 failures
@@ -126,12 +134,17 @@ class Pose:
     flips: tuple[bool, bool, bool]
 
 
+def work_size(crop_size: int) -> int:
+    """Work-grid voxels per side for a crop: half its size (64 for the 128³ crop)."""
+    return max(8, int(crop_size) // 2)
+
+
 def sample_grid(shape: Sequence[int], pose: Pose, size: int, elastic_voxels: float,
-                gen: torch.Generator) -> torch.Tensor:
+                gen: torch.Generator, crop_size: int = CROP_SIZE) -> torch.Tensor:
     """grid_sample grid (1, S, S, S, 3) mapping work voxels to the label map (align_corners=True)."""
     from fastsam3d_cli.data.shapes import coordinates
 
-    cell = CROP_SIZE / size  # source voxels (1.5 mm) per work voxel, before zoom
+    cell = crop_size / size  # source voxels (1.5 mm) per work voxel, before zoom
     offsets = (coordinates(size) - (size - 1) / 2.0) * (cell / pose.zoom)
     for axis, flip in enumerate(pose.flips):
         if flip:
@@ -150,8 +163,9 @@ class LabelMapSource:
     name = "synth-labels"
 
     def __init__(self, volumes: Sequence[LabelMapVolume], min_foreground_voxels: int = MIN_FOREGROUND_VOXELS,
-                 p_union: float = 0.3) -> None:
+                 p_union: float = 0.3, crop_size: int = CROP_SIZE) -> None:
         self.volumes = list(volumes)
+        self.crop_size = int(crop_size)
         self.min_foreground_voxels = int(min_foreground_voxels)
         self.p_union = p_union
         self.candidates = [[v for v, n in volume.counts.items() if n >= min_foreground_voxels]
@@ -184,9 +198,9 @@ class LabelMapSource:
         hi = np.max([volume.boxes[v][1] for v in values], axis=0)
         extent = float((hi - lo).max())  # source voxels
         zoom = math.exp(uniform(gen, math.log(0.85), math.log(1.2)))
-        fit = 0.85 * CROP_SIZE / max(extent, 1.0)  # the whole target inside 85% of the crop
+        fit = 0.85 * self.crop_size / max(extent, 1.0)  # the whole target inside 85% of the crop
         zoom = min(zoom, fit)
-        slack = np.maximum(0.0, 0.85 * CROP_SIZE / zoom - (hi - lo)) / 2  # how far the centre may move
+        slack = np.maximum(0.0, 0.85 * self.crop_size / zoom - (hi - lo)) / 2  # how far the centre may move
         centre = (lo + hi - 1) / 2 + np.array([uniform(gen, -s, s) for s in slack])
         rotation = small_rotation(gen, 15.0 if chance(gen, 0.8) else 40.0)
         flips = tuple(chance(gen, 0.5) for _ in range(3))
@@ -194,7 +208,8 @@ class LabelMapSource:
 
     def _render(self, volume: LabelMapVolume, values: list[int], gen: torch.Generator) -> dict[str, torch.Tensor] | None:
         pose = self._pose(volume, values, gen)
-        grid = sample_grid(volume.labels.shape, pose, WORK_SIZE, elastic_voxels=uniform(gen, 0.0, 3.0), gen=gen)
+        grid = sample_grid(volume.labels.shape, pose, work_size(self.crop_size), elastic_voxels=uniform(gen, 0.0, 3.0),
+                           gen=gen, crop_size=self.crop_size)
         labels = F.grid_sample(volume.label_tensor(), grid, mode="nearest", padding_mode="zeros",
                                align_corners=True)[0, 0].long()
         shifted = [v + 1 for v in values]  # label_tensor holds value + 1
@@ -203,30 +218,5 @@ class LabelMapSource:
         present, compact = torch.unique(labels, return_inverse=True)
         names = ["outside" if int(v) == 0 else volume.names.get(int(v) - 1, "background") for v in present]
         target_values = [i for i, v in enumerate(present.tolist()) if v in shifted]
-        return render(compact, target.float() - 0.5, target_values, gen, names=names)
+        return render(compact, target.float() - 0.5, target_values, gen, names=names, out_size=self.crop_size)
 
-
-# ------------------------------------------------------------------------------------------ building
-GENERATED_SOURCES = ("shapes", "synth-labels", "supervoxels")
-SOURCES = ("real",) + GENERATED_SOURCES
-
-
-def build_source(name: str, *, label_maps: Sequence = (), prepared_dirs: Sequence = (), real_dataset=None,
-                 min_foreground_voxels: int = MIN_FOREGROUND_VOXELS):
-    """The source called `name` (one of SOURCES); label-map datasets are read once per process."""
-    from fastsam3d_cli.data.label_maps import cached_label_maps
-
-    if name == "shapes":
-        return ShapesSource()
-    if name == "synth-labels":
-        return LabelMapSource(cached_label_maps(label_maps), min_foreground_voxels=min_foreground_voxels)
-    if name == "supervoxels":
-        from fastsam3d_cli.data.pseudo_tasks import SupervoxelSource
-
-        return SupervoxelSource(cached_label_maps(label_maps, with_images=True),
-                                min_foreground_voxels=min_foreground_voxels)
-    if name == "real":
-        from fastsam3d_cli.data.pseudo_tasks import RealAugmentedSource
-
-        return RealAugmentedSource(real_dataset, prepared_dirs)
-    raise ValueError(f"unknown source {name!r}")

@@ -340,6 +340,8 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
           min_foreground_voxels: int = 1000, max_shift: int = 16, attention: str = "auto",
           grad_iterations: int | None = None, centre_click_share: float = 0.0,
           decoder_lr_scale: float = DECODER_LR_SCALE,
+          data_mix: str | Mapping[str, float] | None = None, label_maps: Sequence[str | Path] | None = None,
+          samples_per_epoch: int | None = None,
           log: Callable[[str], None] | None = None,
           on_step: Callable[[dict[str, Any], int], None] | None = None) -> TrainResult:
     """Train (or fine-tune, or resume) a model on prepared folders; see the module docstring for the recipe.
@@ -351,17 +353,22 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     data, an unwritable run folder, `resume` without `last.pth`, a new run into an existing one →
     BadInputError (3); an `init`/resume checkpoint of another model → WeightsError (4). Under torchrun
     each process calls this; rank 0 writes the run folder.
+
+    `data_mix` ("real=0.3,shapes=0.7" or a mapping) draws each epoch's `samples_per_epoch` items from generated
+    sources too (data/mixing.py); `label_maps` are the nnU-Net folders the synth-labels and supervoxels sources use.
     """
     from fastsam3d_cli.training import distributed
     from fastsam3d_cli.device import resolve_device
     from fastsam3d_cli.model import build_model, get_config
     from fastsam3d_cli.data.prepared import list_prepared_samples
     from fastsam3d_cli.data.training_data import InteractiveCropDataset, empty_label_warnings, run_warnings
+    from fastsam3d_cli.data.mixing import build_training_dataset, check_mix_options, describe_mix
 
     check_numbers(epochs=epochs, batch_size=batch_size, accumulate=accumulate, iterations=iterations,
                    workers=workers, max_steps=max_steps, unfreeze_patience=unfreeze_patience, lr=lr,
                    time_limit_s=time_limit_s, min_foreground_voxels=min_foreground_voxels, max_shift=max_shift,
                    save_every_steps=save_every_steps)
+    mix = check_mix_options(data_mix, label_maps, samples_per_epoch)
     if grad_iterations is not None and not 1 <= grad_iterations <= iterations:
         raise UsageError(f"--grad-iterations {grad_iterations} is outside 1..--iterations ({iterations})",
                          "give a value between 1 and --iterations")
@@ -399,6 +406,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     if too_small:
         warnings.append(f"{too_small} of {len(samples)} sample(s) have fewer than {min_foreground_voxels} "
                         "label voxels and are left out")
+    dataset = build_training_dataset(dataset, mix, seed, min_foreground_voxels, crop_size=config.image_size)
 
     torch.manual_seed(seed)  # the same initial weights on every rank and every rerun
     if init is not None:
@@ -424,6 +432,8 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
         emit = distributed.rank_aware(log, env)
         for warning in warnings:
             emit(f"warning: {warning}")
+        if mix.ratios is not None:
+            emit(f"data mix per epoch: {describe_mix(dataset)}")
         emit(f"training {config.name} on {len(dataset)} sample(s), {torch_device}, {env.world_size} process(es) → {run_dir}")
         trainer = Trainer(task, settings, torch_device, env, log=emit, on_step=on_step)
         outcome = trainer.run(resume_payload)
