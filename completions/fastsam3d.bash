@@ -94,8 +94,11 @@ _fastsam3d_completion() {
                 --save-every) return ;;
                 --classes) return ;;
                 --min-foreground) return ;;
+                --data-mix) return ;;
+                --label-maps) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --samples-per-epoch) return ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --init --freeze-encoder --unfreeze-patience --epochs --batch-size --accumulate --lr --lr-milestones --iterations --grad-iterations --centre-clicks --decoder-lr-scale --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --min-foreground --json" -- "$cur"))
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --init --freeze-encoder --unfreeze-patience --epochs --batch-size --accumulate --lr --lr-milestones --iterations --grad-iterations --centre-clicks --decoder-lr-scale --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --min-foreground --data-mix --label-maps --samples-per-epoch --json" -- "$cur"))
             else COMPREPLY=($(compgen -d -- "$cur")); fi ;;
         "distill")
             case "$prev" in
