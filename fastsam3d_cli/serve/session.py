@@ -64,6 +64,7 @@ class Session:
         self.compute_lock = compute_lock  # one model shared by all sessions: one computation at a time
         self.objects: dict[str, ObjectSpec] = {}
         self.created = time.time()
+        self._masks: dict[str, np.ndarray] = {}  # each object's mask since its last change (read-only)
 
     # ------------------------------------------------------------------------------ objects
     def add_object(self, name: str, label: int | None = None, colour: str | None = None) -> ObjectSpec:
@@ -96,6 +97,7 @@ class Session:
     def delete_object(self, name: str) -> None:
         self.object(name)
         del self.objects[name]
+        self._masks.pop(name, None)
         self.predictor.reset_object(name)
 
     def reset_object(self, name: str) -> ObjectSpec:
@@ -103,6 +105,7 @@ class Session:
         spec = self.object(name)
         spec.clicks.clear()
         spec.redo.clear()
+        self._masks.pop(name, None)
         self.predictor.reset_object(name)
         return spec
 
@@ -200,6 +203,7 @@ class Session:
                 if spec.clicks:
                     predictor.add_clicks([p for p, _ in spec.clicks], list(spec.point_labels), space="ijk",
                                          object=spec.name, return_mask=False)
+            self._masks.pop(spec.name, None)
             mask = self._mask_locked(spec.name)
         stages = predictor.timings[first:]
         record = {"action": action, "mode": mode, "clicks": len(spec.clicks),
@@ -238,9 +242,14 @@ class Session:
             return self._mask_locked(spec.name)
 
     def _mask_locked(self, name: str) -> np.ndarray:
-        if name not in self.predictor.objects:
-            return np.zeros(tuple(self.predictor.input_image.GetSize()), dtype=bool)
-        return self.predictor.mask(name)
+        if name not in self._masks:
+            if name not in self.predictor.objects:
+                mask = np.zeros(tuple(self.predictor.input_image.GetSize()), dtype=bool)
+            else:
+                mask = self.predictor.mask(name)
+            mask.flags.writeable = False
+            self._masks[name] = mask
+        return self._masks[name]
 
     def probabilities(self, name: str) -> np.ndarray:
         spec = self.object(name)
@@ -284,4 +293,5 @@ class Session:
         voxels = int(np.prod(image.GetSize()))
         crops = sum(len(self.predictor.object_state(n).crops) for n in self.predictor.objects)
         crop_bytes = self.predictor.crop_size ** 3 * 4
-        return voxels * (image.GetSizeOfPixelComponent() + 4) + crops * 3 * crop_bytes
+        masks = sum(m.nbytes for m in self._masks.values())
+        return voxels * (image.GetSizeOfPixelComponent() + 4) + crops * 3 * crop_bytes + masks
