@@ -281,3 +281,14 @@ def test_cli_dicom_seg_and_mesh_locations_are_checked_first(cropped, tmp_path, c
                  "--mesh", str(tmp_path / "mask.dcm"))
     _run_refused(tmp_path, 2, ("-o", "is a DICOM file but --format is labelmap"), str(folder), "-c", str(clicks),
                  "-o", str(tmp_path / "new.dcm"), "--format", "labelmap")
+
+
+def test_default_outputs_of_a_folder_given_as_dot_go_beside_it(cropped, tmp_path, monkeypatch):
+    from fastsam3d_cli.interactive.export import labelmap_and_format
+
+    folder = tmp_path / "ct"
+    shutil.copytree(cropped, folder)
+    monkeypatch.chdir(folder)
+    assert labelmap_and_format(Path("."), None, None) == (tmp_path / "ct_mask.nii.gz", False)
+    assert labelmap_and_format(Path("."), None, "dicom-seg") == (tmp_path / "ct_mask.nii.gz", True)
+    assert labelmap_and_format(Path("."), Path("x.dcm"), None) == (Path("x.nii.gz"), True)

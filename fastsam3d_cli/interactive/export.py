@@ -23,6 +23,7 @@ def labelmap_and_format(volume: Path, output: Path | None, output_format: str | 
     """(labelmap output to plan, whether a DICOM-SEG is wanted); UsageError for a contradiction.
 
     `-o mask.dcm` means DICOM-SEG `mask.dcm` + labelmap `mask.nii.gz`. DICOM-SEG needs a DICOM input.
+    The default output of a DICOM folder is `<folder name>_mask.nii.gz` beside the folder (also for `.`).
     """
     from fastsam3d_cli.imaging.dicom import is_dicom_input
 
@@ -33,6 +34,9 @@ def labelmap_and_format(volume: Path, output: Path | None, output_format: str | 
         raise UsageError(f"-o {output} is a DICOM file but --format is labelmap",
                          "drop --format, or give -o a NIfTI name (e.g. mask.nii.gz)")
     want_seg = dcm_output or output_format == "dicom-seg"
+    if output is None and Path(volume).is_dir():  # `infer .` in the series folder: beside it, by its real name
+        folder = Path(volume).expanduser().resolve()
+        output = folder.with_name(f"{folder.name}_mask.nii.gz")
     if not want_seg:
         return output, False
     if not is_dicom_input(volume):
