@@ -292,3 +292,19 @@ def test_default_outputs_of_a_folder_given_as_dot_go_beside_it(cropped, tmp_path
     assert labelmap_and_format(Path("."), None, None) == (tmp_path / "ct_mask.nii.gz", False)
     assert labelmap_and_format(Path("."), None, "dicom-seg") == (tmp_path / "ct_mask.nii.gz", True)
     assert labelmap_and_format(Path("."), Path("x.dcm"), None) == (Path("x.nii.gz"), True)
+
+
+def test_slices_with_their_own_rescale_are_read_as_float(slices, cropped, tmp_path):
+    """A slice whose RescaleSlope differs (0.5, odd stored values): its values keep their .5, never cast to the
+    other slices' integer type."""
+    reference = array_ijk(read_dicom(cropped).image).astype(np.float64)
+    paths = write_variant(slices, tmp_path / "s", crop=CROP)
+    ds = pydicom.dcmread(str(paths[5]))
+    ds.PixelData = (ds.pixel_array.astype(np.uint16) * 2 + 1).tobytes()
+    ds.BitsStored, ds.HighBit, ds.RescaleSlope = 16, 15, "0.5"
+    ds.save_as(str(paths[5]))
+    image = read_dicom(tmp_path / "s").image
+    assert image.GetPixelID() == sitk.sitkFloat32
+    expected = reference.copy()
+    expected[:, :, 5] += 0.5
+    assert np.array_equal(array_ijk(image).astype(np.float64), expected)

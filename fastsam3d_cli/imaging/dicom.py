@@ -270,6 +270,8 @@ def _read_series(source: Path, files: list[Path], series: str | None, what: str,
     slices, orientation, pixel_spacing, step = _sorted_slices(source, chosen)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(s.path) for s in slices])
+    if _needs_float(slices):
+        reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         image = reader.Execute()
     except RuntimeError:
@@ -292,6 +294,21 @@ def _read_series(source: Path, files: list[Path], series: str | None, what: str,
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _needs_float(slices: list[_Slice]) -> bool:
+    """True when the rescaled values are not all integers of one scale: slices with different or fractional
+    RescaleSlope/RescaleIntercept (e.g. PET) would otherwise be cast to the first slice's integer type."""
+    scales = set()
+    for item in slices:
+        try:
+            slope = float(item.header.get("RescaleSlope", 1) or 1)
+            intercept = float(item.header.get("RescaleIntercept", 0) or 0)
+        except (TypeError, ValueError):
+            return True
+        scales.add((slope, intercept))
+    slope, intercept = next(iter(scales))
+    return len(scales) > 1 or not (slope.is_integer() and intercept.is_integer())
+
+
 def _decode_failure(source: Path, chosen: SeriesSummary, paths: list[Path]) -> BadInputError:
     """Name the first file whose pixels cannot be decoded (only run after the series read failed)."""
     for path in paths:
