@@ -55,6 +55,12 @@ class WeightsError(FastSAM3DError):
     exit_code = ExitCode.WEIGHTS
 
 
+class Interrupted(FastSAM3DError):
+    """Ctrl-C where something was kept on purpose (e.g. a resumable cache): the line says what, and how to go on."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
 class DeviceError(FastSAM3DError):
     """The requested device is not available, or it ran out of memory."""
 

@@ -226,3 +226,39 @@ def test_a_4d_image_in_a_one_channel_per_file_dataset_gets_a_fix_that_works(tmp_
                            "split the 4D file into one 3D file per channel")
     assert "--channel" not in line
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ 16: an interrupted distill says what it kept
+def test_an_interrupted_distill_says_its_cache_is_kept_and_resume_continues_it(tmp_path, monkeypatch, one_thread):
+    from distill_builders import CLI_ENV as DISTILL_ENV, TINY_COMPATIBLE_TEACHER, save_teacher
+    from fastsam3d_cli.training import distill as distill_module
+    from train_phantoms import make_prepared
+
+    prepared = make_prepared(tmp_path / "prepared", cases=("p0",))  # 2 samples
+    teacher = save_teacher(tmp_path / "teacher.pth", TINY_COMPATIBLE_TEACHER)
+    real = distill_module.build_teacher_cache
+
+    def ctrl_c_after_one_sample(samples, teacher_net, identity, cache_dir, device, on_cache):
+        def progress(done, total):
+            if done >= 1:
+                raise KeyboardInterrupt
+        return real(samples, teacher_net, identity, cache_dir, device, progress)
+
+    run_dir = tmp_path / "run"
+    command = ["distill", str(prepared), "--teacher", str(teacher), "--teacher-model", "auto", "--student",
+               "fastsam3d-tiny", "-o", str(run_dir), "--epochs-per-stage", "1", "--max-steps", "1"]
+    monkeypatch.setattr(distill_module, "build_teacher_cache", ctrl_c_after_one_sample)
+    result = runner.invoke(app, command, env=DISTILL_ENV)
+    assert result.exit_code == 130, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fastsam3d: error: ")]
+    assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1]  # progress lines, then one error
+    line = errors[0]
+    assert ("interrupted while caching teacher features: the features cached so far are kept in "
+            f"{run_dir / distill_module.CACHE_SUBDIR}") in line and "run the same command again" in line
+    assert "nothing partial" not in line and not (run_dir / "last.pth").exists()
+    monkeypatch.setattr(distill_module, "build_teacher_cache", real)
+    resumed = runner.invoke(app, [*command, "--resume", "--json"], env=DISTILL_ENV)
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads(resumed.stdout)
+    assert summary["cache"]["computed_now"] == 1 and summary["global_step"] == 1  # the cache continued
+    assert any("stopped while caching teacher features" in w for w in summary["warnings"])

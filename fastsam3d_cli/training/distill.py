@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
+from fastsam3d_cli.errors import BadInputError, Interrupted, UsageError, WeightsError
 from fastsam3d_cli.training.feature_cache import (CacheIdentity, FeatureCache, cache_size_bytes, cached_blocks_for,
                                          check_cache_folder, sha256_file, write_feature_cache)
 from fastsam3d_cli.model.config import ModelConfig
@@ -586,9 +586,17 @@ def distill(prepared_dirs: Sequence[str | Path], teacher: str | Path, *, student
     if samples and len(empty) == len(samples):
         raise all_labels_empty_error(empty, "distil")
     samples = [s for s, n in zip(samples, voxels) if n != 0]
-    run_dir = check_run_dir(Path(output) if output is not None else _default_run_dir(student_config.name), resume)
-    cache_dir = Path(cache_features).expanduser().absolute() if cache_features else run_dir / CACHE_SUBDIR
+    run_path = (Path(output) if output is not None else _default_run_dir(student_config.name)).expanduser().absolute()
+    cache_dir = Path(cache_features).expanduser().absolute() if cache_features else run_path / CACHE_SUBDIR
+    # A run stopped while caching teacher features has its cache but no last.pth: --resume continues the cache
+    # and starts training (there is no step to resume), as the interruption message says.
+    cache_only = resume and run_path.is_dir() and not (run_path / LAST_CHECKPOINT).exists() and cache_dir.is_dir()
+    resume = resume and not cache_only
+    run_dir = check_run_dir(run_path, resume)
     warnings = empty_label_warnings(empty) + run_warnings(samples, amp, torch_device)
+    if cache_only:
+        warnings.append(f"--resume: {run_dir} stopped while caching teacher features (no {LAST_CHECKPOINT} yet); "
+                        "the cache continues where it stopped and training starts at step 1")
 
     # Teacher and student weights (exit 4 on any mismatch), before anything is written.
     # The teacher always runs a fast exact-equivalent backend (sdpa/flash): `exact` is ~10× slower on windows.
@@ -694,9 +702,14 @@ def _cache_teacher_features(samples: Sequence[Any], teacher_net: Sam3D, identity
         teacher_net.set_attention("auto", device)
         emit(f"teacher features: {len(samples)} sample(s) → {cache_dir}")
         cache, computed = build_teacher_cache(samples, teacher_net, identity, cache_dir, device, on_cache)
-    except BaseException:
+    except BaseException as exc:
         if made_run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
+        if isinstance(exc, KeyboardInterrupt) and cache_dir.is_dir():
+            raise Interrupted(f"interrupted while caching teacher features: the features cached so far are kept "
+                              f"in {cache_dir} (no training step was run)",
+                              "run the same command again (with or without --resume) to continue the cache and "
+                              "start training") from None
         raise
     emit(f"teacher feature cache: {len(cache)} sample(s), {cache.size_bytes / 1e6:.1f} MB ({identity.dtype}), "
          f"{computed} computed now")
