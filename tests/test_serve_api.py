@@ -239,6 +239,15 @@ def test_least_recently_used_session_is_evicted_with_a_clear_410(server):
     _error(server.get(f"/api/sessions/{first}"), 410, "was closed")
 
 
+def test_memory_cap_evicts_the_least_recently_used_session(loaded, root):
+    with BackgroundServer(ServeConfig(loaded, root=root, max_crops=1, max_memory_bytes=1)) as url:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            first = _open(client)
+            second = _open(client)  # over the cap: the idle first session goes, the new one stays
+            _error(client.get(f"/api/sessions/{first}"), 410, "--max-memory")
+            assert client.get(f"/api/sessions/{second}").status_code == 200
+
+
 def test_concurrent_sessions_give_the_same_masks_as_one_at_a_time(server):
     points = [[24, 20, 16], [20, 18, 14], [28, 22, 18]]
     sessions = [_open(server) for _ in points]

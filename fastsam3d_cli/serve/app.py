@@ -17,9 +17,10 @@ from typing import Any, Literal, Optional
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -307,10 +308,12 @@ def create_app(config: ServeConfig) -> FastAPI:
         return {"closed": sid}
 
     @app.get("/api/sessions/{sid}/volume/{filename}", tags=["sessions"])
-    def volume(sid: str, filename: str) -> FileResponse:
+    def volume(sid: str, filename: str) -> StreamingResponse:
         """The volume as opened (the viewer loads it; the file name only tells it the format)."""
-        with server.store.use(sid) as session:
-            return FileResponse(session.volume_path, media_type="application/octet-stream")
+        with server.store.use(sid) as session:  # opened now: an upload evicted meanwhile still streams
+            handle = open(session.volume_path, "rb")  # noqa: SIM115 - closed by the background task
+        return StreamingResponse(iter(lambda: handle.read(1 << 20), b""), media_type="application/octet-stream",
+                                 background=BackgroundTask(handle.close))
 
     # ---------------------------------------------------------------------- objects and clicks
     @app.post("/api/sessions/{sid}/objects", status_code=201, tags=["objects"])
