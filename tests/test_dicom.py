@@ -308,3 +308,13 @@ def test_slices_with_their_own_rescale_are_read_as_float(slices, cropped, tmp_pa
     expected = reference.copy()
     expected[:, :, 5] += 0.5
     assert np.array_equal(array_ijk(image).astype(np.float64), expected)
+
+
+def test_gantry_tilt_is_refused(slices, tmp_path):
+    """Axial slices whose positions drift in y from slice to slice (a tilted gantry): not one 3D grid."""
+    paths = write_variant(slices, tmp_path / "s", crop=CROP)
+    for index, path in enumerate(paths):
+        ds = pydicom.dcmread(str(path))
+        ds.ImagePositionPatient[1] = float(ds.ImagePositionPatient[1]) + 0.4 * index
+        ds.save_as(str(path))
+    _expect_bad(tmp_path / "s", "not stacked along their normal", "gantry tilt")

@@ -236,9 +236,24 @@ def _sorted_slices(source: Path, chosen: SeriesSummary) -> tuple[list[_Slice], n
     for item in slices:
         item.offset = float(item.position @ normal)
     slices.sort(key=lambda s: s.offset)
+    _check_stacked_along_normal(slices, normal, float(min(spacing)))
     gaps = np.diff([s.offset for s in slices])
     _check_gaps(slices, gaps)
     return slices, np.stack([row, column]), spacing, float(np.median(gaps))
+
+
+def _check_stacked_along_normal(slices: list[_Slice], normal: np.ndarray, pixel: float) -> None:
+    """Refuse slices that shift in-plane from one to the next (gantry tilt, a sheared stack): a 3D image
+    grid cannot hold them, and reading them as one would move every slice but the first."""
+    first = slices[0].position
+    for item in slices[1:]:
+        step = item.position - first
+        shift = float(np.linalg.norm(step - (step @ normal) * normal))
+        if shift > max(0.01, 0.05 * pixel):
+            raise BadInputError(f"the slices are not stacked along their normal (gantry tilt or a sheared stack): "
+                                f"{item.path.name} is shifted {shift:.2f} mm in-plane from {slices[0].path.name}",
+                                "resample the series to an orthogonal grid first (e.g. dcm2niix corrects gantry "
+                                "tilt)")
 
 
 def _check_gaps(slices: list[_Slice], gaps: np.ndarray) -> None:
