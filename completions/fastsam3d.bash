@@ -34,11 +34,12 @@ _fastsam3d_completion() {
                 --channel) return ;;
                 --preview) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --probabilities) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --batch) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --series) return ;;
                 --format) COMPREPLY=($(compgen -W "labelmap dicom-seg" -- "$cur")); return ;;
                 --mesh) COMPREPLY=($(compgen -d -- "$cur")); return ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--clicks -c --output -o --model -m --checkpoint --device --attention --dtype --max-crops --channel --offline --preview --probabilities --overwrite --json --series --format --mesh" -- "$cur"))
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--clicks -c --output -o --model -m --checkpoint --device --attention --dtype --max-crops --channel --offline --preview --probabilities --overwrite --json --batch --series --format --mesh" -- "$cur"))
             else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "serve")
             case "$prev" in

@@ -49,7 +49,7 @@ def test_help_still_shows_value_placeholders_and_flags_have_none():
     assert re.search(r"--max-crops\s+INTEGER", text) and re.search(r"--device\s+TEXT", text)
     assert re.search(r"--clicks\s+-c\s+CLICKS_JSON", text)
     assert re.search(r"--overwrite\s+Replace existing outputs", text)  # a flag: no placeholder at all
-    assert "Usage: fastsam3d infer [OPTIONS] VOLUME" in text
+    assert "Usage: fastsam3d infer [OPTIONS] [VOLUME]" in text  # optional: `infer --batch MANIFEST` takes none
 
 
 def test_typer_install_completion_is_off():

@@ -7,13 +7,15 @@ from typing import Any, Optional
 
 import typer
 
-from fastsam3d_cli.cli.common import cli_errors, print_json, progress_enabled, state, stdout_console
+from fastsam3d_cli.cli.common import cli_errors, print_error, print_json, progress_enabled, state, stdout_console
+from fastsam3d_cli.errors import ExitCode, UsageError
 
 EPILOG = (
     "Examples:\n\n"
     "  fastsam3d infer ct.nii.gz --clicks clicks.json                      (writes ct_mask.nii.gz + ct_mask.json)\n\n"
     "  fastsam3d infer ct.nii.gz --clicks liver.mrk.json -o liver.nii.gz --preview liver.png\n\n"
     "  fastsam3d infer ct.nii.gz --clicks clicks.json --checkpoint student.pth --device cpu --json\n\n"
+    "  fastsam3d infer --batch cases.csv          (CSV columns volume,clicks[,output]; the model is loaded once)\n\n"
     "Click file: {\"space\": \"ras\", \"objects\": [{\"name\": \"liver\", \"label\": 1, "
     "\"points\": [[-42.0, 18.5, 101.0]], \"point_labels\": [1]}]} — space ijk (NIfTI axis order), ras or lps.\n\n"
     "Exit codes: 0 ok, 2 usage, 3 bad input (volume, click file, output location), 4 weights, 5 device, "
@@ -29,10 +31,12 @@ def register(app: typer.Typer) -> None:
     @app.command("infer", epilog=EPILOG)
     @cli_errors
     def infer(
-        volume: Path = typer.Argument(..., metavar="VOLUME", help="3D volume: NIfTI (.nii/.nii.gz), NRRD or MHA, or a "
-                                                                  "DICOM series (a folder or .zip of its files)."),
-        clicks: Path = typer.Option(..., "--clicks", "-c", metavar="CLICKS_JSON",
-                                    help="Click file (fastsam3d JSON with space ijk|ras|lps, or a 3D Slicer .mrk.json)."),
+        volume: Optional[Path] = typer.Argument(None, metavar="VOLUME", help="3D volume: NIfTI (.nii/.nii.gz), NRRD or MHA, or a "
+                                                                  "DICOM series (a folder or .zip of its files). "
+                                                                  "Required unless --batch."),
+        clicks: Optional[Path] = typer.Option(None, "--clicks", "-c", metavar="CLICKS_JSON",
+                                    help="Click file (fastsam3d JSON with space ijk|ras|lps, or a 3D Slicer .mrk.json). "
+                                             "Required unless --batch."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="MASK",
                                               help="Labelmap to write (default: <input stem>_mask.nii.gz beside the "
                                                    "input). The sidecar <MASK stem>.json is written beside it.",
@@ -71,6 +75,12 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs.",
                                        rich_help_panel=OUTPUTS),
         json_output: bool = typer.Option(False, "--json", help="Print the sidecar as one JSON object on stdout."),
+        batch: Optional[Path] = typer.Option(None, "--batch", metavar="MANIFEST_CSV",
+                                             help="Segment every volume of a CSV manifest (columns volume, clicks "
+                                                  "and optionally output) with the model loaded once, instead of "
+                                                  "VOLUME --clicks. The whole manifest is checked before anything "
+                                                  "runs; a line that fails while running is reported and the "
+                                                  "others still run."),
         series: Optional[str] = typer.Option(None, "--series", metavar="UID",
                                              help="SeriesInstanceUID of the DICOM series to read when the folder "
                                                   "holds several."),
@@ -86,6 +96,17 @@ def register(app: typer.Typer) -> None:
         from fastsam3d_cli.interactive.infer import infer_file
 
         report = _stage_reporter(progress_enabled(json_output))
+        if batch is not None:
+            single = {"VOLUME": volume, "--clicks": clicks, "--output": output, "--preview": preview,
+                      "--probabilities": probabilities, "--series": series, "--format": output_format, "--mesh": mesh}
+            _run_batch(batch, [name for name, value in single.items() if value is not None], json_output, report,
+                       model=model, checkpoint=checkpoint, device=device, attention=attention, overwrite=overwrite,
+                       max_crops=max_crops, channel=channel, offline=offline or None, dtype=dtype)
+            return
+        if volume is None:  # required without --batch; the same words as Click's own check
+            raise UsageError("Missing argument 'VOLUME'", "see 'fastsam3d infer --help'")
+        if clicks is None:
+            raise UsageError("Missing option '--clicks' / '-c'", "see 'fastsam3d infer --help'")
         result = infer_file(volume, clicks, output, model=model, checkpoint=checkpoint, device=device,
                             attention=attention, preview=preview, probabilities=probabilities, overwrite=overwrite,
                             max_crops=max_crops, channel=channel, offline=offline or None, progress=report,
@@ -132,3 +153,50 @@ def _render(result: dict[str, Any]) -> None:
     stdout_console.print("wrote " + ", ".join(written), highlight=False, markup=False, soft_wrap=True)
     for warning in result["warnings"]:
         sys.stderr.write(f"fastsam3d: warning: {warning}\n")
+
+
+def _run_batch(manifest: Path, single_only: list[str], json_output: bool, report: Any, **options: Any) -> None:
+    """`infer --batch`: run the manifest, print the per-volume table (or JSON), one stderr line per failed line."""
+    from fastsam3d_cli.interactive.batch import BatchInterrupted, infer_batch
+
+    if single_only:
+        raise UsageError(f"{' and '.join(single_only)} cannot be combined with --batch",
+                         "give volumes, click files and outputs in the manifest (columns volume, clicks, output)")
+    try:
+        result = infer_batch(manifest, progress=report, **options)
+    except BatchInterrupted as stop:
+        print_error(f"interrupted at manifest line {stop.line}; {stop.finished} finished volume(s) stay written, "
+                    "nothing partial was left behind — run the remaining lines again")
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    if json_output:
+        print_json(result)
+    elif not state.quiet:
+        _render_batch(result)
+    for row in result["rows"]:
+        if row["status"] == "failed":
+            print_error(f"manifest line {row['line']} ({row['volume']}): {row['error']}")
+    for row in result["rows"]:
+        for warning in row["warnings"]:
+            sys.stderr.write(f"fastsam3d: warning: manifest line {row['line']}: {warning}\n")
+    if result["exit_code"]:
+        raise typer.Exit(result["exit_code"])
+
+
+def _render_batch(result: dict[str, Any]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"{result['model']['preset']} on {result['device']} ({result['attention']}), "
+                        f"loaded once in {result['load_model_ms'] / 1000:.2f} s", title_justify="left")
+    for column, justify in (("line", "right"), ("volume", "left"), ("status", "left"), ("objects (mL)", "left"),
+                            ("crops", "right"), ("s", "right"), ("output", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in result["rows"]:
+        objects = ", ".join(f"{o['name']} {o['volume_ml']:.2f}" for o in row["objects"])
+        table.add_row(str(row["line"]), Text(Path(row["volume"]).name), row["status"], Text(objects),
+                      "" if row["crops_run"] is None else str(row["crops_run"]),
+                      "" if row["seconds"] is None else f"{row['seconds']:.2f}",
+                      Text(row["output"] if row["status"] == "ok" else "-"))
+    stdout_console.print(table)
+    stdout_console.print(f"{result['ok']} of {len(result['rows'])} volume(s) segmented, {result['failed']} failed, "
+                         f"in {result['wall_ms'] / 1000:.2f} s", highlight=False, markup=False)
