@@ -1,6 +1,6 @@
 """The `fastsam3d serve` page in a real headless Chromium (Debian's `chromium` + `chromium-driver`, via selenium).
 
-Open a volume from the --root list, click on the axial view (include), shift-click (exclude), check that
+Open a volume from the --root list, click on the axial view (include), shift-click and right-click (exclude), check that
 the overlay appears on screen, save the labelmap and the click file with the page's own buttons, and check
 that `fastsam3d infer` on the saved click file writes the same labelmap. Skips locally when Chromium or
 selenium is absent; under CI=true it must run. FASTSAM3D_SCREENSHOT=path.png keeps a screenshot (docs).
@@ -117,8 +117,12 @@ def test_click_in_the_browser_shows_the_overlay_and_saves_what_infer_writes(tmp_
             ActionChains(driver).move_to_element_with_offset(canvas, 60, 40).key_down(Keys.SHIFT).click() \
                 .key_up(Keys.SHIFT).perform()  # exclude
             _wait(driver, "return window.fastsam3d.clicks === 2 && !window.fastsam3d.busy")
+            ActionChains(driver).move_to_element_with_offset(canvas, -50, 30).context_click().perform()  # exclude
+            _wait(driver, "return window.fastsam3d.clicks === 3 && !window.fastsam3d.busy")
+            assert driver.execute_script("return window.fastsam3d.error") is None
             if os.environ.get("FASTSAM3D_SCREENSHOT"):
-                time.sleep(0.5)
+                driver.find_element("css selector", "[data-view=multi]").click()  # the views + the 3D render
+                time.sleep(1.0)
                 driver.save_screenshot(os.environ["FASTSAM3D_SCREENSHOT"])
 
             driver.find_element("id", "save-clicks").click()
@@ -131,7 +135,7 @@ def test_click_in_the_browser_shows_the_overlay_and_saves_what_infer_writes(tmp_
     import json
 
     click_file = json.loads(clicks.read_text())
-    assert click_file["objects"][0]["point_labels"] == [1, 0]
+    assert click_file["objects"][0]["point_labels"] == [1, 0, 0]  # left click, shift-click, right click
     result = CliRunner().invoke(cli_app, ["infer", str(volume), "-c", str(clicks), "-o", str(tmp_path / "infer.nii.gz"),
                                           "--checkpoint", str(checkpoint), "--device", "cpu", "--max-crops", "1"],
                                 env=CLI_ENV)
