@@ -189,9 +189,6 @@ def export_bundled(checkpoint: str | Path, *, name: str = DEFAULT_NAME, output_d
     Provenance = what the checkpoint records (steps, epochs, seed, arguments, data) + `provenance` (a
     mapping, e.g. from a JSON file) + `commands`, `cpu_hours`, `notes`.
     """
-    import torch
-
-    from fastsam3d_cli.imaging.atomic import atomic_group
     from fastsam3d_cli.model.checkpoint import load_model, load_payload
     from fastsam3d_cli.weights.cache import sha256_file
 
@@ -209,9 +206,7 @@ def export_bundled(checkpoint: str | Path, *, name: str = DEFAULT_NAME, output_d
     except WeightsError:  # a damaged earlier bundle is simply replaced
         previous = None
     source = Path(checkpoint).expanduser()
-    model, info = load_model(source, device="cpu", attention="exact")  # strict: keys and shapes must fit
-    if info.encoder_only:
-        raise WeightsError(f"{source} holds only an image encoder", "bundle a full checkpoint (encoder + decoder)")
+    model, info = load_model(source, device="cpu", attention="exact")  # strict; an encoder-only file is refused
     state = to_float16(model.state_dict())
     config = model.config.to_dict()
     recorded = {**_training_provenance(load_payload(source)), **_json_ready(dict(provenance or {}))}
@@ -223,27 +218,46 @@ def export_bundled(checkpoint: str | Path, *, name: str = DEFAULT_NAME, output_d
         recorded["notes"] = notes
     recorded["source_checkpoint"] = {"file": source.name, "sha256": sha256_file(source), "layout": info.layout}
     weights_file = f"{name}.pt"
+    created = not folder.exists()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_group() as group:
-            tmp = group.path(folder / weights_file)
-            torch.save({"model_state_dict": state, "config": config, "preset": model.config.name}, str(tmp))
-            size = tmp.stat().st_size
-            if size > MAX_BYTES:
-                raise BadInputError(f"the float16 weights of {source} take {size / 1e6:.1f} MB, over the "
-                                    f"{MAX_BYTES / 1e6:.0f} MB a bundled model may take",
-                                    "bundle a smaller model (e.g. the fastsam3d-tiny preset)")
-            manifest = {"format": MANIFEST_FORMAT, "name": name, "preset": model.config.name, "config": config,
-                        "file": weights_file, "dtype": "float16", "size_bytes": size, "sha256": sha256_file(tmp),
-                        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "provenance": recorded}
-            group.path(manifest_path(folder)).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise BadInputError(f"cannot write the bundled model into {folder} ({exc.strerror or exc})",
-                            "choose a writable --output-dir") from None
+        _write_bundle(folder, weights_file, state, config, model.config.name, name, recorded, source)
+    except BaseException:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # nothing left behind, not even the folder this call made
+        raise
     if previous is not None and previous.path.name != weights_file:
         previous.path.unlink(missing_ok=True)
     result = installed(folder)
     assert result is not None
     return result
+
+
+def _write_bundle(folder: Path, weights_file: str, state: Mapping[str, Any], config: dict[str, Any], preset: str,
+                  name: str, provenance: dict[str, Any], source: Path) -> None:
+    """Write `<name>.pt` and manifest.json together (atomic group): both appear, or neither."""
+    import torch
+
+    from fastsam3d_cli.imaging.atomic import atomic_group
+    from fastsam3d_cli.model.checkpoint import load_model
+    from fastsam3d_cli.weights.cache import sha256_file
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_group() as group:
+            tmp = group.path(folder / weights_file)
+            torch.save({"model_state_dict": state, "config": config, "preset": preset}, str(tmp))
+            size = tmp.stat().st_size
+            if size > MAX_BYTES:
+                raise BadInputError(f"the float16 weights of {source} take {size / 1e6:.1f} MB, over the "
+                                    f"{MAX_BYTES / 1e6:.0f} MB a bundled model may take",
+                                    "bundle a smaller model (e.g. the fastsam3d-tiny preset)")
+            load_model(tmp, device="cpu", attention="exact")  # the float16 file loads back into its model
+            manifest = {"format": MANIFEST_FORMAT, "name": name, "preset": preset, "config": config,
+                        "file": weights_file, "dtype": "float16", "size_bytes": size, "sha256": sha256_file(tmp),
+                        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "provenance": provenance}
+            group.path(manifest_path(folder)).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise BadInputError(f"cannot write the bundled model into {folder} ({exc.strerror or exc})",
+                            "choose a writable --output-dir") from None
 
