@@ -65,6 +65,7 @@ class Session:
         self.objects: dict[str, ObjectSpec] = {}
         self.created = time.time()
         self._masks: dict[str, np.ndarray] = {}  # each object's mask since its last change (read-only)
+        self.bytes_estimate = self.approximate_bytes()  # updated after every request (the store's memory cap)
 
     # ------------------------------------------------------------------------------ objects
     def add_object(self, name: str, label: int | None = None, colour: str | None = None) -> ObjectSpec:

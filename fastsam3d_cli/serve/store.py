@@ -55,7 +55,10 @@ class SessionStore:
             with session.lock:
                 if session_id in self._closed:  # closed while this request waited for the lock
                     raise ApiError(410, f"session {session_id} {self._closed[session_id]}; open the volume again")
-                yield session
+                try:
+                    yield session
+                finally:  # measured while the session is locked; eviction reads only this number
+                    session.bytes_estimate = session.approximate_bytes()
         finally:
             with self._lock:
                 self._busy[session_id] -= 1
@@ -88,7 +91,7 @@ class SessionStore:
                 return True
             if self.max_bytes is None:
                 return False
-            return sum(s.approximate_bytes() for s in self._sessions.values()) > self.max_bytes
+            return sum(s.bytes_estimate for s in self._sessions.values()) > self.max_bytes
 
         for session_id in list(self._sessions):
             if not over():
