@@ -192,6 +192,7 @@ def test_bad_requests_are_4xx_json_one_liners_naming_the_problem(server):
     _error(server.post(base, json={"name": "organ"}), 409, "already exists")
     _error(server.post(base, json={"name": "x", "label": 70000}), 422, "'label'")
     _error(server.post(base, json={"name": "y", "colour": "red"}), 422, "'colour'")
+    _error(server.post(base, json={"name": "left/right"}), 422, "'name'", "'/'")
     _error(server.post(f"{base}/organ/undo"), 409, "no click to undo")
     _error(server.get("/no/such/route"), 404, "/no/such/route")
     _error(server.post("/api/sessions", content=b"x" * 10, headers={"content-type": "application/octet-stream"}),

@@ -72,6 +72,9 @@ class Session:
         name = str(name).strip()
         if not name:
             raise ApiError(422, "field 'name': an object needs a non-empty name")
+        if "/" in name or "\\" in name or any(ord(c) < 32 for c in name) or len(name) > 200:
+            raise ApiError(422, f"field 'name': {name[:40]!r} — use up to 200 characters without '/', '\\' or "
+                                "control characters (the name goes into URLs and file names)")
         if name in self.objects:
             raise ApiError(409, f"object '{name}' already exists in session {self.id}")
         used = {o.label for o in self.objects.values()}
