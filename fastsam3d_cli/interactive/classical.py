@@ -7,7 +7,8 @@ and works on the volume's own grid, any spacing: every distance below is in mill
 Algorithm, recomputed from all of an object's clicks after each click:
 
 1. Region of interest: the box of the clicks grown by `reach_mm` on every axis.
-2. Light smoothing: a Gaussian of `smoothing_mm` (an axis whose spacing is over twice that is not smoothed).
+2. Light smoothing (once per volume): a Gaussian of `smoothing_mm` (an axis whose spacing is over twice
+   that is not smoothed).
 3. An intensity window per include click: the median of the smoothed image in a ball of `sample_mm`
    around the click ± `window_k` × the raw image's robust spread there (1.4826 × MAD), the half-width at
    least `min_window_fraction` of the region's 1–99 % smoothed intensity range. A voxel is
@@ -66,6 +67,7 @@ class ClassicalSegmenter:
         self.parameters = parameters or FloorParameters()
         self._image: sitk.Image | None = None
         self._values: np.ndarray | None = None  # float32, ijk
+        self._smooth: np.ndarray | None = None  # the same, smoothed (step 2, once per volume)
         self._objects: dict[str, list[_FloorClick]] = {}
 
     # ------------------------------------------------------------------------------ the volume
@@ -77,6 +79,8 @@ class ClassicalSegmenter:
             raise BadInputError("the volume must be a 3D scalar image", "give a 3D volume (read 4D ones with a channel)")
         self._image = volume
         self._values = array_ijk(volume, np.float32)
+        spacing = np.asarray(volume.GetSpacing(), dtype=np.float64)
+        self._smooth = smoothed(self._values, spacing, self.parameters.smoothing_mm)
         self._objects.clear()
 
     @property
@@ -123,7 +127,8 @@ class ClassicalSegmenter:
         spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
         lo, hi = self._roi([c.index for c in clicks], spacing, values.shape)
         roi = tuple(slice(a, b) for a, b in zip(lo, hi))
-        local = segment_region(values[roi], spacing, [tuple(np.subtract(i, lo)) for i in includes],
+        assert self._smooth is not None
+        local = segment_region(values[roi], self._smooth[roi], spacing, [tuple(np.subtract(i, lo)) for i in includes],
                                [tuple(np.subtract(c.index, lo)) for c in clicks if not c.include], self.parameters)
         out[roi] = local
         return out
@@ -138,12 +143,13 @@ class ClassicalSegmenter:
 
 
 # ------------------------------------------------------------------------------------ the algorithm
-def segment_region(values: np.ndarray, spacing: Sequence[float], includes: Sequence[tuple[int, int, int]],
-                   excludes: Sequence[tuple[int, int, int]], parameters: FloorParameters | None = None) -> np.ndarray:
-    """Steps 2–6 of the module docstring on one ijk block with `spacing` (mm); clicks are block indices."""
+def segment_region(values: np.ndarray, smooth: np.ndarray, spacing: Sequence[float],
+                   includes: Sequence[tuple[int, int, int]], excludes: Sequence[tuple[int, int, int]],
+                   parameters: FloorParameters | None = None) -> np.ndarray:
+    """Steps 3–6 of the module docstring on one ijk block (raw and smoothed values, `spacing` in mm);
+    clicks are block indices."""
     p = parameters or FloorParameters()
     spacing = np.asarray(spacing, dtype=np.float64)
-    smooth = smoothed(values, spacing, p.smoothing_mm)
     finite = smooth[np.isfinite(smooth)]
     low, high = np.percentile(finite, [1.0, 99.0]) if finite.size else (0.0, 0.0)
     span = max(float(high - low), 1e-6)
@@ -184,8 +190,7 @@ def _near(shape: tuple[int, ...], spacing: np.ndarray, clicks: Sequence[tuple[in
 
 def _holding(mask: np.ndarray, seeds: Sequence[tuple[int, int, int]]) -> np.ndarray:
     """The 6-connected components of `mask` that hold a seed."""
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(
-        sitk.GetImageFromArray(mask.astype(np.uint8).transpose(2, 1, 0)), False)).transpose(2, 1, 0)
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(_as_image(mask.astype(np.uint8)), False))
     kept = {int(labels[seed]) for seed in seeds} - {0}
     return np.isin(labels, sorted(kept)) if kept else np.zeros(mask.shape, dtype=bool)
 
@@ -219,9 +224,9 @@ def smoothed(values: np.ndarray, spacing: np.ndarray, sigma_mm: float) -> np.nda
     variance = [float(sigma_mm) ** 2 if s <= 2.0 * sigma_mm else 0.0 for s in spacing]
     if sigma_mm <= 0 or not any(variance):
         return values.astype(np.float32, copy=False)
-    image = _image_ijk(values.astype(np.float32, copy=False), spacing)
-    result = sitk.DiscreteGaussian(image, variance, 32, 0.01, True)
-    return sitk.GetArrayFromImage(result).transpose(2, 1, 0)
+    image = _as_image(values.astype(np.float32, copy=False), spacing)
+    result = sitk.DiscreteGaussian(image, variance, 32, 0.01, True)  # exact per-axis σ, 0 allowed
+    return sitk.GetArrayFromImage(result)
 
 
 def _click_statistics(smooth: np.ndarray, raw: np.ndarray, spacing: np.ndarray, click: tuple[int, int, int],
@@ -248,19 +253,30 @@ def _click_statistics(smooth: np.ndarray, raw: np.ndarray, spacing: np.ndarray, 
 
 def geodesic_distance(passable: np.ndarray, spacing: np.ndarray, seeds: Sequence[tuple[int, int, int]]) -> np.ndarray:
     """Fast-marching distance (mm) from `seeds` through `passable` voxels; np.inf where unreachable."""
-    speed = _image_ijk(passable.astype(np.float32), spacing)
+    speed = _as_image(passable.astype(np.float32), spacing)
     marcher = sitk.FastMarchingImageFilter()
-    marcher.SetTrialPoints([tuple(int(v) for v in seed) for seed in seeds])
-    arrival = sitk.GetArrayFromImage(marcher.Execute(speed)).transpose(2, 1, 0)
+    marcher.SetTrialPoints([tuple(int(v) for v in reversed(seed)) for seed in seeds])  # SimpleITK index order
+    arrival = sitk.GetArrayFromImage(marcher.Execute(speed))
     return np.where(arrival > _UNREACHED, np.inf, arrival)
 
 
 def _fill_holes(region: np.ndarray) -> np.ndarray:
-    filled = sitk.BinaryFillhole(sitk.GetImageFromArray(region.astype(np.uint8).transpose(2, 1, 0)), True, 1)
-    return sitk.GetArrayFromImage(filled).transpose(2, 1, 0).astype(bool)
+    """Fill enclosed cavities (on the region's bounding box plus one voxel: the outside stays connected)."""
+    hit = [np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    box = tuple(slice(max(int(h[0]) - 1, 0), int(h[-1]) + 2) for h in hit)
+    filled = sitk.GetArrayFromImage(sitk.BinaryFillhole(_as_image(region[box].astype(np.uint8)), True, 1))
+    out = region.copy()
+    out[box] |= filled.astype(bool)
+    return out
 
 
-def _image_ijk(array: np.ndarray, spacing: np.ndarray) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-    image.SetSpacing([float(s) for s in spacing])
+def _as_image(array: np.ndarray, spacing: Sequence[float] | None = None) -> sitk.Image:
+    """A SimpleITK image of an array WITHOUT transposing it (no copy for a C-contiguous array).
+
+    SimpleITK reads array[a, b, c] as index (c, b, a), so the spacing is given reversed; distances and
+    connectivity do not depend on the axis order. Arrays read back with GetArrayFromImage keep the order.
+    """
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    if spacing is not None:
+        image.SetSpacing([float(v) for v in reversed(list(spacing))])
     return image

@@ -86,10 +86,10 @@ def distance_inside_mm(region: np.ndarray, spacing: Sequence[float]) -> np.ndarr
     if not region.any():
         return np.zeros(region.shape, dtype=np.float32)
     outside = np.pad(~region, 1, constant_values=True).astype(np.uint8)
-    image = sitk.GetImageFromArray(outside.transpose(2, 1, 0))
-    image.SetSpacing([float(s) for s in spacing])
+    image = sitk.GetImageFromArray(outside)  # array[a, b, c] is SimpleITK index (c, b, a): spacing reversed
+    image.SetSpacing([float(s) for s in reversed(list(spacing))])
     distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-    values = sitk.GetArrayFromImage(distance).transpose(2, 1, 0)[1:-1, 1:-1, 1:-1]
+    values = sitk.GetArrayFromImage(distance)[1:-1, 1:-1, 1:-1]
     return np.where(region, values, 0.0).astype(np.float32)
 
 
@@ -112,8 +112,8 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 
 def _components(region: np.ndarray) -> tuple[np.ndarray, int]:
     """6-connected components: (label array, count)."""
-    labels = sitk.ConnectedComponent(sitk.GetImageFromArray(region.astype(np.uint8).transpose(2, 1, 0)), False)
-    array = sitk.GetArrayFromImage(labels).transpose(2, 1, 0)
+    labels = sitk.ConnectedComponent(sitk.GetImageFromArray(region.astype(np.uint8)), False)  # axis order kept
+    array = sitk.GetArrayFromImage(labels)
     return array, int(array.max())
 
 
