@@ -262,3 +262,68 @@ def test_an_interrupted_distill_says_its_cache_is_kept_and_resume_continues_it(t
     summary = json.loads(resumed.stdout)
     assert summary["cache"]["computed_now"] == 1 and summary["global_step"] == 1  # the cache continued
     assert any("stopped while caching teacher features" in w for w in summary["warnings"])
+
+
+# ------------------------------------------------------------------ 14: third-party noise on stderr
+def test_a_cut_metaimage_is_one_clear_error_and_nothing_native_on_stderr(tmp_path, capfd):
+    import SimpleITK as sitk
+
+    from fastsam3d_cli.errors import BadInputError
+    from fastsam3d_cli.imaging.volumes import read_image
+
+    image, _ = phantom()
+    path = tmp_path / "v.mha"
+    sitk.WriteImage(image, str(path), useCompression=False)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    capfd.readouterr()
+    with pytest.raises(BadInputError) as error:
+        read_image(path)
+    assert str(error.value).startswith(f"volume {path} is truncated or corrupt: data not read completely (")
+    assert "No such file or directory" not in str(error.value)  # MetaImage's leftover errno was reported as the cause
+    assert capfd.readouterr().err == ""  # MetaImage's own two lines are not printed
+
+
+def test_a_preview_of_non_latin_object_names_warns_nothing(tmp_path):
+    import warnings
+
+    import numpy as np
+
+    from fastsam3d_cli.imaging.volumes import array_ijk
+    from fastsam3d_cli.interactive.preview import write_preview
+
+    image, _ = phantom()
+    labels = (array_ijk(image) > np.percentile(array_ijk(image), 90)).astype(np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning (a missing glyph) fails the test
+        write_preview(tmp_path / "p.png", image, labels,
+                      [{"name": "肝臓 печень ήπαρ", "label": 1, "clicks_ijk": [[24, 20, 16]], "includes": [True]}])
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+        return (os.getcwd, ())
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_an_unsafe_pickle_is_refused_as_unsafe_not_called_corrupt(tmp_path, capfd, legacy):
+    import warnings
+
+    import torch
+
+    from fastsam3d_cli.errors import WeightsError
+    from fastsam3d_cli.model.checkpoint import load_payload
+
+    path = tmp_path / "unsafe.pth"
+    torch.save({"model_state_dict": {"w": torch.zeros(2)}, "extra": _RunsCode()}, path,
+               _use_new_zipfile_serialization=not legacy)
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(WeightsError) as error:
+            load_payload(path)
+    assert "refusing to load" in str(error.value) and "code that would run on load" in str(error.value)
+    assert "corrupt" not in str(error.value)
+    assert capfd.readouterr().err == ""

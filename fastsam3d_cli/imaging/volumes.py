@@ -13,6 +13,7 @@ ITK's world convention). Conventions used everywhere in fastsam3d:
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -26,6 +27,9 @@ CANONICAL_ORIENTATION = "RAS"  # DICOM-style code: axis i points to R, j to A, k
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
+# ITK warnings go straight to the process's stderr with build paths ("WARNING: In /…/itkNiftiImageIO.cxx, line …");
+# what they report that matters (a sheared or unoriented file) is said by fastsam3d itself, in one line.
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -53,11 +57,17 @@ def read_image(path: str | Path, channel: int | None = None, what: str = "volume
         raise BadInputError(f"{what} {path} is an empty file", "re-export or re-download it")
     if path.name.lower().endswith(NIFTI_SUFFIXES):
         check_nifti_complete(path, what)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as sitk_error:
+    with native_stderr_captured() as native:  # ITK/MetaImage print to the C++ stderr: keep it off the terminal
+        try:
+            image: sitk.Image | None = sitk.ReadImage(str(path))
+        except RuntimeError as sitk_error:
+            image, error = None, sitk_error
+    if image is None:
+        if "not read completely" in native.text:  # MetaImage's own words; ITK's exception then blames errno
+            raise BadInputError(f"{what} {path} is truncated or corrupt: {_metaimage_shortfall(native.text)}",
+                                "copy, export or download it again") from None
         if not path.name.lower().endswith(NIFTI_SUFFIXES):
-            raise BadInputError(f"cannot read {what} {path}: {_sitk_reason(sitk_error)}",
+            raise BadInputError(f"cannot read {what} {path}: {_sitk_reason(error)}",
                                 "check that it is a valid NIfTI/NRRD/MHA image") from None
         image = _read_with_nibabel(path, what)
     return _select_3d(image, path, channel, what, strict_channel)
@@ -106,6 +116,40 @@ def _gzip_length(path: Path, needed: int) -> int:
         except zlib.error:
             pass  # damaged from here on: what came before is all there is
         return total
+
+
+class native_stderr_captured:  # noqa: N801 - used as a context manager, reads like a phrase
+    """Send what native code writes to file descriptor 2 (ITK warnings with build paths, MetaImage's
+    "data not read completely") to a temporary file while the block runs; `text` holds it afterwards.
+
+    fastsam3d's rule is one line on stderr: such lines are either turned into that line or dropped.
+    """
+
+    def __enter__(self) -> "native_stderr_captured":
+        import sys
+        import tempfile
+
+        self.text = ""
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode("utf-8", "replace")
+        self._file.close()
+
+
+def _metaimage_shortfall(text: str) -> str:
+    """'data not read completely (240000 bytes expected, 119852 read)' from MetaImage's two lines."""
+    import re
+
+    found = re.search(r"ideal\s*=\s*(\d+)\s*:\s*actual\s*=\s*(\d+)", text)
+    return ("data not read completely" + (f" ({found[1]} bytes expected, {found[2]} read)" if found else ""))
 
 
 def _sitk_reason(error: Exception) -> str:

@@ -25,10 +25,32 @@ def write_preview(path: Path, image: Any, labels: np.ndarray, objects: Sequence[
 
     image: the input SimpleITK volume; labels: the labelmap on its grid (ijk); objects: dicts with
     name, label, clicks_ijk (N, 3) continuous input indices, includes (N,) bools.
+    Object names in any script: an installed font that has their glyphs is used when there is one, else
+    matplotlib's placeholder glyphs, without a warning on stderr (one line on stderr is the rule).
     """
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    with matplotlib.rc_context({"font.family": _font_families()}), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from")
+        _draw(path, image, labels, objects)
+
+
+_FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans", "WenQuanYi Zen Hei", "Droid Sans Fallback",
+                   "Arial Unicode MS", "Last Resort High-Efficiency")
+
+
+def _font_families() -> list[str]:
+    """DejaVu Sans, then the installed fonts of `_FALLBACK_FONTS` (matplotlib takes a missing glyph from the next)."""
+    from matplotlib import font_manager
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans"] + [name for name in _FALLBACK_FONTS if name in installed]
+
+
+def _draw(path: Path, image: Any, labels: np.ndarray, objects: Sequence[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     from fastsam3d_cli.imaging.volumes import array_ijk, image_from_array_ijk, to_canonical
