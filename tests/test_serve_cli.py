@@ -48,6 +48,14 @@ def test_non_loopback_host_without_token_is_exit_2_before_binding(no_bind, host)
     _one_line_error(result, 2, f"--host {host}", "--token")
 
 
+def test_without_the_serve_extra_the_fix_is_named(no_bind, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    _one_line_error(runner.invoke(app, ["serve"], env=CLI_ENV), 2, "uvicorn", "fastsam3d-cli[serve]")
+
+
 def test_short_token_and_bad_limits_are_usage_errors(no_bind):
     _one_line_error(runner.invoke(app, ["serve", "--token", "abc"], env=CLI_ENV), 2, "--token", "8 characters")
     _one_line_error(runner.invoke(app, ["serve", "--max-upload", "0"], env=CLI_ENV), 2, "--max-upload")

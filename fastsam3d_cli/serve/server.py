@@ -52,6 +52,12 @@ def is_loopback(host: str) -> bool:
 
 def check_options(options: ServeOptions) -> None:
     """Everything that can be refused before binding (UsageError exit 2, BadInputError exit 3)."""
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"fastsam3d serve needs {' and '.join(missing)}, which are not installed",
+                         "pip install 'fastsam3d-cli[serve]'")
     if not is_loopback(options.host) and not options.token:
         raise UsageError(f"--host {options.host} is reachable from other machines but no --token is set",
                          "give --token SECRET (clients send 'Authorization: Bearer SECRET'), or keep --host "
