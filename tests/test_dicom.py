@@ -318,3 +318,32 @@ def test_gantry_tilt_is_refused(slices, tmp_path):
         ds.ImagePositionPatient[1] = float(ds.ImagePositionPatient[1]) + 0.4 * index
         ds.save_as(str(path))
     _expect_bad(tmp_path / "s", "not stacked along their normal", "gantry tilt")
+
+
+def test_cli_dicom_seg_and_meshes_end_to_end_with_a_real_model(slices, tmp_path):
+    """The tiny model on a (cropped) series through the command line: --series, --format and --mesh reach
+    infer_file, the table names every file written, and the SEG references the chosen series."""
+    import highdicom as hd
+
+    from infer_phantoms import make_tiny_checkpoint
+
+    write_variant(slices, tmp_path / "study" / "a", crop=CROP, series_uid="1.2.3.4")
+    write_variant(slices, tmp_path / "study" / "b", crop=CROP, series_uid="1.2.3.5", flip_rows=True)
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny.pth")
+    clicks = tmp_path / "c.json"
+    clicks.write_text(json.dumps({"space": "ijk", "objects": [
+        {"name": "organ", "label": 4, "points": [[80, 64, 10]], "point_labels": [1]}]}))
+    result = runner.invoke(app, ["infer", str(tmp_path / "study"), "-c", str(clicks), "--checkpoint", str(checkpoint),
+                                 "--series", "1.2.3.5", "--format", "dicom-seg", "--mesh", str(tmp_path / "m"),
+                                 "--max-crops", "1", "--device", "cpu"], env=CLI_ENV)
+    assert result.exit_code == 0, result.stderr
+    sidecar = json.loads((tmp_path / "study_mask.json").read_text())
+    assert sidecar["input"]["dicom"]["series_uid"] == "1.2.3.5" and sidecar["input"]["size"] == [160, 128, 20]
+    written = [tmp_path / "study_mask.nii.gz", tmp_path / "study_mask.json", tmp_path / "study_mask.dcm"]
+    written += [Path(p) for p in (sidecar["outputs"]["meshes"] or {}).values()]
+    wrote = " ".join(result.stdout.split())
+    for path in written:
+        assert path.is_file() and str(path) in wrote
+    seg = hd.seg.segread(str(tmp_path / "study_mask.dcm"))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == "1.2.3.5"
+    assert str(seg.SegmentSequence[0].SegmentDescription) == "fastsam3d label 4"
