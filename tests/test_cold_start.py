@@ -110,3 +110,26 @@ def test_help_imports_no_numeric_library():
         "print(','.join(m for m in ('torch', 'numpy', 'SimpleITK', 'nibabel', 'matplotlib', 'requests') "
         "if m in sys.modules))\n")
     assert out == "", f"imported for --help: {out}"
+
+
+def test_verified_cached_weights_are_hashed_once_per_load(tmp_path, monkeypatch):
+    """resolve_weights hashes the cached file to verify it; the loader reuses that digest instead of hashing the
+    file again, unless the file changed since."""
+    from fastsam3d_cli.weights import cache, loading
+
+    monkeypatch.setenv(cache.HOME_ENV, str(tmp_path / "home"))
+    monkeypatch.setattr(cache, "check_is_checkpoint", lambda *args, **kwargs: None)  # any bytes will do here
+    source = tmp_path / "FastSAM3D.pth"
+    source.write_bytes(b"weights" * 1000)
+    cache.import_file("fastsam3d", source)
+    hashed: list[Path] = []
+    real_cache_hash, real_loading_hash = cache.sha256_file, loading.sha256_of
+    monkeypatch.setattr(cache, "sha256_file", lambda p: hashed.append(Path(p)) or real_cache_hash(p))
+    monkeypatch.setattr(loading, "sha256_of", lambda p: hashed.append(Path(p)) or real_loading_hash(p))
+    path = cache.resolve_weights("fastsam3d", offline=True)
+    assert loading.sha256_cached(path) == real_cache_hash(source)
+    assert hashed == [path]  # the verification only
+
+    path.write_bytes(b"changed")  # another size: the remembered digest no longer applies
+    hashed.clear()
+    assert loading.sha256_cached(path) == real_cache_hash(path) and hashed == [path]

@@ -370,6 +370,7 @@ def resolve_weights(name: str, *, offline: Optional[bool] = None, progress: bool
     if target.is_file():
         entry = _entry(spec, _read_index(folder).get(name))
         if entry.verified:
+            _remember_verified(target, entry.sha256)
             return target
         if entry.verified is None:
             if os.access(folder, os.W_OK):  # a read-only shared cache is used as it is
@@ -387,6 +388,29 @@ def resolve_weights(name: str, *, offline: Optional[bool] = None, progress: bool
 
 
 # --- verification helpers ------------------------------------------------------------------------
+
+
+_VERIFIED: dict[tuple[str, int, int, int], str] = {}
+
+
+def _stat_key(path: Path) -> tuple[str, int, int, int]:
+    stat = path.stat()
+    return str(path.absolute()), stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def _remember_verified(path: Path, digest: Optional[str]) -> None:
+    if digest:
+        _VERIFIED[_stat_key(path)] = digest
+
+
+def verified_sha256(path: Path) -> Optional[str]:
+    """The sha256 `resolve_weights` just checked `path` against, if the file is unchanged since (same size,
+    mtime and inode); else None. Lets the loader record the digest without hashing the file a second time
+    (0.5 s of CPU for the 638 MB FastSAM3D.pth on every cold `infer`)."""
+    try:
+        return _VERIFIED.get(_stat_key(path))
+    except OSError:
+        return None
 
 
 def sha256_file(path: Path) -> str:

@@ -203,9 +203,12 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
 def sha256_cached(path: Path) -> str:
-    """sha256 of a checkpoint, remembered per (path, size, mtime) within this process."""
+    """sha256 of a checkpoint, remembered per (path, size, mtime) within this process; a cached weights file
+    that `resolve_weights` has just verified is not hashed again."""
+    from fastsam3d_cli.weights.cache import verified_sha256
+
     stat = path.stat()
     key = (str(path.absolute()), stat.st_size, stat.st_mtime_ns)
     if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = sha256_of(path)
+        _SHA_CACHE[key] = verified_sha256(path) or sha256_of(path)
     return _SHA_CACHE[key]
