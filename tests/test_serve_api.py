@@ -280,6 +280,15 @@ def test_concurrent_sessions_give_the_same_masks_as_one_at_a_time(server):
     assert not np.array_equal(results[0], results[2])
 
 
+def test_without_a_token_only_loopback_host_names_are_answered(server):
+    """A web page whose DNS name was rebound to 127.0.0.1 sends its own name in Host: refused."""
+    _error(server.get("/api/info", headers={"Host": "attacker.example:8000"}), 403, "127.0.0.1 or localhost")
+    _error(server.get("/api/files", headers={"Host": "evil.test"}), 403)
+    port = server.base_url.port
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+        assert server.get("/api/info", headers={"Host": host}).status_code == 200
+
+
 def test_a_token_guards_every_route_but_the_page(loaded, root):
     token = "s3cret-token-value"
     with BackgroundServer(ServeConfig(loaded, root=root, token=token, max_crops=1)) as url:

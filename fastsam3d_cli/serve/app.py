@@ -83,6 +83,17 @@ def _validation_message(exc: RequestValidationError) -> str:
     return f"field '{field_name}': {first.get('msg', 'invalid value')}"
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header (`[::1]:8000` → `::1`, `localhost:80` → `localhost`)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def _image_suffix(name: str) -> str | None:
     lower = name.lower()
     return next((s for s in IMAGE_SUFFIXES if lower.endswith(s)), None)
@@ -244,6 +255,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def _auth(request: Request, call_next: Any) -> Any:
         token = config.token
         path = request.url.path
+        if not token and _host_name(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
+            # without a token only loopback clients exist; another name in Host is a DNS-rebinding page
+            return _error(403, "requests must address this server as 127.0.0.1 or localhost (a server without "
+                               "--token answers no other host name)")
         if token and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
             given = request.headers.get("authorization", "")
             scheme, _, value = given.partition(" ")
