@@ -152,3 +152,17 @@ def test_plain_nifti_uses_the_image_geometry_unchanged(tmp_path):
     path = _nifti(tmp_path / "plain.nii.gz", PLAIN, PLAIN)
     world = world_geometry(path, read_image(path))
     assert world.ras_from_ijk is None and world.refusal is None and not world.notes
+
+
+def test_benchmark_end_to_end_checks_clicks_the_way_infer_places_them(tmp_path):
+    from fastsam3d_cli.benchmark.speed import _check_end_to_end_inputs
+
+    bare = _nifti(tmp_path / "bare.nii.gz", PLAIN, PLAIN, sform_code=0, qform_code=0)
+    ras = write_clicks(tmp_path / "c.json", "ras", [{"name": "ball", "label": 1, "points": [[1.0, 2.0, 3.0]],
+                                                     "point_labels": [1]}])
+    with pytest.raises(BadInputError, match="no orientation"):
+        _check_end_to_end_inputs(bare, ras)
+    sheared = _nifti(tmp_path / "mild.nii.gz", MILD_SHEAR, MILD_SHEAR)
+    corner = write_clicks(tmp_path / "corner.json", "ras", [{"name": "ball", "label": 1, "point_labels": [1],
+                                                             "points": [_ras(MILD_SHEAR, np.array([39.4, 35.4, 0]))]}])
+    _check_end_to_end_inputs(sheared, corner)  # inside through the file's affine (a voxel of the far corner)

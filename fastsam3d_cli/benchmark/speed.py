@@ -656,11 +656,14 @@ def _check_end_to_end_inputs(volume: str | Path, clicks_file: str | Path) -> Non
     """Fail before any timing (BadInputError, exit 3) when the volume or click file is unusable."""
     from fastsam3d_cli.imaging.clickfile import check_inside, read_click_file, to_lps
     from fastsam3d_cli.imaging.volumes import read_image
+    from fastsam3d_cli.imaging.world import world_geometry
 
     click_file = read_click_file(clicks_file)
     image = read_image(volume)
+    world = world_geometry(volume, image)  # as infer places them (imaging/world.py)
+    world.check_space(click_file.space)
     for obj in click_file.objects:
-        check_inside(obj, to_lps(obj.points, click_file.space, image), image, click_file.space)
+        check_inside(obj, to_lps(obj.points, click_file.space, image, world.ras_from_ijk), image, click_file.space)
 
 
 def _time_end_to_end(model, row: ConfigResult, device: torch.device, settings: dict) -> None:
