@@ -327,3 +327,37 @@ def test_an_unsafe_pickle_is_refused_as_unsafe_not_called_corrupt(tmp_path, capf
     assert "refusing to load" in str(error.value) and "code that would run on load" in str(error.value)
     assert "corrupt" not in str(error.value)
     assert capfd.readouterr().err == ""
+
+
+# ------------------------------------------------------------------ 1: the issue's own case, end to end
+def test_train_resume_with_fewer_classes_ends_the_interrupted_epoch_instead_of_hanging(tmp_path):
+    """A 2-sample run stopped after step 1 of 2, resumed with `--classes ball` (1 sample, 1 step per epoch): the
+    saved position lay past the new epoch's end and the run spun forever at 100 % CPU."""
+    import signal
+
+    from train_phantoms import CLI_ENV as TRAIN_ENV, make_prepared
+
+    prepared = make_prepared(tmp_path / "prepared", cases=("p0",))  # ball and egg
+    run = tmp_path / "run"
+    common = ["train", str(prepared), "--model", "fastsam3d-tiny", "-o", str(run), "--batch-size", "1",
+              "--iterations", "1", "--device", "cpu", "--min-foreground", "1"]
+    first = runner.invoke(app, [*common, "--epochs", "2", "--max-steps", "1"], env=TRAIN_ENV)
+    assert first.exit_code == 0, first.output
+
+    def hung(signum, frame):
+        raise AssertionError("train --resume is still running after 300 s: it hangs")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(300)
+    try:
+        resumed = runner.invoke(app, [*common, "--epochs", "2", "--resume", "--classes", "ball", "--json"],
+                                env=TRAIN_ENV)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads(resumed.stdout)
+    assert any("(2 → 1 samples); epoch 1 ends after the 1 step(s) it had, and training continues with epoch 2 over "
+               "the new set" in w for w in summary["warnings"])
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["epoch"], e["step"], e["samples"]) for e in epochs] == [(1, 1, 1), (2, 2, 1)]
