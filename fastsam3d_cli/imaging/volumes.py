@@ -122,14 +122,18 @@ class native_stderr_captured:  # noqa: N801 - used as a context manager, reads l
     """Send what native code writes to file descriptor 2 (ITK warnings with build paths, MetaImage's
     "data not read completely") to a temporary file while the block runs; `text` holds it afterwards.
 
-    fastsam3d's rule is one line on stderr: such lines are either turned into that line or dropped.
+    fastsam3d's rule is one line on stderr: such lines are either turned into that line or dropped. Only in
+    the main thread (the command line); elsewhere, e.g. a server's worker thread, nothing is redirected.
     """
 
     def __enter__(self) -> "native_stderr_captured":
         import sys
         import tempfile
+        import threading
 
-        self.text = ""
+        self.text, self._saved = "", None
+        if threading.current_thread() is not threading.main_thread():
+            return self  # fd 2 is the whole process's: a server thread must not swallow other threads' output
         sys.stderr.flush()
         self._file = tempfile.TemporaryFile()
         self._saved = os.dup(2)
@@ -137,6 +141,8 @@ class native_stderr_captured:  # noqa: N801 - used as a context manager, reads l
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._saved is None:
+            return
         os.dup2(self._saved, 2)
         os.close(self._saved)
         self._file.seek(0)
