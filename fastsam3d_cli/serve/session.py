@@ -20,6 +20,18 @@ import numpy as np
 from fastsam3d_cli.errors import FastSAM3DError
 from fastsam3d_cli.serve.errors import ApiError
 
+_THREAD = threading.local()
+
+
+def _tune_this_thread(device: Any) -> None:
+    """Flush-to-zero of subnormal floats is per-thread CPU state: set it in each server thread that computes."""
+    if not getattr(_THREAD, "tuned", False):
+        from fastsam3d_cli.model.cpu_runtime import tune_cpu_for_inference
+
+        tune_cpu_for_inference(device)
+        _THREAD.tuned = True
+
+
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
            "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000")
 MAX_LABEL = 65535
@@ -198,6 +210,7 @@ class Session:
         start = time.perf_counter()
         first = len(predictor.timings)
         with self.compute_lock:
+            _tune_this_thread(self.predictor.device)
             mode = "incremental" if action == "click" and self._can_extend(spec) else "replay"
             if mode == "incremental":
                 predictor.add_clicks([spec.clicks[-1][0]], [spec.point_labels[-1]], space="ijk", object=spec.name,
@@ -243,6 +256,7 @@ class Session:
         """The object's mask on the input grid (bool, ijk)."""
         spec = self.object(name)
         with self.compute_lock:
+            _tune_this_thread(self.predictor.device)
             return self._mask_locked(spec.name)
 
     def _mask_locked(self, name: str) -> np.ndarray:
@@ -258,6 +272,7 @@ class Session:
     def probabilities(self, name: str) -> np.ndarray:
         spec = self.object(name)
         with self.compute_lock:
+            _tune_this_thread(self.predictor.device)
             if spec.name not in self.predictor.objects:
                 return np.zeros(tuple(self.predictor.input_image.GetSize()), dtype=np.float32)
             return self.predictor.probabilities(spec.name)
@@ -273,6 +288,7 @@ class Session:
         if not objects:
             return np.zeros(tuple(self.predictor.input_image.GetSize()), dtype=np.uint8)
         with self.compute_lock:
+            _tune_this_thread(self.predictor.device)
             return compose_labelmap(self.predictor, objects)
 
     def export_clicks(self) -> dict[str, Any]:
