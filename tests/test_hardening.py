@@ -361,3 +361,20 @@ def test_train_resume_with_fewer_classes_ends_the_interrupted_epoch_instead_of_h
                "the new set" in w for w in summary["warnings"])
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(e["epoch"], e["step"], e["samples"]) for e in epochs] == [(1, 1, 1), (2, 2, 1)]
+
+
+def test_itk_warnings_with_build_paths_stay_off_stderr(tmp_path, capfd):
+    """A sheared sform beside a plain qform: ITK prints 'WARNING: In /…/itkNiftiImageIO.cxx, line …' itself."""
+    import nibabel as nib
+    import numpy as np
+
+    from fastsam3d_cli.imaging.volumes import read_image
+
+    sheared = np.array([[2.0, 0.3, 0, 0], [0, 2.0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])
+    image = nib.Nifti1Image(np.ones((10, 12, 14), np.int16), sheared)
+    image.set_qform(np.diag([2.0, 2.0, 3.0, 1.0]), code=1)
+    image.set_sform(sheared, code=2)
+    nib.save(image, str(tmp_path / "sheared.nii.gz"))
+    capfd.readouterr()
+    assert read_image(tmp_path / "sheared.nii.gz").GetSize() == (10, 12, 14)
+    assert capfd.readouterr().err == ""
