@@ -38,8 +38,9 @@ _fastsam3d_completion() {
                 --series) return ;;
                 --format) COMPREPLY=($(compgen -W "labelmap dicom-seg" -- "$cur")); return ;;
                 --mesh) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+                --mesh-format) COMPREPLY=($(compgen -W "stl obj" -- "$cur")); return ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--clicks -c --output -o --model -m --checkpoint --device --attention --dtype --max-crops --channel --offline --preview --probabilities --overwrite --json --batch --series --format --mesh" -- "$cur"))
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--clicks -c --output -o --model -m --checkpoint --device --attention --dtype --max-crops --channel --offline --preview --probabilities --overwrite --json --batch --series --format --mesh --mesh-format" -- "$cur"))
             else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "serve")
             case "$prev" in

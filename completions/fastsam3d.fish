@@ -31,6 +31,7 @@ complete -c fastsam3d -n '__fish_seen_subcommand_from infer' -l batch -r -F -d '
 complete -c fastsam3d -n '__fish_seen_subcommand_from infer' -l series -r -d 'SeriesInstanceUID of the DICOM series to read when the folder holds several'
 complete -c fastsam3d -n '__fish_seen_subcommand_from infer' -l format -r -a 'labelmap dicom-seg' -d 'labelmap (default) or dicom-seg: also write <MASK stem>.dcm, a DICOM-SEG referencing the input series (DICOM input only; -o mask.dcm does the same)'
 complete -c fastsam3d -n '__fish_seen_subcommand_from infer' -l mesh -r -a '(__fish_complete_directories)' -d 'Also write one STL surface per object (LPS mm) into DIR'
+complete -c fastsam3d -n '__fish_seen_subcommand_from infer' -l mesh-format -r -a 'stl obj' -d 'stl (binary, default) or obj: the file format of --mesh'
 complete -c fastsam3d -n '__fish_seen_subcommand_from infer' -F
 complete -c fastsam3d -n '__fish_seen_subcommand_from serve' -l host -r -d 'Address to listen on; anything but loopback needs --token'
 complete -c fastsam3d -n '__fish_seen_subcommand_from serve' -l port -r -d 'Port (0 picks a free one)'

@@ -281,6 +281,8 @@ def test_cli_dicom_seg_and_mesh_locations_are_checked_first(cropped, tmp_path, c
                  "--mesh", str(tmp_path / "mask.dcm"))
     _run_refused(tmp_path, 2, ("-o", "is a DICOM file but --format is labelmap"), str(folder), "-c", str(clicks),
                  "-o", str(tmp_path / "new.dcm"), "--format", "labelmap")
+    _run_refused(tmp_path, 2, ("--mesh-format ply is unknown", "stl, obj"), str(folder), "-c", str(clicks),
+                 "--mesh", str(tmp_path / "m"), "--mesh-format", "ply")
 
 
 def test_default_outputs_of_a_folder_given_as_dot_go_beside_it(cropped, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from dicom_builders import rotation, source_slices, write_variant
 from fastsam3d_cli.imaging.dicom import read_dicom
 from fastsam3d_cli.imaging.dicom_seg import AlgorithmSpec, SegmentSpec, write_dicom_seg
-from fastsam3d_cli.imaging.mesh import read_stl
+from fastsam3d_cli.imaging.mesh import read_obj, read_stl
 from fastsam3d_cli.imaging.volumes import array_ijk, resample_like
 from fastsam3d_cli.interactive.infer import infer_file
 from fastsam3d_cli.weights.loading import LoadedModel
@@ -103,8 +103,12 @@ def seg_points(path: Path) -> tuple[dict[int, set], Any]:
 def check_mesh(path: Path, data: np.ndarray, affine: np.ndarray, label: int) -> None:
     """Every vertex sits halfway between a voxel of the object and one outside it; the surface is closed,
     outward and encloses about the voxels' volume."""
-    header, triangles = read_stl(path)
-    assert b"SPACE=LPS" in header
+    if path.suffix == ".obj":
+        comments, triangles = read_obj(path)
+        assert any("SPACE=LPS" in line for line in comments)
+    else:
+        header, triangles = read_stl(path)
+        assert b"SPACE=LPS" in header
     vertices = triangles.reshape(-1, 3)
     ijk = (vertices - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
     half = np.abs(ijk - np.round(ijk)) > 0.25  # the one coordinate at .5
@@ -127,16 +131,17 @@ def check_mesh(path: Path, data: np.ndarray, affine: np.ndarray, label: int) -> 
     assert 0.8 * voxel_volume < volume < 1.05 * voxel_volume
 
 
-def _run(volume: Path, out: Path) -> dict:
+def _run(volume: Path, out: Path, mesh_format: str = "stl") -> dict:
     clicks = out / "clicks.json"
     out.mkdir(parents=True, exist_ok=True)
     clicks.write_text(json.dumps({"space": "lps", "objects": [
         {"name": name, "label": label, "points": [point], "point_labels": [1]}
         for name, (label, point) in CLICKS_LPS.items()]}))
-    return infer_file(volume, clicks, out / "mask.dcm", loaded=_fake(), mesh=out / "meshes", max_crops=1)
+    return infer_file(volume, clicks, out / "mask.dcm", loaded=_fake(), mesh=out / "meshes", max_crops=1,
+                      mesh_format=mesh_format)
 
 
-def _assert_same_places(out: Path, source_uid: str | None) -> dict[int, set]:
+def _assert_same_places(out: Path, source_uid: str | None, mesh_format: str = "stl") -> dict[int, set]:
     from_nifti, data, affine = nifti_points(out / "mask.nii.gz")
     from_seg, seg = seg_points(out / "mask.dcm")
     assert set(from_nifti) == {5, 2}
@@ -144,7 +149,7 @@ def _assert_same_places(out: Path, source_uid: str | None) -> dict[int, set]:
     for name, (label, click) in CLICKS_LPS.items():
         voxel = np.round(np.linalg.solve(affine[:3, :3], np.asarray(click) - affine[:3, 3])).astype(int)
         assert data[tuple(voxel)] == label, f"the ball of {name} is not around its click"
-        check_mesh(out / "meshes" / f"mask_{label}_{name}.stl", data, affine, label)
+        check_mesh(out / "meshes" / f"mask_{label}_{name}.{mesh_format}", data, affine, label)
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["liver", "lesion"]
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmName == "fastsam3d" and "sphere" in algorithm.AlgorithmParameters
@@ -174,9 +179,10 @@ def test_variant_series_seg_labelmap_and_meshes_agree(slices, tmp_path, variant)
     image = read_dicom(tmp_path / variant).image
     if variant == "flipped":
         assert np.allclose(np.asarray(image.GetDirection()).reshape(3, 3), np.diag([1.0, -1.0, -1.0]))
-    result = _run(tmp_path / variant, tmp_path / "out")
+    mesh_format = "obj" if variant == "oblique" else "stl"  # the OBJ writer proven on the oblique series
+    result = _run(tmp_path / variant, tmp_path / "out", mesh_format)
     assert not any("derived" in w for w in result["warnings"])
-    _assert_same_places(tmp_path / "out", uid)
+    _assert_same_places(tmp_path / "out", uid, mesh_format)
 
 
 def test_validation_labelmap_as_dicom_seg_lands_on_the_same_points(series_dir, data_dir, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastsam3d_cli.imaging.mesh import mesh_volume_mm3, read_stl, surface_lps, write_stl
+from fastsam3d_cli.imaging.mesh import mesh_volume_mm3, read_obj, read_stl, surface_lps, write_obj, write_stl
 from fastsam3d_cli.imaging.volumes import affine_lps
 from infer_phantoms import make_image
 
@@ -56,3 +56,14 @@ def test_empty_mask_gives_no_triangles(tmp_path):
     assert len(faces) == 0
     write_stl(tmp_path / "e.stl", vertices, faces)
     assert read_stl(tmp_path / "e.stl")[1].shape == (0, 3, 3)
+
+
+def test_obj_round_trip_keeps_the_same_triangles_and_says_lps(tmp_path):
+    mask = _ball()
+    image = make_image(mask.astype(np.uint8), spacing=(1.2, 0.8, 2.0), origin=(10.0, -20.0, 30.0))
+    vertices, faces = surface_lps(mask, image)
+    write_obj(tmp_path / "ball.obj", vertices, faces)
+    write_stl(tmp_path / "ball.stl", vertices, faces)
+    comments, triangles = read_obj(tmp_path / "ball.obj")
+    assert any("SPACE=LPS" in line for line in comments)
+    assert np.allclose(triangles, read_stl(tmp_path / "ball.stl")[1], atol=1e-4)

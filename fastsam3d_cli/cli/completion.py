@@ -79,6 +79,10 @@ def value_choices(command: list[str], option: str) -> list[str]:
         from fastsam3d_cli.interactive.export import FORMATS
 
         return list(FORMATS)
+    if option == "--mesh-format":
+        from fastsam3d_cli.interactive.export import MESH_FORMATS
+
+        return list(MESH_FORMATS)
     return []
 
 

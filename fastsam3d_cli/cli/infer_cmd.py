@@ -91,6 +91,9 @@ def register(app: typer.Typer) -> None:
         mesh: Optional[Path] = typer.Option(None, "--mesh", metavar="DIR",
                                             help="Also write one STL surface per object (LPS mm) into DIR.",
                                             rich_help_panel=OUTPUTS),
+        mesh_format: str = typer.Option("stl", "--mesh-format", metavar="FORMAT",
+                                        help="stl (binary, default) or obj: the file format of --mesh.",
+                                        rich_help_panel=OUTPUTS),
     ) -> None:
         """Segment the objects of a click file; write a labelmap on the volume's own grid and a JSON sidecar."""
         from fastsam3d_cli.interactive.infer import infer_file
@@ -110,7 +113,8 @@ def register(app: typer.Typer) -> None:
         result = infer_file(volume, clicks, output, model=model, checkpoint=checkpoint, device=device,
                             attention=attention, preview=preview, probabilities=probabilities, overwrite=overwrite,
                             max_crops=max_crops, channel=channel, offline=offline or None, progress=report,
-                            dtype=dtype, series=series, output_format=output_format, mesh=mesh)
+                            dtype=dtype, series=series, output_format=output_format, mesh=mesh,
+                            mesh_format=mesh_format)
         if json_output:
             print_json(result)
         elif not state.quiet:

@@ -1,8 +1,9 @@
-"""Surface meshes of labelmap objects: marching cubes (scikit-image) → binary STL in LPS millimetres.
+"""Surface meshes of labelmap objects: marching cubes (scikit-image) → binary STL (or OBJ) in LPS millimetres.
 
 The surface is the 0.5 iso-surface of the object's binary mask, so every vertex lies halfway between a voxel
 centre inside and one outside. Vertices are mapped through the image's voxel → LPS matrix; the STL header
-says `SPACE=LPS` (the marker 3D Slicer writes and reads), so the mesh loads where the mask is. Triangles are
+says `SPACE=LPS` (the marker 3D Slicer writes and reads), so the mesh loads where the mask is; an OBJ says it
+in a leading comment line. Triangles are
 wound so their normals point out of the object, whatever the handedness of the image's axes.
 Needs the optional extra `[mesh]` (scikit-image).
 """
@@ -72,6 +73,28 @@ def write_stl(path: Path, vertices: np.ndarray, faces: np.ndarray, header: bytes
         handle.write(header[:80].ljust(80, b" "))
         handle.write(np.uint32(len(faces)).tobytes())
         handle.write(data.tobytes())
+
+
+def write_obj(path: Path, vertices: np.ndarray, faces: np.ndarray, header: bytes = STL_HEADER) -> None:
+    """Wavefront OBJ (text): a `# …SPACE=LPS` comment, `v x y z` per vertex, `f a b c` (1-based) per triangle."""
+    lines = [f"# {header.decode('ascii')}", f"# {len(vertices)} vertices, {len(faces)} triangles"]
+    lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices]
+    lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="ascii")
+
+
+def read_obj(path: Path) -> tuple[list[str], np.ndarray]:
+    """(comment lines, triangles M×3×3) of an OBJ written by `write_obj`."""
+    comments, vertices, faces = [], [], []
+    for line in Path(path).read_text(encoding="ascii").splitlines():
+        if line.startswith("#"):
+            comments.append(line)
+        elif line.startswith("v "):
+            vertices.append([float(v) for v in line.split()[1:4]])
+        elif line.startswith("f "):
+            faces.append([int(v) - 1 for v in line.split()[1:4]])
+    vertices_array = np.asarray(vertices, dtype=np.float64).reshape(-1, 3)
+    return comments, vertices_array[np.asarray(faces, dtype=np.int64).reshape(-1, 3)]
 
 
 def read_stl(path: Path) -> tuple[bytes, np.ndarray]:

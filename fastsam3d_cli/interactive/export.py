@@ -16,6 +16,7 @@ import numpy as np
 from fastsam3d_cli.errors import BadInputError, UsageError
 
 FORMATS = ("labelmap", "dicom-seg")
+MESH_FORMATS = ("stl", "obj")
 DICOM_SUFFIX = ".dcm"
 
 
@@ -58,14 +59,18 @@ class ExtraOutputs:
     dicom_seg: Path | None
     mesh_dir: Path | None
     stem: str  # the labelmap's file name without its image suffix: the outputs' common stem
-    mesh_paths: dict[str, Path] = field(default_factory=dict)  # object name → STL path, once objects are known
+    mesh_format: str = "stl"
+    mesh_paths: dict[str, Path] = field(default_factory=dict)  # object name → mesh path, once objects are known
     created_dirs: list[Path] = field(default_factory=list)
 
 
 def plan_extra_outputs(labelmap: Path, stem: str, want_seg: bool, mesh: str | Path | None, overwrite: bool,
-                       inputs: Sequence[tuple[Path, str]]) -> ExtraOutputs:
+                       inputs: Sequence[tuple[Path, str]], mesh_format: str = "stl") -> ExtraOutputs:
     """Check where the DICOM-SEG (`<stem>.dcm` beside the labelmap) and the meshes go (nothing written)."""
     from fastsam3d_cli.imaging.atomic import check_output_path
+
+    if mesh_format not in MESH_FORMATS:
+        raise UsageError(f"--mesh-format {mesh_format} is unknown", f"use one of {', '.join(MESH_FORMATS)}")
 
     seg = None
     if want_seg:
@@ -84,14 +89,14 @@ def plan_extra_outputs(labelmap: Path, stem: str, want_seg: bool, mesh: str | Pa
             raise BadInputError(f"output folder {parent} does not exist", "create it first or choose another --mesh")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise BadInputError(f"output folder {parent} is not writable", "choose a writable --mesh folder")
-    return ExtraOutputs(seg, mesh_dir, stem)
+    return ExtraOutputs(seg, mesh_dir, stem, mesh_format)
 
 
-def mesh_path(folder: Path, stem: str, label: int, name: str) -> Path:
-    """`<folder>/<labelmap stem>_<label>_<name>.stl`."""
+def mesh_path(folder: Path, stem: str, label: int, name: str, mesh_format: str = "stl") -> Path:
+    """`<folder>/<labelmap stem>_<label>_<name>.stl` (or `.obj`)."""
     from fastsam3d_cli.imaging.clickfile import safe_file_part
 
-    return folder / f"{stem}_{label}_{safe_file_part(name)}.stl"
+    return folder / f"{stem}_{label}_{safe_file_part(name)}.{mesh_format}"
 
 
 def check_mesh_paths(extras: ExtraOutputs, objects: Sequence[Any], overwrite: bool,
@@ -102,7 +107,7 @@ def check_mesh_paths(extras: ExtraOutputs, objects: Sequence[Any], overwrite: bo
     if extras.mesh_dir is None:
         return
     for obj in objects:
-        path = mesh_path(extras.mesh_dir, extras.stem, obj.label, obj.name)
+        path = mesh_path(extras.mesh_dir, extras.stem, obj.label, obj.name, extras.mesh_format)
         if extras.mesh_dir.is_dir():
             check_output_path(path, overwrite, "mesh", "--mesh", inputs)
         extras.mesh_paths[obj.name] = path
@@ -141,7 +146,9 @@ def write_extra_outputs(group: Any, extras: ExtraOutputs, labels: np.ndarray, im
                                   str(loaded.checkpoint_sha256 or "-"))
         result["warnings"].extend(write_dicom_seg(group.path(extras.dicom_seg), labels, dicom, segments, algorithm))
     if extras.mesh_dir is not None:
-        from fastsam3d_cli.imaging.mesh import surface_lps, write_stl
+        from fastsam3d_cli.imaging.mesh import surface_lps, write_obj, write_stl
+
+        writer = write_obj if extras.mesh_format == "obj" else write_stl
 
         if not extras.mesh_dir.exists():
             extras.mesh_dir.mkdir()
@@ -151,7 +158,7 @@ def write_extra_outputs(group: Any, extras: ExtraOutputs, labels: np.ndarray, im
                 result["warnings"].append(f"object '{obj.name}' is empty: no mesh written")
                 continue
             vertices, faces = surface_lps(labels == obj.label, image)
-            write_stl(group.path(extras.mesh_paths[obj.name]), vertices, faces)
+            writer(group.path(extras.mesh_paths[obj.name]), vertices, faces)
 
 
 def remove_created_dirs(extras: ExtraOutputs | None) -> None:

@@ -134,7 +134,7 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
                channel: int | None = None, offline: bool | None = None, loaded: LoadedModel | None = None,
                progress: Progress | None = None, dtype: str = "float32",
                series: str | None = None, output_format: str | None = None,
-               mesh: str | Path | None = None) -> dict[str, Any]:
+               mesh: str | Path | None = None, mesh_format: str = "stl") -> dict[str, Any]:
     """Segment every object of a click file on `volume`; write the labelmap and its sidecar; return the sidecar.
 
     `loaded` re-uses a model loaded by `load_inference_model` (benchmarks, batch use); otherwise `model` /
@@ -142,7 +142,8 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     `<stem>_mask.nii.gz` beside the input), `<output stem>.json`, and optionally a preview PNG and
     per-object probability maps (float32 NIfTI, linear interpolation onto the input grid) in `probabilities`.
     A folder or .zip input is a DICOM series (`series` picks one by UID); `output_format="dicom-seg"` (or an
-    `output` ending in .dcm) adds a DICOM-SEG, `mesh` a folder of per-object STL surfaces (interactive/export.py).
+    `output` ending in .dcm) adds a DICOM-SEG, `mesh` a folder of per-object STL (or `mesh_format="obj"`) surfaces
+    (interactive/export.py).
     """
     from fastsam3d_cli.imaging.clickfile import check_inside, read_click_file, to_lps
     from fastsam3d_cli.device import check_attention_name, check_device_spec, resolve_device
@@ -173,7 +174,7 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
                             Path(preview) if preview is not None else None,
                             Path(probabilities) if probabilities is not None else None, overwrite)
     extras = export.plan_extra_outputs(outputs.labelmap, image_stem(outputs.labelmap), want_seg, mesh, overwrite,
-                                       outputs.inputs)
+                                       outputs.inputs, mesh_format)
     torch_device = loaded.device if loaded is not None else resolve_device(device)
 
     say("reading")
