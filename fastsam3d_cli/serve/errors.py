@@ -10,6 +10,3 @@ class ApiError(Exception):
         self.message = " ".join(str(message).split())
         super().__init__(self.message)
 
-
-def not_found(what: str) -> ApiError:
-    return ApiError(404, what)
