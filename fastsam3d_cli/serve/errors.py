@@ -9,4 +9,3 @@ class ApiError(Exception):
         self.status = int(status)
         self.message = " ".join(str(message).split())
         super().__init__(self.message)
-
