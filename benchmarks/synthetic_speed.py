@@ -24,6 +24,16 @@ from fastsam3d_cli.data.synthetic import generator_for
 LABEL_MAP_DATASETS = ("Dataset501_AbdomenCT", "Dataset502_AbdomenMR", "Task503_Colin27")
 
 
+class _Plain:
+    """The prepared pairs as the default `train` reads them (no --data-mix), for comparison."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def sample(self, gen: torch.Generator) -> dict:
+        return self.dataset[int(torch.randint(len(self.dataset), (), generator=gen))]
+
+
 def measure(source, samples: int) -> dict[str, float]:
     source.sample(generator_for(0, 0, 10_000, 0))  # warm-up (lazy caches)
     cpu, wall = [], []
@@ -61,7 +71,15 @@ def main() -> None:
         if name == "real" and args.prepared is None:
             report[name] = "skipped: give --prepared DIR"
             continue
-        source = build_source(name, label_maps=roots, prepared_dirs=[args.prepared] if args.prepared else [])
+        real = None
+        if name == "real":
+            from fastsam3d_cli.data.prepared import list_prepared_samples
+            from fastsam3d_cli.data.training_data import InteractiveCropDataset
+
+            real = InteractiveCropDataset(list_prepared_samples(args.prepared), seed=0)
+            report["real-unaugmented"] = measure(_Plain(real), args.samples)  # what the augmentation adds to
+            print(f"real-unaugmented: {report['real-unaugmented']}", file=sys.stderr)
+        source = build_source(name, label_maps=roots, real_dataset=real)
         report[name] = measure(source, args.samples)
         print(f"{name}: {report[name]}", file=sys.stderr)
     print(json.dumps(report, indent=2))

@@ -139,7 +139,7 @@ def mix_names(ratios: Mapping[str, float]) -> Sequence[str]:
 
 
 # ------------------------------------------------------------------------------------------ building
-def build_source(name: str, *, label_maps: Sequence = (), prepared_dirs: Sequence = (), real_dataset=None,
+def build_source(name: str, *, label_maps: Sequence = (), real_dataset: Any = None,
                  min_foreground_voxels: int = 1000, crop_size: int = 128) -> Any:
     """The source called `name` (one of SOURCE_NAMES); label-map datasets are read once per process."""
     from fastsam3d_cli.data.label_maps import cached_label_maps
@@ -158,7 +158,7 @@ def build_source(name: str, *, label_maps: Sequence = (), prepared_dirs: Sequenc
     if name == "real":
         from fastsam3d_cli.data.pseudo_tasks import RealAugmentedSource
 
-        return RealAugmentedSource(real_dataset, prepared_dirs)
+        return RealAugmentedSource(real_dataset)
     raise ValueError(f"unknown source {name!r}")
 
 

@@ -73,7 +73,10 @@ class SupervoxelSource:
             centre = self._centre(image, threshold, gen)
             box = CropBox(tuple(int(c) - self.crop_size // 2 for c in centre), self.crop_size)  # type: ignore[arg-type]
             crop = torch.from_numpy(extract_crop(image, box, fill=float(image.min())))
-            work = F.interpolate(crop[None, None], size=(self.work_size,) * 3, mode="area")[0, 0]
+            if self.crop_size % self.work_size == 0:
+                work = F.avg_pool3d(crop[None, None], self.crop_size // self.work_size)[0, 0]
+            else:
+                work = F.interpolate(crop[None, None], size=(self.work_size,) * 3, mode="area")[0, 0]
             smooth = _gaussian_blur(work, uniform(gen, 0.5, 1.5))
             bins = randint(gen, 4, 12)
             edges = torch.quantile(smooth[::2, ::2, ::2].flatten(), torch.linspace(0, 1, bins + 1)[1:-1])
@@ -134,14 +137,14 @@ def intensity_augment(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor
     mean, std = float(image.mean()), float(image.std())
     low, high = float(image.min()), float(image.max())
     x = image
-    if high - low > 1e-6 and chance(gen, 0.6):
+    if high - low > 1e-6 and chance(gen, 0.4):
         unit = (x - low) / (high - low)
         x = low + (high - low) * unit.pow(math.exp(ap.normal(gen, 0.0, 0.35)))
     if chance(gen, 0.5):
         bias = ap.upsample(torch.exp(uniform(gen, 0.1, 0.4) * torch.randn((4, 4, 4), generator=gen)), x.shape[-1])
         x = low + (x - low) * bias
-    if chance(gen, 0.5):
-        x = x + uniform(gen, 0.0, 0.15) * std * torch.randn(x.shape, generator=gen)
+    if chance(gen, 0.5) and x.dim() == 3 and x.shape[0] == x.shape[1] == x.shape[2]:
+        x = x + uniform(gen, 0.0, 0.15) * std * ap.white_noise(gen, x.shape[0])
     new_mean, new_std = float(x.mean()), float(x.std())
     return (x - new_mean) / max(new_std, 1e-6) * std + mean
 
@@ -168,8 +171,21 @@ def zoom_in(image: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, gen: 
     out = (size,) * 3
     image = F.interpolate(image[cut][None, None], size=out, mode="trilinear", align_corners=False)[0, 0]
     label = F.interpolate(label[cut][None, None], size=out, mode="nearest")[0, 0]
-    valid = F.interpolate(valid[cut][None, None].float(), size=out, mode="nearest")[0, 0] > 0.5
+    if not bool(valid.all()):  # an all-valid mask stays all valid
+        valid = F.interpolate(valid[cut][None, None].float(), size=out, mode="nearest")[0, 0] > 0.5
     return image, label, valid
+
+
+_BASE_GRIDS: dict[int, torch.Tensor] = {}
+
+
+def _base_grid(size: int) -> torch.Tensor:
+    """Voxel centres of a size³ crop in grid_sample's normalised (x, y, z) order, align_corners=False (cached)."""
+    if size not in _BASE_GRIDS:
+        axis = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1
+        i, j, k = torch.meshgrid(axis, axis, axis, indexing="ij")
+        _BASE_GRIDS[size] = torch.stack([k, j, i], dim=-1).reshape(-1, 3)
+    return _BASE_GRIDS[size]
 
 
 def rotate(image: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, gen: torch.Generator,
@@ -177,11 +193,13 @@ def rotate(image: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, gen: t
     """Rotate about the crop centre by up to ±max_degrees per axis (image bilinear, label and valid nearest;
     outside the crop: image at its minimum, label 0, valid True)."""
     rotation = small_rotation(gen, max_degrees)
-    theta = torch.cat([rotation, torch.zeros(3, 1)], dim=1)[None]
-    grid = F.affine_grid(theta, (1, 1) + tuple(image.shape), align_corners=False)
+    base = _base_grid(image.shape[-1])  # (S³, 3) normalised (x, y, z) positions
+    grid = (base @ rotation.T).view((1,) + tuple(image.shape) + (3,))  # ~20× cheaper than F.affine_grid here
     low = float(image.min())
     image = F.grid_sample((image - low)[None, None], grid, mode="bilinear", align_corners=False)[0, 0] + low
     label = F.grid_sample(label[None, None], grid, mode="nearest", align_corners=False)[0, 0]
+    if bool(valid.all()):
+        return image, label, valid
     invalid = F.grid_sample((~valid)[None, None].float(), grid, mode="nearest", align_corners=False)[0, 0]
     return image, label, invalid < 0.5
 
@@ -192,7 +210,7 @@ class RealAugmentedSource:
     name = "real"
     CYCLE = 1000  # the wrapped dataset's epoch key for pass c of epoch e: e * CYCLE + c (no repeated crop)
 
-    def __init__(self, dataset: Any, prepared_dirs: Sequence = (), p_rotate: float = 0.15, p_zoom: float = 0.35,
+    def __init__(self, dataset: Any, p_rotate: float = 0.1, p_zoom: float = 0.35,
                  p_thick: float = 0.25, p_intensity: float = 0.7) -> None:
         if dataset is None:
             raise ValueError("the real source needs the prepared dataset")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from fastsam3d_cli.data.appearance import chance, randint, smooth_noise, uniform
 
@@ -61,14 +62,19 @@ def random_direction(gen: torch.Generator) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- fields
 def blob_field(gen: torch.Generator, size: int, centre: torch.Tensor, radii: torch.Tensor,
-               roughness: float = 0.25) -> torch.Tensor:
-    """Deformed ellipsoid: (1 − ellipsoidal radius) × smallest radius + a smooth surface perturbation."""
+               roughness: float = 0.25, bumps: torch.Tensor | None = None) -> torch.Tensor:
+    """Deformed ellipsoid: (1 − ellipsoidal radius) × smallest radius + a smooth surface perturbation.
+
+    `bumps` (a unit smooth field; the scene's shared one) saves drawing one per blob: blobs sit in different
+    places, so each meets another part of it.
+    """
     rotation = random_rotation(gen)
     local = torch.einsum("ij,jxyz->ixyz", rotation, coordinates(size) - centre.view(3, 1, 1, 1))
     radius = length(local / radii.view(3, 1, 1, 1))
     scale = float(radii.min())
-    bumps = smooth_noise(gen, size, randint(gen, 3, 7)) * roughness * float(radii.mean())
-    return (1.0 - radius) * scale + bumps
+    if bumps is None:
+        bumps = smooth_noise(gen, size, randint(gen, 3, 7))
+    return (1.0 - radius) * scale + bumps * (roughness * float(radii.mean()))
 
 
 def polyline(gen: torch.Generator, start: torch.Tensor, direction: torch.Tensor, length: float,
@@ -141,14 +147,15 @@ def sheet_field(gen: torch.Generator, size: int, centre: torch.Tensor, extent: f
 
 def background_regions(gen: torch.Generator, size: int, count: int) -> torch.Tensor:
     """Organ-like label regions: argmax over `count` smooth noise maps (SynthMorph-style), int64 (S, S, S)."""
-    cells = randint(gen, 3, 7)
-    best = smooth_noise(gen, size, cells)
-    labels = torch.zeros((size,) * 3, dtype=torch.int64)
+    cells, half = randint(gen, 3, 7), max(4, size // 2)
+    best = smooth_noise(gen, half, cells)
+    labels = torch.zeros((half,) * 3, dtype=torch.int64)
     for index in range(1, count):  # a running argmax: torch's argmax over dim 0 is slow on CPU
-        candidate = smooth_noise(gen, size, cells)
+        candidate = smooth_noise(gen, half, cells)
         labels[candidate > best] = index
         best = torch.maximum(best, candidate)
-    return labels
+    # drawn at half resolution (the maps are smooth; a quarter of the cost), nearest-neighbour up
+    return F.interpolate(labels[None, None].float(), size=(size,) * 3, mode="nearest")[0, 0].long()
 
 
 # -------------------------------------------------------------------------------------------- scenes
@@ -171,23 +178,23 @@ def _blob_radii(gen: torch.Generator, low: float, high: float) -> torch.Tensor:
     return torch.tensor([base * uniform(gen, 0.6, 1.4) for _ in range(3)])
 
 
-def _target_blob(gen: torch.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _target_blob(gen: torch.Generator, size: int, bumps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     centre = _random_centre(gen, size, 0.12)
     radii = _blob_radii(gen, 4.0, 16.0)
-    return blob_field(gen, size, centre, radii, roughness=uniform(gen, 0.0, 0.35)), centre, radii
+    return blob_field(gen, size, centre, radii, roughness=uniform(gen, 0.0, 0.35), bumps=bumps), centre, radii
 
 
-def _scene_blob(gen, size):
-    field, _, _ = _target_blob(gen, size)
+def _scene_blob(gen, size, bumps):
+    field, _, _ = _target_blob(gen, size, bumps)
     return [field], 0, "blob"
 
 
-def _scene_vessel(gen, size):
+def _scene_vessel(gen, size, bumps):
     field = vessel_tree_field(gen, size, _random_centre(gen, size, 0.1), extent=uniform(gen, 0.4, 0.7) * size)
     return [field], 0, "vessels"
 
 
-def _scene_tube(gen, size):
+def _scene_tube(gen, size, bumps):
     direction = random_direction(gen)
     extent = uniform(gen, 0.35, 0.7) * size
     centre = _random_centre(gen, size, 0.1)
@@ -196,28 +203,28 @@ def _scene_tube(gen, size):
     return [tube_field(size, points, radius, radius * uniform(gen, 0.5, 1.2))], 0, "tube"
 
 
-def _scene_sheet(gen, size):
+def _scene_sheet(gen, size, bumps):
     return [sheet_field(gen, size, _random_centre(gen, size, 0.08), uniform(gen, 0.3, 0.6) * size)], 0, "sheet"
 
 
-def _scene_touching(gen, size):
-    first, centre, radii = _target_blob(gen, size)
+def _scene_touching(gen, size, bumps):
+    first, centre, radii = _target_blob(gen, size, bumps)
     direction = random_direction(gen)
     other_radii = _blob_radii(gen, 4.0, 14.0)
     distance = float(radii.mean() + other_radii.mean()) * uniform(gen, 0.7, 0.95)
-    second = blob_field(gen, size, centre + direction * distance, other_radii, roughness=0.2)
+    second = blob_field(gen, size, centre + direction * distance, other_radii, roughness=0.2, bumps=bumps)
     # paint order decides which one owns the contact surface; the target is either one
     fields = [first, second] if chance(gen, 0.5) else [second, first]
     return fields, randint(gen, 0, 2), "touching"
 
 
-def _scene_nested(gen, size):
+def _scene_nested(gen, size, bumps):
     centre = _random_centre(gen, size, 0.1)
     outer_radii = _blob_radii(gen, 10.0, 20.0)
-    outer = blob_field(gen, size, centre, outer_radii, roughness=0.2)
+    outer = blob_field(gen, size, centre, outer_radii, roughness=0.2, bumps=bumps)
     inner_radii = outer_radii * uniform(gen, 0.25, 0.55)
     inner_centre = centre + random_direction(gen) * float(outer_radii.min()) * uniform(gen, 0.0, 0.4)
-    inner = blob_field(gen, size, inner_centre, inner_radii, roughness=0.3)
+    inner = blob_field(gen, size, inner_centre, inner_radii, roughness=0.3, bumps=-bumps)
     # the lesion, or the organ that holds it (the organ's label excludes the lesion: painted over)
     return [outer, inner], randint(gen, 0, 2), "nested"
 
@@ -234,17 +241,18 @@ def generate_scene(gen: torch.Generator, size: int) -> Scene:
     kind = kinds[int(torch.multinomial(weights, 1, generator=gen))]
     regions = randint(gen, 2, 7)
     labels = background_regions(gen, size, regions)
+    bumps = smooth_noise(gen, size, randint(gen, 3, 7))  # shared by the scene's blobs
     next_label = regions
     # distractors first (the target may cover them), anywhere in the crop
     for _ in range(randint(gen, 0, 5)):
         centre = _random_centre(gen, size, 0.45)
         if chance(gen, 0.7):
-            field = blob_field(gen, size, centre, _blob_radii(gen, 3.0, 12.0), roughness=0.3)
+            field = blob_field(gen, size, centre, _blob_radii(gen, 3.0, 12.0), roughness=0.3, bumps=bumps)
         else:
             field = vessel_tree_field(gen, size, centre, extent=uniform(gen, 0.3, 0.7) * size)
         labels[field > 0] = next_label
         next_label += 1
-    fields, target_index, kind = SCENE_KINDS[kind](gen, size)
+    fields, target_index, kind = SCENE_KINDS[kind](gen, size, bumps)
     target_field = fields[target_index]
     for index, field in enumerate(fields):
         labels[field > 0] = next_label + index

@@ -213,9 +213,15 @@ class LabelMapSource:
         labels = F.grid_sample(volume.label_tensor(), grid, mode="nearest", padding_mode="zeros",
                                align_corners=True)[0, 0].long()
         shifted = [v + 1 for v in values]  # label_tensor holds value + 1
-        target = torch.isin(labels, torch.tensor(shifted))
-        # relabel compactly so the intensity table stays small (AAL has 116 labels, values up to ~9000)
-        present, compact = torch.unique(labels, return_inverse=True)
+        # relabel compactly (a lookup table: torch.unique sorts) so the intensity table stays small
+        counts = torch.bincount(labels.flatten())
+        present = torch.nonzero(counts).flatten()
+        table = torch.zeros(len(counts), dtype=torch.int64)
+        table[present] = torch.arange(len(present))
+        compact = table[labels]
+        is_target = torch.zeros(len(counts) + max(shifted) + 1, dtype=torch.bool)
+        is_target[torch.tensor(shifted)] = True
+        target = is_target[labels]
         names = ["outside" if int(v) == 0 else volume.names.get(int(v) - 1, "background") for v in present]
         target_values = [i for i, v in enumerate(present.tolist()) if v in shifted]
         return render(compact, target.float() - 0.5, target_values, gen, names=names, out_size=self.crop_size)
