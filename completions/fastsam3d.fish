@@ -47,6 +47,7 @@ complete -c fastsam3d -n '__fish_seen_subcommand_from serve' -l offline -d 'Neve
 complete -c fastsam3d -n '__fish_seen_subcommand_from serve' -l max-sessions -r -d 'Open sessions kept; the least recently used is closed beyond it'
 complete -c fastsam3d -n '__fish_seen_subcommand_from serve' -l max-memory -r -d 'Approximate memory for sessions; least recently used ones are closed beyond it'
 complete -c fastsam3d -n '__fish_seen_subcommand_from serve' -l max-upload -r -d 'Largest volume upload accepted (413 beyond)'
+complete -c fastsam3d -n '__fish_seen_subcommand_from serve' -F
 complete -c fastsam3d -n '__fish_seen_subcommand_from prepare' -l output -s o -r -a '(__fish_complete_directories)' -d 'Output folder: <class>/<modality>_<dataset>/{imagesTr,labelsTr}/ + manifest.json'
 complete -c fastsam3d -n '__fish_seen_subcommand_from prepare' -l spacing -r -d 'Isotropic output spacing in mm'
 complete -c fastsam3d -n '__fish_seen_subcommand_from prepare' -l min-volume-mm3 -r -d 'Skip a class in a case when smaller than this (measured before resampling)'

@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
     @app.command("serve", epilog=EPILOG)
     @cli_errors
     def serve(
-        volumes: Optional[List[Path]] = typer.Argument(None, metavar="[VOLUME]...",
+        volumes: Optional[List[Path]] = typer.Argument(None, metavar="VOLUME",
                                                        help="Volumes to open as sessions at start."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs "
                                                              "--token.", rich_help_panel=LIMITS),
