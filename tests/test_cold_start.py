@@ -133,3 +133,16 @@ def test_verified_cached_weights_are_hashed_once_per_load(tmp_path, monkeypatch)
     path.write_bytes(b"changed")  # another size: the remembered digest no longer applies
     hashed.clear()
     assert loading.sha256_cached(path) == real_cache_hash(path) and hashed == [path]
+
+
+def test_nibabel_is_preloaded_without_pydicom_and_pydicom_still_imports_after():
+    pytest.importorskip("pydicom")
+    out = _fresh_python(
+        "import sys\n"
+        "from fastsam3d_cli.imaging import preload_nibabel\n"
+        "preload_nibabel()\n"
+        "print('nibabel' in sys.modules, 'pydicom' in sys.modules)\n"
+        "import nibabel, numpy as np, pydicom\n"
+        "image = nibabel.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4))\n"
+        "print(image.shape, hasattr(pydicom, 'dcmread'))\n")
+    assert out.splitlines() == ["True False", "(2, 2, 2) True"]

@@ -96,7 +96,10 @@ def register(app: typer.Typer) -> None:
                                         rich_help_panel=OUTPUTS),
     ) -> None:
         """Segment the objects of a click file; write a labelmap on the volume's own grid and a JSON sidecar."""
+        from fastsam3d_cli.imaging import preload_nibabel
         from fastsam3d_cli.interactive.infer import infer_file
+
+        preload_nibabel()  # before anything imports it: without pydicom (a cold-start cost)
 
         report = _stage_reporter(progress_enabled(json_output))
         if batch is not None:
