@@ -47,7 +47,7 @@ def test_one_include_click_fills_a_bright_ball():
 
 def test_exclude_click_splits_touching_balls_of_similar_intensity():
     image, (a, b) = _balls((80, 60, 30), SPACING, [CENTRE_A, CENTRE_B], 12.0, [200.0, 190.0])
-    floor = ClassicalSegmenter()
+    floor = ClassicalSegmenter(FloorParameters(reach_mm=40.0))  # B's far side is 34 mm from the click
     floor.set_volume(image)
     merged = floor.add_click(_index(CENTRE_A, SPACING), include=True, object="a")
     assert dice(merged, a | b) > 0.95  # one intensity, one connected region: both balls

@@ -47,7 +47,7 @@ class FloorParameters:
     sample_mm: float = 4.0
     window_k: float = 3.0
     min_window_fraction: float = 0.02
-    reach_mm: float = 60.0
+    reach_mm: float = 20.0
     cut_mm: float = 2.0
     fill_holes: bool = True
 
