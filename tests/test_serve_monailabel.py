@@ -144,15 +144,20 @@ def test_info_session_and_infer_as_3d_slicer_drives_them(served, tmp_path):
 
     # Slicer sends all points each time: the known one is kept, the new background point is appended
     status, params, files = client_infer(url, model, "v", {"label": "liver", "foreground": [[24, 20, 16]],
-                                                           "background": [[30, 28, 20]]}, session_id=sid)
+                                                           "background": [[25, 20, 16]]}, session_id=sid)
     assert status == 200 and params["fastsam3d"]["clicks"] == 2
+    assert params["fastsam3d"]["timing_ms"]["mode"] == "incremental"  # one new point, same crop: one step
     second = _mask_of(next(iter(files.values())), tmp_path)
+    status, params, files = client_infer(url, model, "v", {"label": "liver", "foreground": [[24, 20, 16]],
+                                                           "background": [[25, 20, 16]]}, session_id=sid)
+    assert params["fastsam3d"]["timing_ms"]["mode"] == "unchanged" and params["fastsam3d"]["clicks"] == 2
+    assert np.array_equal(_mask_of(next(iter(files.values())), tmp_path), second)  # the same points again
 
     # the same clicks through the JSON API give the same mask
     api = requests.post(f"{url}/api/sessions", json={"path": "v.nii.gz"}, timeout=120).json()["id"]
     requests.post(f"{url}/api/sessions/{api}/objects", json={"name": "liver"}, timeout=60)
     requests.post(f"{url}/api/sessions/{api}/objects/liver/clicks", json={"point": [24, 20, 16]}, timeout=120)
-    requests.post(f"{url}/api/sessions/{api}/objects/liver/clicks", json={"point": [30, 28, 20], "include": False},
+    requests.post(f"{url}/api/sessions/{api}/objects/liver/clicks", json={"point": [25, 20, 16], "include": False},
                   timeout=120)
     mask = requests.get(f"{url}/api/sessions/{api}/objects/liver/mask", timeout=60)
     assert np.array_equal(decode_mask(mask.content, mask.headers), second.astype(bool))

@@ -156,9 +156,11 @@ class Session:
                 remaining = None  # type: ignore[assignment]
                 break
             remaining.remove(click)
-        spec.clicks = wanted if remaining is None else spec.clicks + remaining
-        spec.redo.clear()
-        return self._update(spec, "points")
+        appended = None if remaining is None else len(remaining)
+        if appended != 0:
+            spec.clicks = wanted if remaining is None else spec.clicks + remaining
+            spec.redo.clear()
+        return self._update(spec, "points", appended)
 
     def _checked_ijk(self, spec: ObjectSpec, point: Sequence[float], space: str, number: int,
                      field_name: str) -> tuple[float, float, float]:
@@ -204,23 +206,32 @@ class Session:
         spec.clicks.append(spec.redo.pop())
         return self._update(spec, "redo")
 
-    def _update(self, spec: ObjectSpec, action: str) -> dict[str, Any]:
-        """Bring the predictor's object in line with spec.clicks; time it; return the object's summary."""
+    def _update(self, spec: ObjectSpec, action: str, appended: int | None = None) -> dict[str, Any]:
+        """Bring the predictor's object in line with spec.clicks; time it; return the object's summary.
+
+        appended: how many clicks were added at the end since the last update (None: the list changed
+        otherwise); 0 means nothing changed, 1 may be applied incrementally like a click."""
         predictor = self.predictor
         start = time.perf_counter()
         first = len(predictor.timings)
         with self.compute_lock:
             _tune_this_thread(self.predictor.device)
-            mode = "incremental" if action == "click" and self._can_extend(spec) else "replay"
+            if appended == 0:
+                mode = "unchanged"
+            elif (action == "click" or appended == 1) and self._can_extend(spec):
+                mode = "incremental"
+            else:
+                mode = "replay"
             if mode == "incremental":
                 predictor.add_clicks([spec.clicks[-1][0]], [spec.point_labels[-1]], space="ijk", object=spec.name,
                                      return_mask=False)
-            else:
+            elif mode == "replay":
                 predictor.reset_object(spec.name)
                 if spec.clicks:
                     predictor.add_clicks([p for p, _ in spec.clicks], list(spec.point_labels), space="ijk",
                                          object=spec.name, return_mask=False)
-            self._masks.pop(spec.name, None)
+            if mode != "unchanged":
+                self._masks.pop(spec.name, None)
             mask = self._mask_locked(spec.name)
         stages = predictor.timings[first:]
         record = {"action": action, "mode": mode, "clicks": len(spec.clicks),
