@@ -2,7 +2,8 @@
 
 Open a volume from the --root list, click on the axial view (include), shift-click and right-click (exclude), check that
 the overlay appears on screen, save the labelmap and the click file with the page's own buttons, and check
-that `fastsam3d infer` on the saved click file writes the same labelmap. Skips locally when Chromium or
+that `fastsam3d infer` on the saved click file writes the same labelmap. The server has a token, which the
+page takes from its address (`/#token=...`). Skips locally when Chromium or
 selenium is absent; under CI=true it must run. FASTSAM3D_SCREENSHOT=path.png keeps a screenshot (docs).
 """
 from __future__ import annotations
@@ -91,8 +92,9 @@ def test_click_in_the_browser_shows_the_overlay_and_saves_what_infer_writes(tmp_
         image, _ = phantom(shape=(48, 40, 32), spacing=(2.0, 2.0, 3.0))
         volume = write(image, tmp_path / "root" / "ct.nii.gz")
         loaded = load_inference_model(checkpoint=checkpoint, device="cpu")
-        with BackgroundServer(ServeConfig(loaded, root=tmp_path / "root", max_crops=1)) as url:
-            driver.get(url + "/")
+        token = "browser-test-token"  # the page reads it from its address and sends it on every request
+        with BackgroundServer(ServeConfig(loaded, root=tmp_path / "root", max_crops=1, token=token)) as url:
+            driver.get(f"{url}/#token={token}")
             _wait(driver, "return window.fastsam3d && window.fastsam3d.ready")
             driver.find_element("id", "open").click()  # ct.nii.gz is the only file under --root
             _wait(driver, "return window.fastsam3d.sid && window.fastsam3d.overlay && !window.fastsam3d.busy")

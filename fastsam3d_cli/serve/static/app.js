@@ -16,6 +16,9 @@ const nv = new niivue.Niivue({ dragAndDropEnabled: false, backColor: [0.07, 0.07
 const $ = (id) => document.getElementById(id);
 
 function setStatus(text, isError = false) {
+  if (isError && text.startsWith("missing or wrong token")) {
+    text = `This server needs its token: open ${location.origin}/#token=YOUR_TOKEN (${text})`;
+  }
   const el = $("status");
   el.textContent = text;
   el.classList.toggle("error", isError);
