@@ -292,3 +292,13 @@ def test_a_mixed_run_trains_on_generated_and_real_samples(prepared, tmp_path, la
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["samples"] == 3 and payload["global_step"] == 2
+
+
+def test_labels_too_large_for_the_crop_are_no_targets(label_dataset):
+    from fastsam3d_cli.data.synthetic import LabelMapSource
+
+    volume = cached_label_maps([label_dataset])[0]  # 64³ at 1.5 mm: the shell spans 48 voxels
+    assert 4 in LabelMapSource([volume], crop_size=64).candidates[0]
+    assert 4 not in LabelMapSource([volume], crop_size=32).candidates[0]  # 48 > 0.85 × 32 / 0.6
+    with pytest.raises(BadInputError, match="fits a 16³ crop"):  # the core is too small, the rest too large
+        LabelMapSource([volume], min_foreground_voxels=5000, crop_size=16)

@@ -134,7 +134,8 @@ class SupervoxelSource:
 def intensity_augment(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Gamma, contrast, smooth multiplicative bias and noise on a z-normalised crop; the result is restandardised
     to the input's mean and std (the model keeps seeing z-normalised crops)."""
-    mean, std = float(image.mean()), float(image.std())
+    sub = image[::2, ::2, ::2] if image.dim() == 3 else image  # statistics on every 8th voxel: 8× cheaper
+    mean, std = float(sub.mean()), float(sub.std())
     low, high = float(image.min()), float(image.max())
     x = image
     if high - low > 1e-6 and chance(gen, 0.4):
@@ -145,7 +146,8 @@ def intensity_augment(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor
         x = low + (x - low) * bias
     if chance(gen, 0.5) and x.dim() == 3 and x.shape[0] == x.shape[1] == x.shape[2]:
         x = x + uniform(gen, 0.0, 0.15) * std * ap.white_noise(gen, x.shape[0])
-    new_mean, new_std = float(x.mean()), float(x.std())
+    sub = x[::2, ::2, ::2] if x.dim() == 3 else x
+    new_mean, new_std = float(sub.mean()), float(sub.std())
     return (x - new_mean) / max(new_std, 1e-6) * std + mean
 
 

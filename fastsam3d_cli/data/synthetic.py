@@ -36,6 +36,8 @@ MIN_FOREGROUND_VOXELS = 1000
 MAX_TARGET_FRACTION = 0.35  # of the crop: larger targets are redrawn (nothing left to click around)
 MAX_BORDER_FRACTION = 0.05  # of the target's work voxels on the crop's outer face: more is redrawn (cut off)
 MAX_TRIES = 8
+MIN_ZOOM = 0.6  # a target larger than the crop shows at most this much smaller (else it is not drawn)
+FIT_SHARE = 0.85  # the target's bounding box within this share of the crop
 
 
 def generator_for(seed: int, epoch: int, index: int, stream: int) -> torch.Generator:
@@ -79,16 +81,18 @@ def separate_target(means: torch.Tensor, sds: torch.Tensor, labels: torch.Tensor
 
 
 def render(labels: torch.Tensor, target_field: torch.Tensor, target_values: Sequence[int], gen: torch.Generator,
-           names: Sequence[str] | None = None, out_size: int = CROP_SIZE) -> dict[str, torch.Tensor] | None:
+           names: Sequence[str] | None = None, out_size: int = CROP_SIZE,
+           force: bool = False) -> dict[str, torch.Tensor] | None:
     """Paint a work-grid label scene and cut the target: the sample dict, or None when the target is too small
     too large, or cut by the crop's edge."""
     inside = target_field > 0
     work_voxels = int(inside.sum())
-    if work_voxels == 0 or work_voxels - int(inside[1:-1, 1:-1, 1:-1].sum()) > MAX_BORDER_FRACTION * work_voxels:
+    cut = work_voxels - int(inside[1:-1, 1:-1, 1:-1].sum()) > MAX_BORDER_FRACTION * work_voxels
+    if work_voxels == 0 or (cut and not force):
         return None
     label = ap.upsample(target_field, out_size) > 0
     voxels = int(label.sum())
-    if voxels < MIN_FOREGROUND_VOXELS or voxels > MAX_TARGET_FRACTION * out_size ** 3:
+    if voxels == 0 or (not force and not MIN_FOREGROUND_VOXELS <= voxels <= MAX_TARGET_FRACTION * out_size ** 3):
         return None
     ct_like = chance(gen, 0.5)
     count = int(labels.max()) + 1
@@ -115,12 +119,14 @@ class ShapesSource:
     def sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
         from fastsam3d_cli.data.shapes import generate_scene
 
-        for _ in range(MAX_TRIES * 2):
+        tries = MAX_TRIES * 2
+        for attempt in range(tries + MAX_TRIES):  # the last tries accept any non-empty target: never an error
             scene = generate_scene(gen, work_size(self.crop_size))
-            sample = render(scene.labels, scene.target_field, scene.target_labels, gen, out_size=self.crop_size)
+            sample = render(scene.labels, scene.target_field, scene.target_labels, gen, out_size=self.crop_size,
+                            force=attempt >= tries)
             if sample is not None:
                 return sample
-        raise RuntimeError("no shapes scene with a usable target")  # pragma: no cover - needs 16 failures
+        raise RuntimeError("no shapes scene with a target")  # pragma: no cover - 8 empty targets in a row
 
 
 # ---------------------------------------------------------------------------------- label maps (a)
@@ -168,21 +174,29 @@ class LabelMapSource:
         self.crop_size = int(crop_size)
         self.min_foreground_voxels = int(min_foreground_voxels)
         self.p_union = p_union
-        self.candidates = [[v for v, n in volume.counts.items() if n >= min_foreground_voxels]
+        # targets: labels big enough that fit the crop at the smallest zoom
+        largest = FIT_SHARE * self.crop_size / MIN_ZOOM
+        self.candidates = [[v for v, n in volume.counts.items() if n >= min_foreground_voxels
+                            and float((volume.boxes[v][1] - volume.boxes[v][0]).max()) <= largest]
                            for volume in self.volumes]
         if not any(self.candidates):
-            raise ValueError("no label map has a label of at least min_foreground_voxels voxels")
+            from fastsam3d_cli.errors import BadInputError
+
+            raise BadInputError(f"no label of the --label-maps datasets has at least {min_foreground_voxels} voxels "
+                                f"at 1.5 mm and fits a {self.crop_size}³ crop",
+                                "give datasets with larger structures, or lower --min-foreground")
+        self.fallback = ShapesSource(self.crop_size)
 
     def sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
         usable = [i for i, c in enumerate(self.candidates) if c]
-        for _ in range(MAX_TRIES):
+        for attempt in range(MAX_TRIES):  # later attempts drop unions (a union may not fit the crop)
             volume_index = usable[randint(gen, 0, len(usable))]
             volume, candidates = self.volumes[volume_index], self.candidates[volume_index]
             values = self._target(volume, candidates, gen)
-            sample = self._render(volume, values, gen)
+            sample = self._render(volume, values if attempt < MAX_TRIES // 2 else values[:1], gen)
             if sample is not None:
                 return sample
-        raise RuntimeError("no label-map target fitted the crop")  # pragma: no cover
+        return self.fallback.sample(gen)  # rare (e.g. every pose warped the target too small): never an error
 
     def _target(self, volume: LabelMapVolume, candidates: list[int], gen: torch.Generator) -> list[int]:
         first = candidates[randint(gen, 0, len(candidates))]
@@ -198,9 +212,9 @@ class LabelMapSource:
         hi = np.max([volume.boxes[v][1] for v in values], axis=0)
         extent = float((hi - lo).max())  # source voxels
         zoom = math.exp(uniform(gen, math.log(0.85), math.log(1.2)))
-        fit = 0.85 * self.crop_size / max(extent, 1.0)  # the whole target inside 85% of the crop
-        zoom = min(zoom, fit)
-        slack = np.maximum(0.0, 0.85 * self.crop_size / zoom - (hi - lo)) / 2  # how far the centre may move
+        fit = FIT_SHARE * self.crop_size / max(extent, 1.0)  # the whole target inside 85% of the crop
+        zoom = max(min(zoom, fit), MIN_ZOOM)
+        slack = np.maximum(0.0, FIT_SHARE * self.crop_size / zoom - (hi - lo)) / 2  # how far the centre may move
         centre = (lo + hi - 1) / 2 + np.array([uniform(gen, -s, s) for s in slack])
         rotation = small_rotation(gen, 15.0 if chance(gen, 0.8) else 40.0)
         flips = tuple(chance(gen, 0.5) for _ in range(3))
