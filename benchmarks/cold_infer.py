@@ -61,11 +61,20 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keeps the built checkpoints between runs (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for every process (default: torch's choice, all cores). On a busy "
+                             "machine --threads 1 makes CPU seconds a fair measure: no thread spins waiting for a "
+                             "descheduled sibling")
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fastsam3d-cold-"))
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FASTSAM3D_HOME": str(workdir / "home"), "FASTSAM3D_OFFLINE": "1", "NO_COLOR": "1"}
+    if args.threads:
+        import torch
+
+        env["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)  # the warm reference runs in this process
     golden = Path(os.environ.get("FASTSAM3D_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
     checkpoints = {model: build_checkpoint(model, golden, workdir) for model in args.models}
     if "fastsam3d" in checkpoints:
@@ -78,7 +87,7 @@ def main() -> int:
         "fastsam3d --help": [*fastsam3d_command(), "--help"],
     }
     for model in args.models:
-        out = workdir / f"out_{model}.nii.gz"
+        out = workdir / f"out_{model}.nii.gz"  # the same file each repeat (--overwrite)
         choice = ["--model", "fastsam3d"] if model == "fastsam3d" else ["--model", model, "--checkpoint",
                                                                        str(checkpoints[model])]
         commands[f"fastsam3d infer ({model})"] = [*fastsam3d_command(), "infer", str(VOLUME), "--clicks", str(CLICKS),
