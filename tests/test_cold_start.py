@@ -146,3 +146,44 @@ def test_nibabel_is_preloaded_without_pydicom_and_pydicom_still_imports_after():
         "image = nibabel.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4))\n"
         "print(image.shape, hasattr(pydicom, 'dcmread'))\n")
     assert out.splitlines() == ["True False", "(2, 2, 2) True"]
+
+
+def test_a_file_hashed_in_the_background_is_not_read_again(tmp_path, monkeypatch):
+    from fastsam3d_cli.weights import cache
+
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"x" * 3_000_000)
+    expected = cache._hash_file(path)
+    reads: list[Path] = []
+    real = cache._hash_file
+    monkeypatch.setattr(cache, "_hash_file", lambda p: reads.append(Path(p)) or real(p))
+    cache.start_hashing(path)
+    assert cache.sha256_file(path) == expected and reads == [path]  # the background thread's read only
+    assert cache.sha256_file(path) == expected and reads == [path, path]  # used once; later calls hash again
+
+
+def test_a_file_changed_while_hashed_in_the_background_is_hashed_again(tmp_path):
+    from fastsam3d_cli.weights import cache
+
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"x" * 1000)
+    cache.start_hashing(path)
+    path.write_bytes(b"y" * 2000)  # another size: the background digest no longer applies
+    assert cache.sha256_file(path) == cache._hash_file(path)
+    cache.start_hashing(tmp_path / "missing.pth")  # nothing to hash: ignored
+    assert cache.take_prehashed(tmp_path / "missing.pth") is None
+
+
+def test_the_checkpoint_the_cli_will_load_is_hashed_once_while_torch_imports(tmp_path, monkeypatch):
+    from fastsam3d_cli.weights import cache, loading
+
+    path = make_tiny_checkpoint(tmp_path / "tiny.pth")
+    reads: list[Path] = []
+    real_cache, real_loading = cache._hash_file, loading.sha256_of
+    monkeypatch.setattr(cache, "_hash_file", lambda p: reads.append(Path(p)) or real_cache(p))
+    monkeypatch.setattr(loading, "sha256_of", lambda p: reads.append(Path(p)) or real_loading(p))
+    loading._SHA_CACHE.clear()
+    loading.start_hashing_weights(None, path)
+    loaded = loading.load_inference_model(None, path, "cpu")
+    assert loaded.checkpoint_sha256 == real_cache(path) and reads == [path]
+    loading.start_hashing_weights("no-such-model", None)  # left to the load to report: no error here

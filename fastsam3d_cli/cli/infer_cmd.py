@@ -96,6 +96,10 @@ def register(app: typer.Typer) -> None:
                                         rich_help_panel=OUTPUTS),
     ) -> None:
         """Segment the objects of a click file; write a labelmap on the volume's own grid and a JSON sidecar."""
+        from fastsam3d_cli.weights.loading import start_hashing_weights
+
+        start_hashing_weights(model, checkpoint)  # the weights' sha256 check runs while torch imports
+
         from fastsam3d_cli.imaging import preload_nibabel
         from fastsam3d_cli.interactive.infer import infer_file
 

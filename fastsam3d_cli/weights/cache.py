@@ -414,12 +414,69 @@ def verified_sha256(path: Path) -> Optional[str]:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
+    """Hex sha256 of a file, read in 1 MiB chunks (the result of `start_hashing` when one is pending)."""
+    return take_prehashed(path) or _hash_file(path)
+
+
+def _hash_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_PENDING: dict[tuple[str, int, int, int], tuple[Any, dict]] = {}
+
+
+def start_hashing(path: Path) -> None:
+    """Start hashing `path` in a background thread; the next `sha256_file(path)` waits for that result.
+
+    A cold `fastsam3d infer` spends ~2 s importing torch on one core while the other is idle; hashing the
+    cached weights there (hashlib and file reads release the GIL) takes their sha256 check (~0.5 s for the
+    638 MB FastSAM3D.pth) off the critical path. The result is used only if the file is unchanged since
+    (size, mtime, inode); a missing file is ignored (the load reports it).
+    """
+    import threading
+
+    try:
+        key = _stat_key(path)
+    except OSError:
+        return
+    if key in _PENDING:
+        return
+    done, box = threading.Event(), {}
+
+    def work() -> None:
+        try:
+            box["digest"] = _hash_file(path)
+        except BaseException:  # noqa: BLE001 - the caller hashes again and reports any error itself
+            pass
+        finally:
+            done.set()
+
+    _PENDING[key] = (done, box)
+    threading.Thread(target=work, name="fastsam3d-sha256", daemon=True).start()
+
+
+def take_prehashed(path: Path) -> Optional[str]:
+    """The digest `start_hashing(path)` computed (waiting for it), if the file is unchanged; else None."""
+    if not _PENDING:
+        return None
+    try:
+        key = _stat_key(path)
+    except OSError:
+        return None
+    pending = _PENDING.pop(key, None)
+    if pending is None:
+        return None
+    done, box = pending
+    done.wait()
+    try:
+        unchanged = _stat_key(path) == key
+    except OSError:
+        return None
+    return box.get("digest") if unchanged else None
 
 
 def check_is_checkpoint(path: Path, spec: WeightsSpec, what: str, fix: str) -> None:

@@ -205,10 +205,30 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 def sha256_cached(path: Path) -> str:
     """sha256 of a checkpoint, remembered per (path, size, mtime) within this process; a cached weights file
     that `resolve_weights` has just verified is not hashed again."""
-    from fastsam3d_cli.weights.cache import verified_sha256
+    from fastsam3d_cli.weights.cache import take_prehashed, verified_sha256
 
     stat = path.stat()
     key = (str(path.absolute()), stat.st_size, stat.st_mtime_ns)
     if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = verified_sha256(path) or sha256_of(path)
+        _SHA_CACHE[key] = verified_sha256(path) or take_prehashed(path) or sha256_of(path)
     return _SHA_CACHE[key]
+
+
+def start_hashing_weights(model: str | None = None, checkpoint: str | Path | None = None) -> None:
+    """Begin hashing, in a background thread, the weights file that loading (`model`, `checkpoint`) will hash:
+    the checkpoint, or the named model's cached file. Called first thing by the CLI so the hash overlaps the
+    torch import (cache.start_hashing); a name or file that does not resolve is left to the load to report."""
+    from fastsam3d_cli.weights import cache
+
+    try:
+        if checkpoint is not None:
+            path = Path(checkpoint).expanduser()
+        else:
+            weights_name = model_choice(model)[1]
+            if weights_name is None:
+                return
+            path = cache.cache_dir() / cache.get_spec(weights_name).filename
+        if path.is_file():
+            cache.start_hashing(path)
+    except Exception:  # noqa: BLE001 - only a head start; every error is reported by the load itself
+        return
