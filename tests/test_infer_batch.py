@@ -163,8 +163,10 @@ def test_a_line_failing_at_run_time_is_reported_and_the_others_run(case, loads):
     assert list((case / "out").iterdir()) == []  # the failed line wrote nothing
 
 
-def test_ctrl_c_keeps_finished_volumes_and_nothing_partial(case, loads, monkeypatch):
+@pytest.mark.parametrize("stop", ["ctrl-c", "interrupted error"])
+def test_ctrl_c_keeps_finished_volumes_and_nothing_partial(stop, case, loads, monkeypatch):
     import fastsam3d_cli.interactive.infer as infer_module
+    from fastsam3d_cli.errors import Interrupted
 
     real = infer_module.compose_labelmap
     calls = []
@@ -172,7 +174,7 @@ def test_ctrl_c_keeps_finished_volumes_and_nothing_partial(case, loads, monkeypa
     def interrupt_second(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt if stop == "ctrl-c" else Interrupted("interrupted while writing")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(infer_module, "compose_labelmap", interrupt_second)

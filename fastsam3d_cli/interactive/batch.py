@@ -190,6 +190,8 @@ def infer_batch(manifest: str | Path, *, model: str | None = None, checkpoint: s
         except KeyboardInterrupt:
             raise BatchInterrupted(row.line, sum(r["status"] == "ok" for r in results)) from None
         except FastSAM3DError as exc:
+            if exc.exit_code == ExitCode.INTERRUPTED:  # a Ctrl-C reported as an error: stop as for Ctrl-C
+                raise BatchInterrupted(row.line, sum(r["status"] == "ok" for r in results)) from None
             results[index].update(status="failed", error=exc.one_line(), exit_code=int(exc.exit_code),
                                   seconds=round(time.perf_counter() - start, 3))
             first_failure = first_failure or int(exc.exit_code)
