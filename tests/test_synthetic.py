@@ -302,3 +302,39 @@ def test_labels_too_large_for_the_crop_are_no_targets(label_dataset):
     assert 4 not in LabelMapSource([volume], crop_size=32).candidates[0]  # 48 > 0.85 × 32 / 0.6
     with pytest.raises(BadInputError, match="fits a 16³ crop"):  # the core is too small, the rest too large
         LabelMapSource([volume], min_foreground_voxels=5000, crop_size=16)
+
+
+def test_a_mixed_run_resumes_bit_for_bit_with_any_workers(prepared, tmp_path, label_dataset):
+    """3 steps straight vs 1 step + resume (in a DataLoader worker) + 2 steps, over an epoch boundary."""
+    from fastsam3d_cli.training.train import train
+
+    common = dict(epochs=2, iterations=1, device="cpu", seed=4, data_mix="real=1,shapes=1,synth-labels=1",
+                  label_maps=[label_dataset], samples_per_epoch=2)
+    train([prepared], "fastsam3d-tiny", output=tmp_path / "straight", max_steps=3, **common)
+    train([prepared], "fastsam3d-tiny", output=tmp_path / "split", max_steps=1, **common)
+    second = train([prepared], "fastsam3d-tiny", output=tmp_path / "split", max_steps=3, resume=True, workers=1,
+                   **common)
+    assert second.outcome.resumed_from_step == 1 and second.outcome.global_step == 3
+    assert not second.warnings  # same data: nothing reported as changed
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)["model_state_dict"]
+    b = torch.load(tmp_path / "split" / "last.pth", weights_only=True)["model_state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "steps.jsonl").read_text().splitlines()]
+              for run in ("straight", "split")]
+    assert losses[0] == losses[1]
+
+
+def test_mixed_items_do_not_depend_on_the_thread_count(label_dataset):
+    settings = check_mix_options("shapes=1,synth-labels=1", [label_dataset], 2)
+    mix = build_training_dataset(_FakeReal(), settings, seed=2, crop_size=CROP)
+    threads = torch.get_num_threads()
+    try:
+        items = []
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            items.append([mix[i] for i in range(2)])
+            assert torch.get_num_threads() == count  # restored after each item
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*items):
+        assert torch.equal(one["image"], three["image"]) and torch.equal(one["label"], three["label"])

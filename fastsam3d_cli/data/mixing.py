@@ -8,10 +8,11 @@ number of workers.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -122,11 +123,28 @@ class MixedDataset(Dataset):
         name = self.source_of[index]
         source = self.sources[name]
         gen = self.generator(index)
-        if name == "real":
-            item = source.sample_real(self.rank_in_source[index], self.epoch, gen)
-        else:
-            item = source.sample(gen)
+        with one_thread():
+            if name == "real":
+                item = source.sample_real(self.rank_in_source[index], self.epoch, gen)
+            else:
+                item = source.sample(gen)
         return {"image": item["image"], "label": item["label"], "valid": item["valid"], "sample_index": index}
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread inside (then restore): a float sum split over threads rounds differently, so a
+    generated sample is bit-for-bit the same only at a fixed thread count — whatever `--workers` is (a
+    DataLoader worker already runs one thread: no switch, no cost)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def describe_mix(dataset: MixedDataset) -> str:
