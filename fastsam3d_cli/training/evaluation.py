@@ -133,24 +133,28 @@ def next_click(prediction: np.ndarray, target: np.ndarray,
     if box is None:
         return None
     pred, true = prediction[box], target[box]
-    best: tuple[tuple[int, float, int], tuple[int, int, int], bool] | None = None
+    candidates: list[tuple[int, bool, np.ndarray]] = []  # (voxels, include, component mask)
     for include, error in ((True, true & ~pred), (False, pred & ~true)):
         if not error.any():
             continue
         labels, count = _components(error)
         sizes = np.bincount(labels.ravel(), minlength=count + 1)
         sizes[0] = 0
-        for component in np.flatnonzero(sizes == sizes.max()):
-            region = labels == component
-            sub = _bounding_box(region)
-            assert sub is not None
-            local, depth = deepest_voxel(region[sub], spacing)
-            position = tuple(int(s.start) + v for s, v in zip(sub, local))
-            key = (int(sizes[component]), depth, int(include))
-            if best is None or key > best[0]:
-                best = (key, position, include)  # type: ignore[assignment]
-    if best is None:
+        candidates += [(int(sizes[c]), include, labels == c) for c in np.flatnonzero(sizes == sizes.max())]
+    if not candidates:
         return None
+    largest = max(size for size, _, _ in candidates)
+    best: tuple[tuple[float, int], tuple[int, int, int], bool] | None = None
+    for size, include, region in candidates:
+        if size != largest:
+            continue  # the distance transform only for the largest region(s): it is the cost of a click
+        sub = _bounding_box(region)
+        assert sub is not None
+        local, depth = deepest_voxel(region[sub], spacing)
+        position = tuple(int(s.start) + v for s, v in zip(sub, local))
+        if best is None or (depth, int(include)) > best[0]:
+            best = ((depth, int(include)), position, include)  # type: ignore[assignment]
+    assert best is not None
     return tuple(int(b.start) + v for b, v in zip(box, best[1])), best[2]  # type: ignore[return-value]
 
 
