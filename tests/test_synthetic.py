@@ -338,3 +338,16 @@ def test_mixed_items_do_not_depend_on_the_thread_count(label_dataset):
         torch.set_num_threads(threads)
     for one, three in zip(*items):
         assert torch.equal(one["image"], three["image"]) and torch.equal(one["label"], three["label"])
+
+
+def test_the_fast_opening_is_scipys():
+    from scipy import ndimage
+
+    from fastsam3d_cli.data.pseudo_tasks import _dilate, _erode
+
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        mask = ndimage.gaussian_filter(rng.random((20, 24, 18)), 1.5) > 0.5
+        assert np.array_equal(_erode(mask), ndimage.binary_erosion(mask))
+        assert np.array_equal(_dilate(mask), ndimage.binary_dilation(mask))
+        assert np.array_equal(_dilate(_erode(mask)), ndimage.binary_opening(mask))

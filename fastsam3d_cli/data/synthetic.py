@@ -30,7 +30,7 @@ from fastsam3d_cli.data import appearance as ap
 from fastsam3d_cli.data.appearance import chance, randint, uniform
 from fastsam3d_cli.data.label_maps import LabelMapVolume
 from fastsam3d_cli.data.shapes import small_rotation
-from fastsam3d_cli.imaging.crops import CROP_SIZE, MODEL_SPACING_MM
+from fastsam3d_cli.imaging.crops import CROP_SIZE
 
 MIN_FOREGROUND_VOXELS = 1000
 MAX_TARGET_FRACTION = 0.35  # of the crop: larger targets are redrawn (nothing left to click around)
