@@ -1,7 +1,9 @@
-"""Generated training samples for `train`: sources of (image, target) pairs and the mix that draws from them.
+"""Generated training samples for `train --data-mix`: the painting shared by the generated sources, and the
+`shapes` and `synth-labels` sources (data/mixing.py mixes them; data/pseudo_tasks.py has the other two).
 
-Every source returns what the real dataset (data/training_data.py) returns: `image` (1, 128, 128, 128)
-float32 z-normalised over voxels > 0, `label` (1, 128, 128, 128) float32 {0, 1}, `valid` all True. Sources:
+Every source returns what the real dataset (data/training_data.py) returns: `image` (1, S, S, S) float32
+z-normalised over voxels > 0, `label` (1, S, S, S) float32 {0, 1}, `valid` all True (S = the model's crop
+size, 128). Sources:
 
 * `synth-labels` — domain-randomised images of real label maps (SynthSeg-style): a label map is cut at a
   random pose (rotation, scale, elastic warp, flips), every label painted with a random intensity (half
@@ -48,7 +50,8 @@ def generator_for(seed: int, epoch: int, index: int, stream: int) -> torch.Gener
 
 # ------------------------------------------------------------------------------------- rendering
 def ring_labels(mask: torch.Tensor, labels: torch.Tensor, width: int = 2) -> torch.Tensor:
-    """Labels of the voxels just outside `mask` (shifted copies of the mask along each axis)."""
+    """Labels of the voxels just outside `mask` (shifted copies of the mask along each axis; the shifts wrap at
+    the crop's faces, where targets are not: a target cut by the crop is redrawn)."""
     grown = mask.clone()
     for axis in range(3):
         for shift in (-width, width):
