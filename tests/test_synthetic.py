@@ -78,9 +78,30 @@ def _ring(label: torch.Tensor, width: int = 3) -> torch.Tensor:
     return grown & ~label
 
 
+def test_targets_are_painted_apart_from_each_major_neighbour():
+    """A target between a darker and a brighter neighbour must still differ from each (not only from their mean)."""
+    from fastsam3d_cli.data.synthetic import separate_target
+
+    labels = torch.zeros((24, 24, 24), dtype=torch.int64)
+    labels[:, :12] = 1
+    labels[:, 12:] = 2
+    labels[8:16, 8:16, 8:16] = 3  # the target, half in label 1, half in label 2
+    separated = 0
+    for index in range(40):
+        gen = generator_for(0, 0, index, 9)
+        means, sds = torch.tensor([0.0, 50.0, 150.0, 100.0]), torch.full((4,), 10.0)
+        needed = separate_target(means, sds, labels, labels == 3, [3], gen, ct_like=False)
+        if needed is None:
+            continue  # left as drawn (10%)
+        separated += 1
+        assert abs(float(means[3]) - 50.0) >= needed and abs(float(means[3]) - 150.0) >= needed
+        assert float(sds[3]) <= 0.6 * needed
+    assert separated >= 30
+
+
 @pytest.mark.parametrize("name", ["shapes", "synth-labels"])
-def test_painted_targets_differ_from_their_surroundings(name, label_dataset):
-    """Most painted targets are visible against the voxels around them (10% are left low-contrast on purpose)."""
+def test_painted_targets_are_visible(name, label_dataset):
+    """In the finished image most targets stand out from the voxels around them."""
     source = build_source(name, label_maps=[label_dataset], crop_size=CROP)
     visible = 0
     for index in range(8):
@@ -88,12 +109,7 @@ def test_painted_targets_differ_from_their_surroundings(name, label_dataset):
         image, label = sample["image"][0], sample["label"][0] > 0.5
         ring = _ring(label)
         visible += abs(float(image[label].mean()) - float(image[ring].mean())) > 0.3
-    assert visible >= 6
-
-
-def test_the_model_crop_size_is_the_default(label_dataset):
-    sample = build_source("shapes").sample(generator_for(1, 0, 0, 1))
-    _check_sample(sample, 128)
+    assert visible >= 5  # the ring mixes neighbours on both sides of the target's level: a lower bound
 
 
 @pytest.mark.parametrize("name", ["shapes", "synth-labels", "supervoxels"])

@@ -213,9 +213,9 @@ def _scene_touching(gen, size, bumps):
     other_radii = _blob_radii(gen, 4.0, 14.0)
     distance = float(radii.mean() + other_radii.mean()) * uniform(gen, 0.7, 0.95)
     second = blob_field(gen, size, centre + direction * distance, other_radii, roughness=0.2, bumps=bumps)
-    # paint order decides which one owns the contact surface; the target is either one
+    # paint order decides which one owns the contact surface; the target is either one, or (25%) both
     fields = [first, second] if chance(gen, 0.5) else [second, first]
-    return fields, randint(gen, 0, 2), "touching"
+    return fields, (UNION if chance(gen, 0.25) else randint(gen, 0, 2)), "touching"
 
 
 def _scene_nested(gen, size, bumps):
@@ -228,6 +228,8 @@ def _scene_nested(gen, size, bumps):
     # the lesion, or the organ that holds it (the organ's label excludes the lesion: painted over)
     return [outer, inner], randint(gen, 0, 2), "nested"
 
+
+UNION = -1  # a scene's target index meaning "all its objects"
 
 SCENE_KINDS: dict[str, Callable] = {"blob": _scene_blob, "tube": _scene_tube, "vessels": _scene_vessel,
                                     "sheet": _scene_sheet, "touching": _scene_touching, "nested": _scene_nested}
@@ -253,9 +255,15 @@ def generate_scene(gen: torch.Generator, size: int) -> Scene:
         labels[field > 0] = next_label
         next_label += 1
     fields, target_index, kind = SCENE_KINDS[kind](gen, size, bumps)
-    target_field = fields[target_index]
+    if target_index == UNION:  # every object of the scene together
+        target_field = fields[0]
+        for field in fields[1:]:
+            target_field = torch.maximum(target_field, field)
+        targets = [next_label + index for index in range(len(fields))]
+    else:
+        target_field, targets = fields[target_index], [next_label + target_index]
     for index, field in enumerate(fields):
         labels[field > 0] = next_label + index
-        if index > target_index:  # later objects cover the target
+        if target_index != UNION and index > target_index:  # later objects cover the target
             target_field = torch.minimum(target_field, -field)
-    return Scene(labels, target_field, [next_label + target_index], kind)
+    return Scene(labels, target_field, targets, kind)

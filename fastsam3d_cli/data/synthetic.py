@@ -59,28 +59,49 @@ def ring_labels(mask: torch.Tensor, labels: torch.Tensor, width: int = 2) -> tor
     return labels[grown & ~mask]
 
 
-def separate_target(means: torch.Tensor, sds: torch.Tensor, labels: torch.Tensor, target: torch.Tensor,
-                    target_values: Sequence[int], gen: torch.Generator, ct_like: bool) -> None:
-    """Give the target a mean that differs from its surroundings' by ≥ ~1 sd most of the time (in place).
+MAJOR_NEIGHBOUR_SHARE = 0.15  # a label with at least this share of the target's surroundings must contrast
 
-    Real targets are visible; a target painted like its neighbours teaches nothing. 10% are left as drawn
-    (low-contrast cases exist).
+
+def separate_target(means: torch.Tensor, sds: torch.Tensor, labels: torch.Tensor, target: torch.Tensor,
+                    target_values: Sequence[int], gen: torch.Generator, ct_like: bool) -> float | None:
+    """Give the target a mean that differs by ≥ `needed` (~2 sd) from that of every label making up at least
+    15% of its surroundings, most of the time (in place); returns `needed`, or None when left as drawn.
+
+    Real targets are visible; a target painted like its neighbours teaches nothing — and one painted between
+    a darker and a brighter neighbour can still match each of them. 10% are left as drawn (low-contrast
+    cases exist).
     """
     if chance(gen, 0.1):
-        return
+        return None
     around = ring_labels(target, labels)
     if around.numel() == 0:
-        return
+        return None
     counts = torch.bincount(around, minlength=len(means)).float()
-    neighbour_mean = float((counts * means).sum() / counts.sum())
+    majors = [int(v) for v in torch.nonzero(counts >= MAJOR_NEIGHBOUR_SHARE * counts.sum()).flatten()
+              if int(v) not in target_values]
+    if not majors:
+        return None
     spread = float(sds.mean())
     needed = max(2.0 * spread, 40.0 if ct_like else 25.0)
+    others = [float(means[v]) for v in majors]
+
+    def clear(value: float) -> bool:
+        return all(abs(value - other) >= needed for other in others)
+
+    low, high = min(others) - 2.5 * needed, max(others) + 2.5 * needed
     for value in target_values:
-        if abs(float(means[value]) - neighbour_mean) < needed:
-            sign = 1.0 if chance(gen, 0.5) else -1.0
-            means[value] = neighbour_mean + sign * needed * uniform(gen, 1.0, 2.5)
+        if clear(float(means[value])):
+            continue
+        for _ in range(12):  # a random level that clears every major neighbour
+            candidate = uniform(gen, low, high)
+            if clear(candidate):
+                break
+        else:  # brighter or darker than all of them
+            candidate = (max(others) + 1.5 * needed) if chance(gen, 0.5) else (min(others) - 1.5 * needed)
+        means[value] = candidate
     for value in target_values:  # the texture of a target stays below its contrast
         sds[value] = min(float(sds[value]), needed * 0.6)
+    return needed
 
 
 def render(labels: torch.Tensor, target_field: torch.Tensor, target_values: Sequence[int], gen: torch.Generator,
