@@ -121,6 +121,8 @@ def test_bad_inputs():
     with pytest.raises(BadInputError, match="outside the volume") as caught:
         floor.add_click((30, 1, 1))
     assert caught.value.exit_code == 3
+    with pytest.raises(BadInputError, match="not a finite position"):
+        floor.add_click((1.0, float("nan"), 1.0))
     with pytest.raises(UsageError, match="unknown click space"):
         floor.add_click((1, 1, 1), space="xyz")
     assert floor.objects == []  # a refused click is not kept

@@ -107,7 +107,10 @@ class ClassicalSegmenter:
         image = self.input_image
         if space not in ("ijk", "ras", "lps"):
             raise UsageError(f"unknown click space '{space}'", "use ras, lps or ijk")
-        index = np.rint(lps_to_ijk(to_lps([point], space, image), image)[0]).astype(int)
+        position = lps_to_ijk(to_lps([point], space, image), image)[0]
+        if not np.all(np.isfinite(position)):
+            raise BadInputError(f"click {list(point)} is not a finite position", "give three finite numbers")
+        index = np.rint(position).astype(int)
         size = np.asarray(image.GetSize())
         if np.any(index < 0) or np.any(index >= size):
             raise BadInputError(f"click {list(point)} ({space}) lies outside the volume (voxel {index.tolist()}, "
