@@ -150,13 +150,29 @@ def test_evaluate_writes_a_table_json_and_plot(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_tiny_model_runs_through_the_predictor():
+def _tiny_model():
+    """A small Sam3D (64³ crops, narrow encoder and decoder), seeded: the model path without the cost."""
+    from dataclasses import replace
+
+    import torch
+
+    from fastsam3d_cli.model import build_model
+    from fastsam3d_cli.model.config import get_config, with_overrides
+
+    config = with_overrides(get_config("fastsam3d-tiny"), embed_dim=48, depth=2, num_heads=2, img_size=64, out_chans=48)
+    config = replace(config, prompt_embed_dim=48, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
+    torch.manual_seed(0)
+    return build_model(config, attention="sdpa")
+
+
+def test_a_model_runs_through_the_predictor():
     volume, ball = _phantom_volume()
-    method = ev.model_method("untrained", ev.untrained_model("fastsam3d-tiny", attention="sdpa"), max_crops=1)
-    results = ev.evaluate([volume], [method], clicks=2)
-    scores, clicks = results[0].dice["untrained"], results[0].clicks["untrained"]
-    assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+    method = ev.model_method("tiny", _tiny_model())
+    results = ev.evaluate([volume], [method], clicks=3)
+    scores, clicks = results[0].dice["tiny"], results[0].clicks["tiny"]
+    assert len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores)
     assert clicks[0] == [*ev.first_click(ball, volume.image.GetSpacing())[0], 1]
+    assert all(0 <= c < n for click in clicks for c, n in zip(click[:3], volume.image.GetSize()))
 
 
 def test_untrained_model_is_the_seeded_initialisation():
