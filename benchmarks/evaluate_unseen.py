@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from fastsam3d_cli.errors import FastSAM3DError
 from fastsam3d_cli.imaging.atomic import write_text_atomic
 from fastsam3d_cli.training import evaluation as ev
 
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=Path(os.environ.get("FASTSAM3D_DATA_DIR", REPO.parent / "shared" / "data")),
                         help="folder holding validation/ and the training datasets (env FASTSAM3D_DATA_DIR)")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="[NAME=]PATH",
-                        help="a checkpoint to score (repeatable); NAME defaults to the file's stem")
+                        help="a checkpoint to score (repeatable); NAME (no '=') defaults to the file's stem")
     parser.add_argument("--no-floor", action="store_true", help="leave the classical floor out")
     parser.add_argument("--no-untrained", action="store_true", help="leave the untrained fastsam3d-tiny out")
     parser.add_argument("--sets", default="unseen,seen", help="unseen, seen or both (comma-separated)")
@@ -57,7 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation; a bad checkpoint, data folder or output is one line on stderr and its exit code."""
     args = parse_args(argv)
+    try:
+        return _run(args, argv)
+    except FastSAM3DError as error:
+        print(f"error: {error.one_line()}", file=sys.stderr)
+        return int(error.exit_code)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods: list[ev.Method] = []
@@ -66,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_untrained:
         methods.append(ev.model_method("untrained tiny", ev.untrained_model(attention=args.attention), args.max_crops))
     for spec in args.checkpoint:
-        name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).stem, "", spec)
+        name, _, path = spec.partition("=") if "=" in spec else (Path(spec).stem, "", spec)
         methods.append(ev.model_method(name, ev.checkpoint_model(path, args.attention), args.max_crops))
     if not methods:
         print("nothing to score: give --checkpoint or leave the floor/untrained model in", file=sys.stderr)

@@ -198,3 +198,27 @@ def test_validation_labels_are_resampled_by_physical_position():
     brains = list(volumes)
     assert [b.source for b in brains] == ["validation/brain1_mr", "validation/brain2_mr"]
     assert [int(b.targets[0][1].sum()) for b in brains] == [4137, 453]
+
+
+def _script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluate_unseen.py"
+    spec = importlib.util.spec_from_file_location("evaluate_unseen", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_bad_options_and_missing_inputs(tmp_path, capsys):
+    script = _script()
+    with pytest.raises(SystemExit) as caught:
+        script.parse_args(["--sets", "train"])
+    assert caught.value.code == 2 and "--sets" in capsys.readouterr().err
+    out = tmp_path / "result"
+    code = script.main(["--no-untrained", "--data-dir", str(tmp_path / "nowhere"), "--sets", "seen", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and err[-1].startswith("error: ") and "nowhere" in err[-1]
+    code = script.main(["--no-floor", "--no-untrained", "--checkpoint", f"x={tmp_path / 'missing.pth'}", "--out", str(out)])
+    assert code != 0 and capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+    assert not list(tmp_path.glob("result*"))  # nothing written
