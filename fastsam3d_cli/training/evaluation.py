@@ -169,22 +169,19 @@ def score_target(segmenter: Segmenter, target: np.ndarray, spacing: Sequence[flo
     """Dice after click 1..`clicks` of one segmenter on one target (the volume is already set)."""
     scores: list[float] = []
     placed: list[list[int]] = []
-    position, include = first_click(target, spacing)
+    click: tuple[tuple[int, int, int], bool] | None = first_click(target, spacing)
     try:
-        for number in range(clicks):
-            if number:
-                found = next_click(prediction, target, spacing)  # noqa: F821 - set in the previous iteration
-                if found is None:  # perfect: the user stops, the score stays
-                    scores.extend([scores[-1]] * (clicks - number))
-                    break
-                position, include = found
+        while click is not None and len(scores) < clicks:
+            position, include = click
             prediction = np.asarray(segmenter.add_click(position, include, space="ijk", object=object_name), dtype=bool)
             if prediction.shape != target.shape:
                 raise ValueError(f"mask shape {prediction.shape} differs from the target's {target.shape}")
             placed.append([*position, int(include)])
             scores.append(dice(prediction, target))
+            click = next_click(prediction, target, spacing) if len(scores) < clicks else None
     finally:
         segmenter.reset_object(object_name)
+    scores += [scores[-1]] * (clicks - len(scores))  # no error left: the user stops, the score stays
     return scores, placed
 
 
