@@ -305,7 +305,10 @@ def test_resume_keeps_the_runs_recipe_and_says_what_changed(small, prepared, tmp
     assert payload["args"]["lr"] == pytest.approx(1e-3) and payload["args"]["seed"] == 5
     assert payload["args"]["lr_milestones"] == [1, 2]  # the run's own schedule (60%/90% of 2 epochs), not of 3
     steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
-    assert steps[-1]["step"] == 2 and steps[-1]["lr"] == pytest.approx([1e-3, 1e-4])  # the run's lr kept
+    # The run's lr kept (not --lr 0.1): the data changed, so the interrupted epoch 0 ended at resume and step 2
+    # is in epoch 1, past the run's first milestone (×0.1).
+    assert steps[-1]["step"] == 2 and int(steps[-1]["epoch"]) == 1
+    assert steps[-1]["lr"] == pytest.approx([1e-4, 1e-5])
     # Options not given on resume are the run's own: nothing to report about them.
     again = train([prepared], "fastsam3d-tiny", output=run, epochs=3, iterations=1, device="cpu", max_steps=3,
                   resume=True)
