@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from fastsam3d_cli.cli import app
+from fastsam3d_cli.interactive import infer as infer_module
 from fastsam3d_cli.weights.loading import LoadedModel
 from infer_phantoms import CLI_ENV, SphereModel, make_tiny_checkpoint, phantom, write
 
@@ -41,6 +42,8 @@ def loads(monkeypatch) -> list[str]:
         return LoadedModel(SphereModel(radius=6.0), "fastsam3d-tiny", Path("fake.pth"), "0" * 64, None,
                            torch.device("cpu"), "sdpa", 1.0)
 
+    # Both names: `infer` binds the loader when it is imported, and must not keep the fake after this test.
+    monkeypatch.setattr(infer_module, "load_inference_model", fake_load)
     monkeypatch.setattr("fastsam3d_cli.weights.loading.load_inference_model", fake_load)
     return calls
 

@@ -154,20 +154,13 @@ def infer_batch(manifest: str | Path, *, model: str | None = None, checkpoint: s
     recorded in the result (`status` "failed", `error`, `exit_code`); `exit_code` at the top is the first
     failed row's code, or 0.
     """
-    from fastsam3d_cli.device import check_attention_name, check_device_spec, resolve_device
-    from fastsam3d_cli.interactive.infer import infer_file
-    from fastsam3d_cli.weights.loading import load_inference_model, model_choice, torch_dtype
+    from fastsam3d_cli.device import resolve_device
+    from fastsam3d_cli.interactive.infer import check_usage, infer_file
+    from fastsam3d_cli.weights.loading import load_inference_model
 
     say = progress or (lambda stage: None)
     wall_start = time.perf_counter()
-    if int(max_crops) < 1:
-        raise UsageError(f"--max-crops {max_crops} is invalid", "use 1 or more (1 turns crop extension off)")
-    if channel is not None and channel < 0:
-        raise UsageError(f"--channel {channel} is invalid", "channels are numbered from 0")
-    model_choice(model)
-    torch_dtype(dtype)
-    check_attention_name(attention)
-    check_device_spec(device)
+    check_usage(max_crops, channel, (model, dtype, attention, device))
     manifest_path = Path(manifest).expanduser()
     rows = read_manifest(manifest_path)
     planned = check_rows(manifest_path, rows, overwrite)

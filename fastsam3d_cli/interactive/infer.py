@@ -14,7 +14,6 @@ wins (the earlier object on an exact tie). For NIfTI input the output is written
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import platform
 import time
@@ -24,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
+from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.weights.loading import (LoadedModel, load_inference_model, model_choice, sha256_of,
                                             torch_dtype)
 
@@ -127,6 +126,25 @@ def probability_path(folder: Path, labelmap: Path, label: int, name: str) -> Pat
 
 
 # ------------------------------------------------------------------------------------------ pipeline
+def check_usage(max_crops: int, channel: int | None, model_options: tuple[Any, str, str, str] | None) -> None:
+    """Every usage error (exit 2) of `infer` before any file check or model load, so the right error wins.
+
+    model_options: (model, dtype, attention, device) to check, or None when the model is already loaded.
+    """
+    from fastsam3d_cli.device import check_attention_name, check_device_spec
+
+    if int(max_crops) < 1:
+        raise UsageError(f"--max-crops {max_crops} is invalid", "use 1 or more (1 turns crop extension off)")
+    if channel is not None and channel < 0:
+        raise UsageError(f"--channel {channel} is invalid", "channels are numbered from 0")
+    if model_options is not None:
+        model, dtype, attention, device = model_options
+        model_choice(model)
+        torch_dtype(dtype)
+        check_attention_name(attention)
+        check_device_spec(device)
+
+
 def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None = None, *,
                model: str | None = None, checkpoint: str | Path | None = None, device: str = "auto",
                attention: str = "auto", preview: str | Path | None = None,
@@ -146,7 +164,7 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     (interactive/export.py).
     """
     from fastsam3d_cli.imaging.clickfile import check_inside, read_click_file, to_lps
-    from fastsam3d_cli.device import check_attention_name, check_device_spec, resolve_device
+    from fastsam3d_cli.device import resolve_device
     from fastsam3d_cli.imaging.volumes import read_image
     from fastsam3d_cli.imaging.world import world_geometry
     from fastsam3d_cli.interactive import export
@@ -154,15 +172,7 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
 
     say = progress or (lambda stage: None)
     wall_start = time.perf_counter()
-    if int(max_crops) < 1:
-        raise UsageError(f"--max-crops {max_crops} is invalid", "use 1 or more (1 turns crop extension off)")
-    if channel is not None and channel < 0:
-        raise UsageError(f"--channel {channel} is invalid", "channels are numbered from 0")
-    if loaded is None:  # every usage error before any file check or model load: the right error wins
-        model_choice(model)
-        torch_dtype(dtype)
-        check_attention_name(attention)
-        check_device_spec(device)
+    check_usage(max_crops, channel, None if loaded is not None else (model, dtype, attention, device))
     volume_path = Path(volume).expanduser()
     if not volume_path.exists():  # name a missing input as such, not as a missing output folder beside it
         read_image(volume_path, channel, strict_channel=True)
