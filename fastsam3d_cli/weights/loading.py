@@ -10,7 +10,6 @@ explicitly is never replaced by another.
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -192,11 +191,10 @@ def load_inference_model(model: str | None = None, checkpoint: str | Path | None
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a file (the cache's chunked hasher; one implementation for every weights/input digest)."""
+    from fastsam3d_cli.weights.cache import _hash_file
+
+    return _hash_file(path)
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
