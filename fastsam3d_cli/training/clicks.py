@@ -27,7 +27,7 @@ Well-defined corner cases (the reference crashes on an empty target, SAM-Med3D i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -93,11 +93,12 @@ def ritm_click(prediction: torch.Tensor, target: torch.Tensor, rng: np.random.Ge
     return SimulatedClick(_uniform_voxel(core, rng), int(positive))
 
 
-def distance_inside(region: np.ndarray) -> np.ndarray:
-    """Euclidean distance (voxels) from each voxel of `region` to the nearest voxel outside it; 0 outside.
+def distance_inside(region: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Euclidean distance from each voxel of `region` to the nearest voxel outside it; 0 outside.
 
-    The region is padded with one outside voxel on every side first, so the crop border counts as
-    outside (the reference's `edt(..., black_border=True)` on a padded mask). Exact (Maurer's algorithm).
+    In voxels, or in millimetres when `spacing` (per array axis) is given. The region is padded with one
+    outside voxel on every side first, so the crop border counts as outside (the reference's
+    `edt(..., black_border=True)` on a padded mask). Exact (Maurer's algorithm).
     """
     import SimpleITK as sitk
 
@@ -108,8 +109,10 @@ def distance_inside(region: np.ndarray) -> np.ndarray:
     # Distances are measured FROM the outside set, so the outside is the "object" for the filter; its
     # positive (outside-the-object) values are then the distances of our region's voxels.
     outside = sitk.GetImageFromArray(1 - padded)
+    if spacing is not None:  # array[a, b, c] is SimpleITK index (c, b, a): the spacing goes reversed
+        outside.SetSpacing([float(s) for s in reversed(list(spacing))])
     distance = sitk.SignedMaurerDistanceMap(outside, insideIsPositive=False, squaredDistance=False,
-                                            useImageSpacing=False)
+                                            useImageSpacing=spacing is not None)
     values = sitk.GetArrayViewFromImage(distance)[1:-1, 1:-1, 1:-1]
     return np.where(region, values, 0.0).astype(np.float32)
 

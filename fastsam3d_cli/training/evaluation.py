@@ -28,6 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from fastsam3d_cli.imaging.volumes import array_ijk, read_image, resample_like
+from fastsam3d_cli.training.clicks import distance_inside
 
 REPORTED_CLICKS = (1, 3, 5, 10)
 VALIDATION_CT = "abdomen_ct_dicom"
@@ -80,17 +81,9 @@ class TargetResult:
 def distance_inside_mm(region: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """Exact Euclidean distance (mm) from each voxel of `region` to the nearest voxel outside it; 0 outside.
 
-    One outside voxel is padded on every side, so the array's edge counts as border.
+    The array's edge counts as border (training/clicks.py's `distance_inside`, in millimetres).
     """
-    region = np.asarray(region, dtype=bool)
-    if not region.any():
-        return np.zeros(region.shape, dtype=np.float32)
-    outside = np.pad(~region, 1, constant_values=True).astype(np.uint8)
-    image = sitk.GetImageFromArray(outside)  # array[a, b, c] is SimpleITK index (c, b, a): spacing reversed
-    image.SetSpacing([float(s) for s in reversed(list(spacing))])
-    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-    values = sitk.GetArrayFromImage(distance)[1:-1, 1:-1, 1:-1]
-    return np.where(region, values, 0.0).astype(np.float32)
+    return distance_inside(region, spacing)
 
 
 def deepest_voxel(region: np.ndarray, spacing: Sequence[float]) -> tuple[tuple[int, int, int], float]:
