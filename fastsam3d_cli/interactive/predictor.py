@@ -374,7 +374,8 @@ class Predictor:
                          [int(s) for s in crop.box.start])],
                      "clicks": [i + 1 for i in crop.clicks]}
             if crop.synthetic_click is not None:
-                entry["synthetic_click_lps"] = [round(float(v), 4) for v in _index_to_lps(crop.synthetic_click, canonical)]
+                entry["synthetic_click_lps"] = [round(v, 4) for v in canonical.TransformIndexToPhysicalPoint(
+                    crop.synthetic_click)]
             crops.append(entry)
         return {"name": state.name, "clicks": clicks, "crops": crops, "crops_run": len(state.crops),
                 "unused_clicks": [n + 1 for n in range(len(state.clicks)) if n not in used]}
@@ -675,11 +676,6 @@ def _well_inside(box: CropBox, index: np.ndarray, margin: int) -> bool:
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -60.0, 60.0)))
-
-
-def _index_to_lps(index: np.ndarray, image: Any) -> np.ndarray:
-    affine = affine_lps(image)
-    return affine[:3, :3] @ np.asarray(index, dtype=np.float64) + affine[:3, 3]
 
 
 def _resample_canvas(values: np.ndarray, start: np.ndarray, canonical: Any, target: sitk.Image,
