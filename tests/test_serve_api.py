@@ -298,3 +298,19 @@ def test_a_token_guards_every_route_but_the_page(loaded, root):
             _error(client.get("/info/"), 401)
             assert client.get("/api/info", headers={"Authorization": f"Bearer {token}"}).status_code == 200
             assert client.get("/").status_code == 200 and client.get("/static/app.js").status_code == 200
+
+
+def test_a_labelmap_read_keeps_the_merged_logits_for_the_next_click(loaded, root):
+    import threading as _threading
+
+    from fastsam3d_cli.interactive.predictor import Predictor
+    from fastsam3d_cli.serve.session import Session
+
+    predictor = Predictor(loaded.model, loaded.device, max_crops=1)
+    predictor.set_volume(root / "v.nii.gz")
+    session = Session("s", predictor, root / "v.nii.gz", "v.nii.gz", _threading.Lock())
+    session.add_object("a")
+    session.click("a", [24, 20, 16], True, "ijk")
+    labels = session.labelmap()
+    assert np.array_equal(labels > 0, session.mask("a"))
+    assert predictor.object_state("a").canvas is not None  # infer frees it; an interactive session does not

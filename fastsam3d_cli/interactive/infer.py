@@ -229,15 +229,19 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     return result
 
 
-def compose_labelmap(predictor: Any, objects: Sequence[Any]) -> np.ndarray:
-    """One labelmap on the input grid (ijk): uint8, or uint16 if a label exceeds 255; higher probability wins."""
+def compose_labelmap(predictor: Any, objects: Sequence[Any], free_merged: bool = True) -> np.ndarray:
+    """One labelmap on the input grid (ijk): uint8, or uint16 if a label exceeds 255; higher probability wins.
+
+    free_merged: drop each object's merged-logits cache once read (a batch run keeps memory flat); an
+    interactive caller that clicks on afterwards (`serve`) keeps it, so its next click stays incremental."""
     size = tuple(predictor.input_image.GetSize())
     dtype = np.uint8 if max(o.label for o in objects) <= 255 else np.uint16
     labels = np.zeros(size, dtype=dtype)
     best: np.ndarray | None = None  # the winning logit per voxel, once two objects could overlap
     for obj in objects:
         patch = predictor.input_logits(obj.name)
-        predictor.free_merged(obj.name)
+        if free_merged:
+            predictor.free_merged(obj.name)
         if patch is None:
             continue
         start, logits = patch

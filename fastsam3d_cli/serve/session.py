@@ -300,7 +300,7 @@ class Session:
             return np.zeros(tuple(self.predictor.input_image.GetSize()), dtype=np.uint8)
         with self.compute_lock:
             _tune_this_thread(self.predictor.device)
-            return compose_labelmap(self.predictor, objects)
+            return compose_labelmap(self.predictor, objects, free_merged=False)  # the next click reuses it
 
     def export_clicks(self) -> dict[str, Any]:
         """The session as a fastsam3d click file (space ijk, full precision): `fastsam3d infer` replays it."""
