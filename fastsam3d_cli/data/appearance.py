@@ -157,13 +157,16 @@ def simulate_resolution(image: torch.Tensor, gen: torch.Generator, p_thick: floa
 def blur(image: torch.Tensor, gen: torch.Generator, max_sigma: float = 1.0) -> torch.Tensor:
     """Small Gaussian blur (σ up to `max_sigma` work voxels), separable, on the work grid."""
     sigma = uniform(gen, 0.0, max_sigma)
-    if sigma < 0.3:
-        return image
+    return image if sigma < 0.3 else gaussian_blur(image, sigma)
+
+
+def gaussian_blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur (σ in voxels, kernel radius ⌈2σ⌉) of a (D, H, W) tensor, replicate padding."""
     radius = max(1, int(math.ceil(2 * sigma)))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    x = image[None, None]
+    x = volume[None, None]
     for axis in range(3):
         shape = [1, 1, 1, 1, 1]
         shape[2 + axis] = kernel.numel()
@@ -246,18 +249,3 @@ def positive_statistics(image: torch.Tensor) -> tuple[float, float]:
     squares = float((masked * image).sum())
     mean = total / count
     return mean, math.sqrt(max(squares - count * mean * mean, 0.0) / (count - 1))
-
-
-def znormalize_positive(image: torch.Tensor) -> torch.Tensor:
-    """The real dataset's normalisation (imaging.crops.znormalize_foreground) in torch: mean and unbiased std
-    over voxels > 0, applied to every voxel. Masked sums instead of boolean indexing (10× faster at 128³)."""
-    mask = (image > 0).to(image.dtype)
-    count = float(mask.sum())
-    if count < 2:
-        return image - (float((image * mask).sum()) / count if count else 0.0)
-    total = float((image * mask).sum(dtype=torch.float64))
-    squares = float((image * image * mask).sum(dtype=torch.float64))
-    mean = total / count
-    variance = max(squares - count * mean * mean, 0.0) / (count - 1)
-    std = math.sqrt(variance)
-    return (image - mean) / std if std > 0 else image - mean

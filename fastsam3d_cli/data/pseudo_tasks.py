@@ -33,22 +33,6 @@ MIN_LARGEST_FRACTION = 0.004  # the smallest per-crop size limit (~8000 voxels a
 BORDER_FRACTION = 0.1  # at most this share of the target on the crop's outer 2 work voxels
 
 
-def _gaussian_blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a (S, S, S) tensor (replicate padding)."""
-    radius = max(1, int(math.ceil(2 * sigma)))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    x = volume[None, None]
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = kernel.numel()
-        pads = [0] * 6
-        pads[2 * (2 - axis)] = pads[2 * (2 - axis) + 1] = radius
-        x = F.conv3d(F.pad(x, pads, mode="replicate"), kernel.view(shape))
-    return x[0, 0]
-
-
 def _erode(mask: np.ndarray) -> np.ndarray:
     """Binary erosion by the 6-neighbour cross, outside the array counted as False (scipy's binary_erosion
     with its default structure, by array slicing: ~20× faster at 64³)."""
@@ -122,7 +106,7 @@ class SupervoxelSource:
                 work = F.avg_pool3d(crop[None, None], self.crop_size // self.work_size)[0, 0]
             else:
                 work = F.interpolate(crop[None, None], size=(self.work_size,) * 3, mode="area")[0, 0]
-            smooth = _gaussian_blur(work, uniform(gen, 0.5, 1.5))
+            smooth = ap.gaussian_blur(work, uniform(gen, 0.5, 1.5))
             bins = randint(gen, 4, 12)
             # a size limit per crop, log-uniform from ~2 mL to MAX_TARGET_FRACTION: small regions as often as big
             largest = math.exp(uniform(gen, math.log(MIN_LARGEST_FRACTION), math.log(MAX_TARGET_FRACTION)))
@@ -170,7 +154,7 @@ class SupervoxelSource:
 
     def _finish(self, crop: torch.Tensor, region: np.ndarray, gen: torch.Generator,
                 force: bool = False) -> dict[str, torch.Tensor] | None:
-        field = _gaussian_blur(torch.from_numpy(region.astype(np.float32)), 0.7) - 0.5  # rounds the stair-steps
+        field = ap.gaussian_blur(torch.from_numpy(region.astype(np.float32)), 0.7) - 0.5  # rounds the stair-steps
         label = ap.upsample(field, self.crop_size) > 0
         if int(label.sum()) < self.min_work_voxels * 8 and not force:
             return None
