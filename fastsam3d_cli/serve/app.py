@@ -153,15 +153,6 @@ class Server:
                                 f"{exc.message.replace(str(path), display_name)}") from None
         return Session(session_id, predictor, path, display_name, self.config.compute_lock, owned)
 
-    def labelmap_file(self, session: Session, folder: Path, suffix: str) -> Path:
-        """Write the session's labelmap on the input grid (NIfTI keeps the input's header, like infer)."""
-        from fastsam3d_cli.interactive.infer import _nifti_header, write_volume  # noqa: PLC2701 - infer's writer
-
-        image = session.predictor.input_image
-        path = folder / f"labelmap{suffix}"
-        write_volume(session.labelmap(), image, _nifti_header(session.volume_path, image), path)
-        return path
-
     def sidecar(self, session: Session) -> dict[str, Any]:
         from fastsam3d_cli import __version__
 
@@ -378,13 +369,9 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/api/sessions/{sid}/objects/{name}/probabilities.nii.gz", tags=["results"])
     def probabilities(sid: str, name: str) -> Response:
-        from fastsam3d_cli.interactive.infer import _nifti_header, write_volume  # noqa: PLC2701
-
-        with server.store.use(sid) as session, tempfile.TemporaryDirectory() as folder:
-            image = session.predictor.input_image
-            path = Path(folder) / "probabilities.nii.gz"
-            write_volume(session.probabilities(name), image, _nifti_header(session.volume_path, image), path)
-            return Response(path.read_bytes(), media_type="application/gzip")
+        with server.store.use(sid) as session:
+            data = session.volume_bytes(session.probabilities(name), ".nii.gz")
+        return Response(data, media_type="application/gzip")
 
     @app.get("/api/sessions/{sid}/labelmap.nii.gz", tags=["results"])
     def labelmap_gz(sid: str) -> Response:
@@ -397,12 +384,12 @@ def create_app(config: ServeConfig) -> FastAPI:
         return _labelmap(sid, ".nii", "application/octet-stream")
 
     def _labelmap(sid: str, suffix: str, media_type: str) -> Response:
-        with server.store.use(sid) as session, tempfile.TemporaryDirectory() as folder:
-            path = server.labelmap_file(session, Path(folder), suffix)
+        with server.store.use(sid) as session:  # NIfTI keeps the input's header, like infer
+            data = session.volume_bytes(session.labelmap(), suffix)
             stem = Path(session.display_name).name
-            stem = stem[: -len(_image_suffix(stem) or "")] if _image_suffix(stem) else stem
-            return Response(path.read_bytes(), media_type=media_type,
-                            headers={"Content-Disposition": f'attachment; filename="{stem}_mask{suffix}"'})
+        stem = stem[: -len(_image_suffix(stem) or "")] if _image_suffix(stem) else stem
+        return Response(data, media_type=media_type,
+                        headers={"Content-Disposition": f'attachment; filename="{stem}_mask{suffix}"'})
 
     @app.get("/api/sessions/{sid}/labelmap.json", tags=["results"])
     def labelmap_sidecar(sid: str) -> dict[str, Any]:

@@ -20,8 +20,6 @@ appended (see `Session.set_points`).
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from fastapi import FastAPI, Request
@@ -132,14 +130,7 @@ def add_monailabel_routes(app: FastAPI, server: Any,
 
         def run(session: Any) -> tuple[dict[str, Any], bytes]:
             result = session.set_points(label, include, exclude, "ijk")
-            mask = session.mask(label).astype("uint8")
-            with tempfile.TemporaryDirectory() as folder:
-                from fastsam3d_cli.interactive.infer import _nifti_header, write_volume  # noqa: PLC2701
-
-                path = Path(folder) / f"result{extension}"
-                nifti = _nifti_header(session.volume_path, session.predictor.input_image)
-                write_volume(mask, session.predictor.input_image, nifti, path)
-                data = path.read_bytes()
+            data = session.volume_bytes(session.mask(label).astype("uint8"), extension)
             timing = result["timing"]
             return {"label_names": {label: 1}, "latencies": {"infer": round(timing["ms"] / 1000.0, 4),
                                                             "total": round(timing["ms"] / 1000.0, 4)},

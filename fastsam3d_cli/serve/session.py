@@ -9,6 +9,8 @@ embeddings are reused, so that costs decoder steps, and an encode only when the 
 """
 from __future__ import annotations
 
+import functools
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -263,6 +265,22 @@ class Session:
         return predictor._primary_box(indices) == state.crops[0].box  # noqa: SLF001 - the crop add_clicks would pick
 
     # ------------------------------------------------------------------------------ results
+    @functools.cached_property
+    def nifti_header(self) -> Any:
+        """The input's NIfTI header that results keep (infer's rule; None for other formats), read once."""
+        from fastsam3d_cli.interactive.infer import _nifti_header  # noqa: PLC2701 - infer's rule
+
+        return _nifti_header(self.volume_path, self.predictor.input_image)
+
+    def volume_bytes(self, array: np.ndarray, suffix: str) -> bytes:
+        """`array` (ijk, on the input grid) as a `suffix` file written by infer's writer (input header kept)."""
+        from fastsam3d_cli.interactive.infer import write_volume
+
+        with tempfile.TemporaryDirectory(prefix="fastsam3d-serve-") as folder:
+            path = Path(folder) / f"volume{suffix}"
+            write_volume(array, self.predictor.input_image, self.nifti_header, path)
+            return path.read_bytes()
+
     def mask(self, name: str) -> np.ndarray:
         """The object's mask on the input grid (bool, ijk)."""
         spec = self.object(name)
