@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from fastsam3d_cli.errors import BadInputError
+from fastsam3d_cli.imaging.digest import sha256_file
 
 LOCALISER_WORDS = ("LOCALIZER", "LOCALISER", "SCOUT", "TOPOGRAM", "SURVIEW")
 MAX_ZIP_BYTES = 16 * 1024 ** 3  # refuse to unpack more than this (a corrupt or hostile archive)
@@ -94,7 +95,7 @@ def _read_zip(path: Path, series: str | None, what: str) -> DicomSeries:
                         raise BadInputError(f"{what} {path} holds an unsafe file name {member.filename!r}",
                                             "unpack it yourself and give the folder")
                     archive.extract(member, root)
-                result = _read_series(path, _files_in(root), series, what, archive_sha256=_sha256_file(path))
+                result = _read_series(path, _files_in(root), series, what, archive_sha256=sha256_file(path))
                 result.files = [f.relative_to(root) for f in result.files]
                 return result
     except zipfile.BadZipFile as exc:
@@ -336,18 +337,10 @@ def _decode_failure(source: Path, chosen: SeriesSummary, paths: list[Path]) -> B
                          "check for a corrupt or truncated file; re-export the series")
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _sha256_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(bytes.fromhex(_sha256_file(path)))
+        digest.update(bytes.fromhex(sha256_file(path)))
     return digest.hexdigest()
 
 

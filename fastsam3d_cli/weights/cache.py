@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
+import hashlib  # noqa: F401 - tests/test_weights.py reaches it as cache.hashlib
 import json
 import os
 import shutil
@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 
 from fastsam3d_cli import __version__
 from fastsam3d_cli.imaging.atomic import atomic_path, write_text_atomic
+from fastsam3d_cli.imaging.digest import sha256_file as hash_file
 from fastsam3d_cli.errors import UsageError, WeightsError
 from fastsam3d_cli.imaging.filelock import OwnerLock
 
@@ -42,7 +43,6 @@ TIMEOUT_ENV = "FASTSAM3D_DOWNLOAD_TIMEOUT"
 URL_ENV_PREFIX = "FASTSAM3D_WEIGHTS_URL_"
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_ATTEMPTS = 5  # a download that keeps making progress is resumed this many times in all
-CHUNK_BYTES = 1 << 20  # for hashing
 NETWORK_CHUNK_BYTES = 1 << 16  # small: a cut-off connection loses the partly read chunk (urllib3)
 
 
@@ -419,11 +419,8 @@ def sha256_file(path: Path) -> str:
 
 
 def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of the file, read now (imaging.digest)."""
+    return hash_file(path)
 
 
 _PENDING: dict[tuple[str, int, int, int], tuple[Any, dict]] = {}
