@@ -40,6 +40,23 @@ def check_output_path(path: Path, overwrite: bool, what: str = "output", option:
     return path
 
 
+def check_output_folder(folder: Path, option: str) -> Path:
+    """Validate a folder of outputs (it may not exist yet; its parent must) before any work; return it absolute.
+
+    `option` names it on the command line (e.g. "--mesh"): it goes into the message and the fix.
+    """
+    folder = Path(folder).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise BadInputError(f"{option} {folder} is a file, not a folder", "give a folder")
+    parent = folder if folder.is_dir() else folder.parent
+    if not parent.is_dir():
+        raise BadInputError(f"output folder {parent} does not exist",
+                            f"create it first or choose another {option} folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"output folder {parent} is not writable", f"choose a writable {option} folder")
+    return folder
+
+
 def _new_file_mode() -> int:
     """The mode `open()` gives a new file (0o666 minus the umask); mkstemp's temp files are only 0o600."""
     umask = os.umask(0)

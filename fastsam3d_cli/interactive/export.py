@@ -6,7 +6,6 @@ all-or-nothing group as the labelmap and sidecar. The NIfTI labelmap is always w
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -67,7 +66,7 @@ class ExtraOutputs:
 def plan_extra_outputs(labelmap: Path, stem: str, want_seg: bool, mesh: str | Path | None, overwrite: bool,
                        inputs: Sequence[tuple[Path, str]], mesh_format: str = "stl") -> ExtraOutputs:
     """Check where the DICOM-SEG (`<stem>.dcm` beside the labelmap) and the meshes go (nothing written)."""
-    from fastsam3d_cli.imaging.atomic import check_output_path
+    from fastsam3d_cli.imaging.atomic import check_output_folder, check_output_path
 
     if mesh_format not in MESH_FORMATS:
         raise UsageError(f"--mesh-format {mesh_format} is unknown", f"use one of {', '.join(MESH_FORMATS)}")
@@ -81,14 +80,7 @@ def plan_extra_outputs(labelmap: Path, stem: str, want_seg: bool, mesh: str | Pa
         from fastsam3d_cli.imaging.mesh import require_scikit_image
 
         require_scikit_image()
-        mesh_dir = Path(mesh).expanduser().absolute()
-        if mesh_dir.exists() and not mesh_dir.is_dir():
-            raise BadInputError(f"--mesh {mesh_dir} is a file, not a folder", "give a folder")
-        parent = mesh_dir if mesh_dir.is_dir() else mesh_dir.parent
-        if not parent.is_dir():
-            raise BadInputError(f"output folder {parent} does not exist", "create it first or choose another --mesh")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise BadInputError(f"output folder {parent} is not writable", "choose a writable --mesh folder")
+        mesh_dir = check_output_folder(Path(mesh), "--mesh")
     return ExtraOutputs(seg, mesh_dir, stem, mesh_format)
 
 

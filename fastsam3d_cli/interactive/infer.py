@@ -14,7 +14,6 @@ wins (the earlier object on an exact tie). For NIfTI input the output is written
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fastsam3d_cli.errors import BadInputError, UsageError
+from fastsam3d_cli.errors import UsageError
 from fastsam3d_cli.weights.loading import (LoadedModel, load_inference_model, model_choice, sha256_of,
                                             torch_dtype)
 
@@ -83,7 +82,7 @@ def _plan_outputs(volume: Path, clicks: Path, output: Path | None, preview: Path
     No output may replace the volume or the click file, `--overwrite` or not: the sidecar is always
     `<output stem>.json`, so `-o liver.nii.gz` next to a click file `liver.json` is refused.
     """
-    from fastsam3d_cli.imaging.atomic import check_output_path
+    from fastsam3d_cli.imaging.atomic import check_output_folder, check_output_path
 
     inputs = [(volume, "the input volume"), (clicks, "the click file")]
     labelmap = Path(output).expanduser() if output is not None else default_output_path(Path(volume).expanduser())
@@ -96,15 +95,7 @@ def _plan_outputs(volume: Path, clicks: Path, output: Path | None, preview: Path
             raise UsageError(f"--preview {preview} must end in .png", "e.g. --preview preview.png")
         preview = check_output_path(Path(preview).expanduser(), overwrite, "preview", "--preview", inputs)
     if probabilities_dir is not None:
-        probabilities_dir = Path(probabilities_dir).expanduser().absolute()
-        if probabilities_dir.exists() and not probabilities_dir.is_dir():
-            raise BadInputError(f"--probabilities {probabilities_dir} is a file, not a folder", "give a folder")
-        parent = probabilities_dir if probabilities_dir.is_dir() else probabilities_dir.parent
-        if not parent.is_dir():
-            raise BadInputError(f"output folder {parent} does not exist",
-                                "create it first or choose another --probabilities folder")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise BadInputError(f"output folder {parent} is not writable", "choose a writable --probabilities folder")
+        probabilities_dir = check_output_folder(probabilities_dir, "--probabilities")
     return _Outputs(labelmap, sidecar, preview, probabilities_dir, inputs)
 
 
