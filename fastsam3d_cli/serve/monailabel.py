@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from fastsam3d_cli.serve.errors import ApiError
-from fastsam3d_cli.serve.multipart import build_form, parse_form
+from fastsam3d_cli.serve.multipart import Part, build_form, parse_form
 from fastsam3d_cli.serve.paths import resolve_under_root
 
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
@@ -113,8 +113,6 @@ def add_monailabel_routes(app: FastAPI, server: Any,
         if "multipart/form-data" in content_type:
             parts = parse_form(content_type, body)
         elif body.strip():
-            from fastsam3d_cli.serve.multipart import Part
-
             parts = [Part("params", None, body)]
         else:
             parts = []

@@ -329,11 +329,9 @@ class Session:
         return ClickFile("ijk", objects, f"session {self.id}", "fastsam3d").to_dict()
 
     def describe(self) -> dict[str, Any]:
-        image = self.predictor.input_image
-        return {"id": self.id, "name": self.display_name, "size": list(image.GetSize()),
-                "spacing": [round(v, 6) for v in image.GetSpacing()],
-                "origin_lps": [round(v, 6) for v in image.GetOrigin()],
-                "direction_lps": [round(v, 6) for v in image.GetDirection()],
+        from fastsam3d_cli.interactive.infer import _grid  # noqa: PLC2701 - the input grid as infer's sidecar gives it
+
+        return {"id": self.id, "name": self.display_name, **_grid(self.predictor.input_image),
                 "objects": [o.describe() for o in self.objects.values()]}
 
     def approximate_bytes(self) -> int:
