@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from fastsam3d_cli.errors import BadInputError
+from fastsam3d_cli.imaging.volumes import NIFTI_SUFFIXES, affine_ras
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 WORLD_SPACES = ("ras", "lps")
 _SAME_GEOMETRY_MM = 1e-4  # affines closer than this (entrywise) place every click on the same voxel
 
@@ -83,8 +83,6 @@ def geometry_from_metadata(image: Any) -> WorldGeometry:
 
 
 def _from_codes(qform_code: int, sform_code: int, qform: Any, sform: Any, image: Any, name: str) -> WorldGeometry:
-    from fastsam3d_cli.imaging.volumes import affine_ras
-
     if qform_code == 0 and sform_code == 0:
         return _no_orientation(f"NIfTI {name}")
     source = "sform" if sform_code > 0 else "qform"
