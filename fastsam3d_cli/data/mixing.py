@@ -238,11 +238,6 @@ def build_training_dataset(real: Any, settings: MixSettings, seed: int,
         return real
     sources = {}
     for name in settings.ratios:
-        if name == "supervoxels":
-            try:
-                import scipy.ndimage  # noqa: F401
-            except ImportError:
-                raise UsageError("--data-mix supervoxels needs scipy", "pip install scipy, or drop supervoxels") from None
         sources[name] = build_source(name, label_maps=settings.label_maps, real_dataset=real,
                                      min_foreground_voxels=min_foreground_voxels, crop_size=crop_size)
     return MixedDataset(sources, settings.ratios, int(settings.samples_per_epoch or DEFAULT_SAMPLES_PER_EPOCH), seed,

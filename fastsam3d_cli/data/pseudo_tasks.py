@@ -92,8 +92,6 @@ class SupervoxelSource:
         self.thresholds = [body_threshold(v.image) for v in self.volumes]  # type: ignore[arg-type]
 
     def sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        from scipy import ndimage
-
         fallback: tuple[int, torch.Tensor, np.ndarray] | None = None  # (border voxels, crop, region)
         for _ in range(12):
             which = randint(gen, 0, len(self.volumes))
