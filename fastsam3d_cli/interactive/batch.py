@@ -102,6 +102,7 @@ def _resolve(base: Path, value: str) -> Path:
 def check_rows(manifest: Path, rows: list[BatchRow], overwrite: bool) -> list[Path]:
     """Every row's inputs and outputs, checked before anything runs; the labelmap each row will write."""
     from fastsam3d_cli.imaging.clickfile import read_click_file
+    from fastsam3d_cli.interactive.export import labelmap_and_format
     from fastsam3d_cli.interactive.infer import _plan_outputs, sidecar_path
 
     planned: list[Path] = []
@@ -113,7 +114,8 @@ def check_rows(manifest: Path, rows: list[BatchRow], overwrite: bool) -> list[Pa
             if not row.volume.exists():
                 raise BadInputError(f"volume {row.volume} does not exist", "check the path in the manifest")
             read_click_file(row.clicks)
-            outputs = _plan_outputs(row.volume, row.clicks, row.output, None, None, overwrite)
+            labelmap, _ = labelmap_and_format(row.volume, row.output, None)  # infer's own naming (DICOM, .dcm)
+            outputs = _plan_outputs(row.volume, row.clicks, labelmap, None, None, overwrite)
         for path in (outputs.labelmap, sidecar_path(outputs.labelmap)):
             key = path.absolute()
             if key in written:
