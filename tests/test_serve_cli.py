@@ -61,6 +61,13 @@ def test_short_token_and_bad_limits_are_usage_errors(no_bind):
     _one_line_error(runner.invoke(app, ["serve", "--max-upload", "0"], env=CLI_ENV), 2, "--max-upload")
 
 
+@pytest.mark.parametrize(("args", "fragment"), [(["--dtype", "foo"], "--dtype 'foo'"), (["--device", "gpu7"], "device 'gpu7'"),
+                                              (["--attention", "x"], "attention backend 'x'"),
+                                              (["--model", "nope"], "model 'nope'")])
+def test_bad_model_options_are_usage_errors_before_binding(no_bind, args, fragment):
+    _one_line_error(runner.invoke(app, ["serve", *args], env=CLI_ENV), 2, fragment)
+
+
 def test_missing_root_or_volume_is_exit_3(no_bind, tmp_path):
     _one_line_error(runner.invoke(app, ["serve", "--root", str(tmp_path / "nope")], env=CLI_ENV), 3,
                     "--root", "not a folder")

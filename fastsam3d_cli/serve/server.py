@@ -67,9 +67,11 @@ def check_options(options: ServeOptions) -> None:
                                                                "`python -c 'import secrets; print(secrets.token_urlsafe())'`")
     if not 0 <= int(options.port) <= 65535:
         raise UsageError(f"--port {options.port} is invalid", "use 0..65535 (0 picks a free port)")
-    for name, value in (("--max-sessions", options.max_sessions), ("--max-crops", options.max_crops)):
-        if int(value) < 1:
-            raise UsageError(f"{name} {value} is invalid", "use 1 or more")
+    if int(options.max_sessions) < 1:
+        raise UsageError(f"--max-sessions {options.max_sessions} is invalid", "use 1 or more")
+    from fastsam3d_cli.interactive.infer import check_usage  # --max-crops and the model options, as infer checks them
+
+    check_usage(options.max_crops, None, (options.model, options.dtype, options.attention, options.device))
     if options.max_upload_mb <= 0 or (options.max_memory_mb is not None and options.max_memory_mb <= 0):
         raise UsageError("--max-upload and --max-memory must be positive", "give a size in MB")
     if options.root is not None:
