@@ -183,12 +183,19 @@ def _near(shape: tuple[int, ...], spacing: np.ndarray, clicks: Sequence[tuple[in
     near = np.zeros(shape, dtype=bool)
     reach = np.ceil(radius_mm / spacing).astype(int)
     for click in clicks:
-        lo = np.maximum(np.asarray(click) - reach, 0)
-        hi = np.minimum(np.asarray(click) + reach + 1, shape)
-        axes = [((np.arange(a, b) - c) * s) ** 2 for a, b, c, s in zip(lo, hi, click, spacing)]
-        ball = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :] <= radius_mm ** 2
-        near[tuple(slice(a, b) for a, b in zip(lo, hi))] |= ball
+        box, ball = _ball(click, reach, shape, spacing, radius_mm)
+        near[box] |= ball
     return near
+
+
+def _ball(centre: tuple[int, int, int], reach: np.ndarray, shape: Sequence[int], spacing: np.ndarray,
+          radius_mm: float) -> tuple[tuple[slice, ...], np.ndarray]:
+    """(box of ±`reach` voxels around `centre` clipped to `shape`, its voxels within `radius_mm` of the centre)."""
+    lo = np.maximum(np.asarray(centre) - reach, 0)
+    hi = np.minimum(np.asarray(centre) + reach + 1, shape)
+    axes = [((np.arange(a, b) - c) * s) ** 2 for a, b, c, s in zip(lo, hi, centre, spacing)]
+    ball = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :] <= radius_mm ** 2
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), ball
 
 
 def _holding(mask: np.ndarray, seeds: Sequence[tuple[int, int, int]]) -> np.ndarray:
@@ -239,12 +246,7 @@ def _click_statistics(smooth: np.ndarray, raw: np.ndarray, spacing: np.ndarray, 
     The spread is the raw image's (noise and texture as acquired): the window then also admits the
     smoothed, partial-volume voxels along the object's edge.
     """
-    reach = np.floor(radius_mm / spacing).astype(int)
-    lo = np.maximum(np.asarray(click) - reach, 0)
-    hi = np.minimum(np.asarray(click) + reach + 1, smooth.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    axes = [((np.arange(a, b) - c) * s) ** 2 for a, b, c, s in zip(lo, hi, click, spacing)]
-    ball = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :] <= radius_mm ** 2
+    box, ball = _ball(click, np.floor(radius_mm / spacing).astype(int), smooth.shape, spacing, radius_mm)
     smooth_samples, raw_samples = smooth[box][ball], raw[box][ball].astype(np.float64)
     keep = np.isfinite(smooth_samples) & np.isfinite(raw_samples)
     if not keep.any():
