@@ -285,7 +285,7 @@ def download(name: str, *, progress: bool = False, offline: Optional[bool] = Non
             if entry.verified:
                 return entry
             if entry.verified is None:  # a file nobody recorded (copied in by hand): check and record it
-                return _record_found_file(spec, target)
+                return _record_found_file(spec, target, entry.sha256)
         _check_url(spec)
         _fetch(spec, target, record, progress=progress, timeout_s=timeout_s, attempts=attempts,
                retry_pause_s=retry_pause_s)
@@ -370,11 +370,10 @@ def resolve_weights(name: str, *, offline: Optional[bool] = None, progress: bool
     if target.is_file():
         entry = _entry(spec, _read_index(folder).get(name))
         if entry.verified:
-            _remember_verified(target, entry.sha256)
             return target
         if entry.verified is None:
             if os.access(folder, os.W_OK):  # a read-only shared cache is used as it is
-                _record_found_file(spec, target)
+                _record_found_file(spec, target, entry.sha256)
             return target
         raise WeightsError(
             f"cached weights '{name}' ({target}) fail their sha256 check: {entry.sha256} "
@@ -512,25 +511,29 @@ def _expected_sha256(spec: WeightsSpec, record: Optional[dict]) -> tuple[Optiona
 
 
 def _entry(spec: WeightsSpec, record: Optional[dict], digest: Optional[str] = None) -> WeightsEntry:
-    """Cache state of `spec`; hashes the cached file unless its `digest` was just computed."""
+    """Cache state of `spec`; hashes the cached file unless its `digest` was just computed. A verified file's
+    digest is remembered (`verified_sha256`), so the loader does not hash it again, however it was verified."""
     path = cache_dir() / spec.filename
     expected, check = _expected_sha256(spec, record)
     cached = path.is_file()
     digest = (digest or sha256_file(path)) if cached else None
     size = path.stat().st_size if cached else (spec.size_bytes or (record or {}).get("size_bytes"))
+    verified = (digest == expected) if (cached and expected) else None
+    if verified:
+        _remember_verified(path, digest)
     return WeightsEntry(
         name=spec.name, preset=spec.preset, path=path, cached=cached, size_bytes=size,
-        approx_size_mb=spec.approx_size_mb, check=check,
-        verified=(digest == expected) if (cached and expected) else None,
+        approx_size_mb=spec.approx_size_mb, check=check, verified=verified,
         sha256=digest, expected_sha256=expected, source=(record or {}).get("source") if cached else None,
         url=spec.url, url_from=spec.url_from, licence=spec.licence)
 
 
-def _record_found_file(spec: WeightsSpec, target: Path) -> WeightsEntry:
-    """Trust on first use for a checkpoint found in the cache without a record: check it, record its sha256."""
+def _record_found_file(spec: WeightsSpec, target: Path, digest: Optional[str] = None) -> WeightsEntry:
+    """Trust on first use for a checkpoint found in the cache without a record: check it, record its sha256
+    (`digest`: already computed by the caller's `_entry`)."""
     check_is_checkpoint(target, spec, what=str(target),
                         fix=f"delete it, then run `fastsam3d weights download {spec.name}`")
-    digest = sha256_file(target)
+    digest = digest or sha256_file(target)
     _write_record(target.parent, spec.name, digest, target.stat().st_size, "found in the cache")
     return _entry(spec, _read_index(target.parent).get(spec.name), digest=digest)
 
