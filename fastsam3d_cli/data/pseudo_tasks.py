@@ -25,9 +25,10 @@ from fastsam3d_cli.data import appearance as ap
 from fastsam3d_cli.data.appearance import chance, randint, uniform
 from fastsam3d_cli.data.label_maps import LabelMapVolume
 from fastsam3d_cli.data.shapes import small_rotation
+from fastsam3d_cli.data.synthetic import ShapesSource, work_size
+from fastsam3d_cli.data.training_data import MIN_FOREGROUND_VOXELS
 from fastsam3d_cli.imaging.crops import CROP_SIZE, CropBox, extract_crop
 
-MIN_FOREGROUND_VOXELS = 1000
 MAX_TARGET_FRACTION = 0.08  # of the crop (~420 mL at 1.5 mm): larger regions are mostly background
 MIN_LARGEST_FRACTION = 0.004  # the smallest per-crop size limit (~8000 voxels at 128³)
 BORDER_FRACTION = 0.1  # at most this share of the target on the crop's outer 2 work voxels
@@ -83,7 +84,7 @@ class SupervoxelSource:
     def __init__(self, volumes: Sequence[LabelMapVolume], min_foreground_voxels: int = MIN_FOREGROUND_VOXELS,
                  crop_size: int = CROP_SIZE) -> None:
         self.crop_size = int(crop_size)
-        self.work_size = max(8, self.crop_size // 2)
+        self.work_size = work_size(self.crop_size)
         self.volumes = [v for v in volumes if v.image is not None]
         if not self.volumes:
             raise ValueError("no training image to draw pseudo-tasks from")
@@ -139,8 +140,6 @@ class SupervoxelSource:
         if fallback is not None:  # rare: the least-cut region seen (too large or touching the edge)
             return self._finish(fallback[1], fallback[2], gen, force=True)  # type: ignore[return-value]
         # an image with no region of the right size at all (tiny or flat): a procedural scene instead
-        from fastsam3d_cli.data.synthetic import ShapesSource
-
         return ShapesSource(self.crop_size).sample(gen)
 
     def _centre(self, image: np.ndarray, threshold: float, gen: torch.Generator) -> list[int]:

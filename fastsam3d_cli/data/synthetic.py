@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from fastsam3d_cli.data import appearance as ap
 from fastsam3d_cli.data.appearance import chance, randint, uniform
 from fastsam3d_cli.data.label_maps import LabelMapVolume
-from fastsam3d_cli.data.shapes import small_rotation
+from fastsam3d_cli.data.shapes import coordinates, generate_scene, small_rotation
+from fastsam3d_cli.data.training_data import MIN_FOREGROUND_VOXELS
 from fastsam3d_cli.imaging.crops import CROP_SIZE
 
-MIN_FOREGROUND_VOXELS = 1000
 MAX_TARGET_FRACTION = 0.35  # of the crop: larger targets are redrawn (nothing left to click around)
 MAX_BORDER_FRACTION = 0.05  # of the target's work voxels on the crop's outer face: more is redrawn (cut off)
 MAX_TRIES = 8
@@ -141,8 +141,6 @@ class ShapesSource:
         self.crop_size = int(crop_size)
 
     def sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        from fastsam3d_cli.data.shapes import generate_scene
-
         tries = MAX_TRIES * 2
         for attempt in range(tries + MAX_TRIES):  # the last tries accept any non-empty target: never an error
             scene = generate_scene(gen, work_size(self.crop_size))
@@ -172,8 +170,6 @@ def work_size(crop_size: int) -> int:
 def sample_grid(shape: Sequence[int], pose: Pose, size: int, elastic_voxels: float,
                 gen: torch.Generator, crop_size: int = CROP_SIZE) -> torch.Tensor:
     """grid_sample grid (1, S, S, S, 3) mapping work voxels to the label map (align_corners=True)."""
-    from fastsam3d_cli.data.shapes import coordinates
-
     cell = crop_size / size  # source voxels (1.5 mm) per work voxel, before zoom
     offsets = (coordinates(size) - (size - 1) / 2.0) * (cell / pose.zoom)
     for axis, flip in enumerate(pose.flips):
