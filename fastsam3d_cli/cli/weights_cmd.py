@@ -68,10 +68,10 @@ def _render_bundled(model: Any, digest: Optional[str]) -> None:
 
 
 def _fail_if_bundled_damaged(model: Any, digest: Optional[str]) -> None:
-    from fastsam3d_cli.weights.bundled import verified_path
+    from fastsam3d_cli.weights.bundled import check_digest
 
-    if model is not None and digest != model.sha256:
-        verified_path(model)  # raises the one-line error that names the fix (reinstall)
+    if model is not None:
+        check_digest(model, digest)  # the one-line error that names the fix (reinstall); the file is not re-read
 
 
 def _size_text(size_bytes: Optional[int], approx_size_mb: int) -> str:

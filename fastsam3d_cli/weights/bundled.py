@@ -116,10 +116,15 @@ def verified_path(model: BundledModel) -> tuple[Path, str]:
     """(path, sha256) of the bundled weights after checking the file against the manifest (WeightsError:
     reinstall). Checked on every load: a damaged file must never run as the default model."""
     digest = file_sha256(model)
+    check_digest(model, digest)
+    return model.path, digest
+
+
+def check_digest(model: BundledModel, digest: str | None) -> None:
+    """WeightsError (reinstall) when `digest`, the bundled file's sha256, is not the manifest's."""
     if digest != model.sha256:
         raise WeightsError(f"the bundled model '{model.name}' ({model.path}) fails its sha256 check: {digest} != "
                            f"{model.sha256} in {MANIFEST_NAME}", REINSTALL_FIX)
-    return model.path, digest
 
 
 # ------------------------------------------------------------------------------------------ export
