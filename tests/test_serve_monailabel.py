@@ -200,3 +200,21 @@ def test_unknown_model_path_and_session_are_refused(served):
     assert got == 403
     response = client_get_session(url, "nosuchsession")
     assert response.status == 404 and "nosuchsession" in json.loads(response.read())["error"]
+
+
+def test_multipart_parser_round_trips_binary_parts_and_refuses_broken_bodies():
+    from fastsam3d_cli.serve.errors import ApiError
+    from fastsam3d_cli.serve.multipart import build_form, parse_form
+
+    data = b"\r\n--\x00\xff" * 1000 + b"\r\n"
+    content_type, body = build_form({"params": '{"label": "x"}'}, {"file": ("a b.nii.gz", data, "application/gzip")})
+    parts = parse_form(content_type, b"preamble\r\n" + body)
+    assert [(p.name, p.filename, p.data) for p in parts] == [("params", None, b'{"label": "x"}'),
+                                                              ("file", "a b.nii.gz", data)]
+    for bad_type, bad_body, fragment in [("application/json", body, "multipart/form-data"),
+                                         ("multipart/form-data", body, "boundary"),
+                                         (content_type, b"no delimiter", "could not be parsed"),
+                                         (content_type, body[: len(body) // 2], "not terminated")]:
+        with pytest.raises(ApiError, match=fragment) as caught:
+            parse_form(bad_type, bad_body)
+        assert caught.value.status == 400
