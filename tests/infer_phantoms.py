@@ -167,3 +167,14 @@ def expected_nearest_paste(image: sitk.Image, canonical: sitk.Image, crop_start:
     fraction = index - np.floor(index)
     ambiguous = np.any(np.abs(fraction - 0.5) < 1e-6, axis=-1)
     return expected, ambiguous
+
+
+def one_line_error(result, code: int, *fragments: str) -> str:
+    """Assert a CLI result is exit `code` with exactly one `fastsam3d: error:` line holding `fragments`; return it."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("fastsam3d: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

@@ -10,23 +10,13 @@ import pytest
 from typer.testing import CliRunner
 
 from fastsam3d_cli.cli import app
-from infer_phantoms import CLI_ENV, make_tiny_checkpoint, phantom, write
+from infer_phantoms import CLI_ENV, make_tiny_checkpoint, one_line_error, phantom, write
 
 runner = CliRunner()
 
 
 def _tree(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(result, code: int, *fragments: str) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("fastsam3d: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +41,7 @@ def test_a_header_only_output_format_is_refused_with_its_single_file_form(case, 
     before = _tree(case)
     result = runner.invoke(app, ["infer", str(case / "v.nii.gz"), "--clicks", str(case / "clicks.json"),
                                  "--checkpoint", str(tiny), "-o", str(case / name)], env=CLI_ENV)
-    _one_line_error(result, 2, f"output {case / name} is a header-only format", f"as one file: {single}")
+    one_line_error(result, 2, f"output {case / name} is a header-only format", f"as one file: {single}")
     assert _tree(case) == before
 
 
@@ -124,7 +114,7 @@ def test_prepare_into_a_folder_that_cannot_be_written_is_exit_3(tmp_path, monkey
         monkeypatch.setattr(prepare_module.os, "access",
                             lambda path, mode: False if Path(path) == locked else real_access(path, mode))
     result = runner.invoke(app, ["prepare", str(raw), "-o", str(locked / "out")], env=PREPARE_ENV)
-    _one_line_error(result, 3, f"output folder {locked / 'out'} cannot be created: {locked} is not writable",
+    one_line_error(result, 3, f"output folder {locked / 'out'} cannot be created: {locked} is not writable",
                     "choose a writable location with -o")
     assert _tree(locked) == {} and not (locked / "out").exists()
     monkeypatch.undo()
@@ -135,7 +125,7 @@ def test_prepare_into_a_folder_that_cannot_be_written_is_exit_3(tmp_path, monkey
 
     monkeypatch.setattr(prepare_module.Path, "mkdir", read_only)  # a read-only mount os.access does not see
     result = runner.invoke(app, ["prepare", str(raw), "-o", str(locked / "out")], env=PREPARE_ENV)
-    _one_line_error(result, 3, "cannot be created: Read-only file system")
+    one_line_error(result, 3, "cannot be created: Read-only file system")
 
 
 def test_prepare_with_a_spacing_that_would_make_a_huge_grid_is_a_usage_error(tmp_path):
@@ -144,7 +134,7 @@ def test_prepare_with_a_spacing_that_would_make_a_huge_grid_is_a_usage_error(tmp
     raw = make_v2_dataset(tmp_path / "raw")  # 20×16×12 voxels of 3 mm
     out = tmp_path / "prepared"
     result = runner.invoke(app, ["prepare", str(raw), "-o", str(out), "--spacing", "0.01"], env=PREPARE_ENV)
-    _one_line_error(result, 2, "--spacing 0.01 would resample Dataset900_Phantom case case_a onto a 6000×4800×3600 "
+    one_line_error(result, 2, "--spacing 0.01 would resample Dataset900_Phantom case case_a onto a 6000×4800×3600 "
                                "grid (104 billion voxels", "give a coarser --spacing")
     assert not out.exists()
     fine = runner.invoke(app, ["prepare", str(raw), "-o", str(out), "--spacing", "0.5"], env=PREPARE_ENV)
@@ -160,7 +150,7 @@ def test_a_deeply_nested_click_file_is_invalid_json_not_an_internal_error(case, 
     before = _tree(case)
     result = runner.invoke(app, ["infer", str(case / "v.nii.gz"), "--clicks", str(case / "clicks.json"),
                                  "--checkpoint", str(tiny)], env=CLI_ENV)
-    _one_line_error(result, 3, f"click file {case / 'clicks.json'} is not valid JSON", "nested too deeply")
+    one_line_error(result, 3, f"click file {case / 'clicks.json'} is not valid JSON", "nested too deeply")
     assert _tree(case) == before
 
 
@@ -222,7 +212,7 @@ def test_a_4d_image_in_a_one_channel_per_file_dataset_gets_a_fix_that_works(tmp_
     nib.save(nib.Nifti1Image(np.zeros((20, 16, 12, 2), np.int16), np.diag([3.0, 3.0, 3.0, 1.0])),
              str(raw / "imagesTr" / "case_a_0000.nii.gz"))
     result = runner.invoke(app, ["prepare", str(raw), "-o", str(tmp_path / "out"), *channel], env=PREPARE_ENV)
-    line = _one_line_error(result, 3, "is 4D with 2 channels, but this dataset keeps one 3D channel per file",
+    line = one_line_error(result, 3, "is 4D with 2 channels, but this dataset keeps one 3D channel per file",
                            "split the 4D file into one 3D file per channel")
     assert "--channel" not in line
     assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from fastsam3d_cli.cli import app
 from fastsam3d_cli.errors import BadInputError
 from fastsam3d_cli.imaging.volumes import read_image
-from infer_phantoms import CLI_ENV as INFER_ENV, make_tiny_checkpoint, phantom, write
+from infer_phantoms import CLI_ENV as INFER_ENV, make_tiny_checkpoint, one_line_error, phantom, write
 from prepare_phantoms import SHAPE, all_files, make_v2_dataset
 from train_phantoms import CLI_ENV, make_prepared, tree
 
@@ -26,15 +26,6 @@ def _cut(path: Path, keep: float = 0.5) -> None:
     """Keep the first `keep` of the file (header intact), as an interrupted copy or download would."""
     data = path.read_bytes()
     path.write_bytes(data[:int(len(data) * keep)])
-
-
-def _one_line_error(result, code: int, *fragments: str) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +69,7 @@ def test_infer_refuses_a_cut_volume_and_writes_nothing(volume, tmp_path, tiny):
     before = tree(tmp_path)
     result = runner.invoke(app, ["infer", str(volume), "--clicks", str(tmp_path / "clicks.json"),
                                  "--checkpoint", str(tiny)], env=INFER_ENV)
-    _one_line_error(result, 3, f"volume {volume} is truncated or corrupt", "download it again")
+    one_line_error(result, 3, f"volume {volume} is truncated or corrupt", "download it again")
     assert tree(tmp_path) == before
 
 
@@ -88,7 +79,7 @@ def test_prepare_refuses_a_cut_label_and_writes_nothing(tmp_path):
     _cut(raw / "labelsTr" / "case_a.nii.gz")
     out = tmp_path / "prepared"
     result = runner.invoke(app, ["prepare", str(raw), "-o", str(out)], env=CLI_ENV)
-    _one_line_error(result, 3, "case_a.nii.gz is truncated or corrupt")
+    one_line_error(result, 3, "case_a.nii.gz is truncated or corrupt")
     assert all_files(out) == {}
 
 
@@ -103,7 +94,7 @@ def test_train_refuses_a_cut_prepared_label_before_making_a_run(cut_prepared, tm
     before = tree(tmp_path)
     result = runner.invoke(app, ["train", str(cut_prepared), "--model", "fastsam3d-tiny", "-o", str(tmp_path / "run"),
                                  "--epochs", "1", "--max-steps", "1", "--device", "cpu"], env=CLI_ENV)
-    _one_line_error(result, 3, "p0.nii.gz is truncated or corrupt")
+    one_line_error(result, 3, "p0.nii.gz is truncated or corrupt")
     assert tree(tmp_path) == before and not (tmp_path / "run").exists()
 
 
@@ -111,7 +102,7 @@ def test_validate_refuses_a_cut_prepared_label_and_writes_nothing(cut_prepared, 
     before = tree(tmp_path)
     result = runner.invoke(app, ["validate", str(cut_prepared), "--checkpoint", str(tiny), "--clicks", "1",
                                  "--csv", str(tmp_path / "scores.csv"), "--device", "cpu"], env=CLI_ENV)
-    _one_line_error(result, 3, "p0.nii.gz is truncated or corrupt")
+    one_line_error(result, 3, "p0.nii.gz is truncated or corrupt")
     assert tree(tmp_path) == before
 
 
@@ -141,7 +132,7 @@ def test_a_prepared_file_of_another_size_than_the_manifest_records_is_refused(ma
     before = tree(tmp_path)
     result = runner.invoke(app, ["train", str(manifest_prepared), "--model", "fastsam3d-tiny", "-o",
                                  str(tmp_path / "run"), "--max-steps", "1", "--device", "cpu"], env=CLI_ENV)
-    _one_line_error(result, 3, f"prepared file {label} has", "the manifest records",
+    one_line_error(result, 3, f"prepared file {label} has", "the manifest records",
                     "re-run the same fastsam3d prepare command")
     assert tree(tmp_path) == before
 
