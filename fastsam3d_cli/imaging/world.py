@@ -49,17 +49,29 @@ class WorldGeometry:
 IMAGE_GEOMETRY = WorldGeometry()
 
 
-def world_geometry(path: str | Path | None, image: Any) -> WorldGeometry:
-    """The world geometry of `image` read from `path`: from the NIfTI header for a NIfTI, else the image's own."""
+def nifti_header(path: str | Path | None, image: Any) -> Any:
+    """The NIfTI header of `path` when it is a NIfTI that nibabel reads on `image`'s voxel grid, else None."""
     if path is None or not str(path).lower().endswith(NIFTI_SUFFIXES):
-        return geometry_from_metadata(image)
+        return None
     import nibabel as nib
 
     try:
         header = nib.load(str(path)).header
     except Exception:  # noqa: BLE001 - SimpleITK read the file; nibabel cannot add anything
-        return geometry_from_metadata(image)
+        return None
     if tuple(int(v) for v in header.get_data_shape()[:3]) != tuple(image.GetSize()):
+        return None
+    return header
+
+
+def world_geometry(path: str | Path | None, image: Any, header: Any = None) -> WorldGeometry:
+    """The world geometry of `image` read from `path`: from the NIfTI header for a NIfTI, else the image's own.
+
+    `header`: the file's header when the caller already read it with `nifti_header` (read here otherwise).
+    """
+    if header is None:
+        header = nifti_header(path, image)
+    if header is None:
         return geometry_from_metadata(image)
     return _from_codes(int(header["qform_code"]), int(header["sform_code"]),
                        lambda: header.get_qform(), lambda: header.get_sform(), image, str(path))

@@ -184,12 +184,12 @@ def infer_file(volume: str | Path, clicks: str | Path, output: str | Path | None
     _check_probability_paths(outputs, click_file.objects, overwrite)
     export.check_mesh_paths(extras, click_file.objects, overwrite, outputs.inputs)
     image, dicom = export.read_input(volume_path, channel, series)
-    world = world_geometry(volume_path, image)  # world clicks through the NIfTI's own affine (imaging/world.py)
+    nifti_header = _nifti_header(volume_path, image)  # read once: the world geometry and the outputs' header
+    world = world_geometry(volume_path, image, nifti_header)  # world clicks through the NIfTI's own affine
     world.check_space(click_file.space)
     points_lps = [to_lps(obj.points, click_file.space, image, world.ras_from_ijk) for obj in click_file.objects]
     for obj, lps in zip(click_file.objects, points_lps):
         check_inside(obj, lps, image, click_file.space)
-    nifti_header = _nifti_header(volume_path, image)
     input_sha256 = dicom.sha256 if dicom is not None else sha256_of(volume_path)
     clicks_sha256 = sha256_of(Path(clicks))
     read_ms = (time.perf_counter() - read_start) * 1000.0
@@ -416,14 +416,6 @@ def _restore_header_geometry(header: Any, source: Any) -> None:
 
 def _nifti_header(path: Path, image: Any) -> Any:
     """The input's NIfTI header when the input is a 3D-compatible NIfTI on the same voxel grid, else None."""
-    if not path.name.lower().endswith(NIFTI_SUFFIXES):
-        return None
-    import nibabel as nib
+    from fastsam3d_cli.imaging.world import nifti_header
 
-    try:
-        header = nib.load(str(path)).header
-    except Exception:  # noqa: BLE001 - SimpleITK read it; fall back to its geometry
-        return None
-    if tuple(int(v) for v in header.get_data_shape()[:3]) != tuple(image.GetSize()):
-        return None
-    return header
+    return nifti_header(path, image)
