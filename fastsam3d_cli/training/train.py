@@ -5,6 +5,8 @@ steps (11 in the reference). Each step adds ONE new simulated click (the `random
 the current error region) and feeds back the previous step's low-res logits (zeros before the first click);
 at one random step in [2, iterations−2) and at the last step the decoder sees the mask only (no point).
 The loss is Dice + cross-entropy on the 128³ upsampled logits, summed over the steps.
+`grad_iterations` K selects the fast recipe instead (RITM-style, see `interactive_loss`): a random number of
+click rounds without gradients, then K rounds with them, every round with a click.
 
 Optimisation: AdamW (wd 0.1), the prompt encoder and mask decoder at 0.1× the learning rate, a step
 schedule (×0.1 at 60% and 90% of the epochs unless `lr_milestones` is given), gradient accumulation,
