@@ -121,7 +121,7 @@ def render(labels: torch.Tensor, target_field: torch.Tensor, target_values: Sequ
     ct_like = chance(gen, 0.5)
     count = int(labels.max()) + 1
     means, sds = ap.label_intensities(gen, count, ct_like, names)
-    separate_target(means, sds, labels, target_field > 0, target_values, gen, ct_like)
+    separate_target(means, sds, labels, inside, target_values, gen, ct_like)
     work = ap.paint(labels, means, sds, gen, texture_scale=uniform(gen, 0.3, 1.0))
     noise = uniform(gen, 5.0, 40.0) if ct_like else uniform(gen, 0.0, 12.0)
     air = uniform(gen, 0.0, 0.2) if not ct_like and chance(gen, 0.3) else None  # MR-like air ≈ 0
