@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -144,22 +143,14 @@ def build_checkpoint(model: str, golden: Path, workdir: Path) -> Path:
     import collections
 
     import torch
+    from infer_speed import golden_state_dict  # a sibling script: benchmarks/ is on sys.path
 
-    from fastsam3d_cli.model import build_model
     from fastsam3d_cli.model.checkpoint import save_checkpoint
 
     path = workdir / f"{model}_deterministic.pth"
     if path.is_file():
         return path
-    spec = importlib.util.spec_from_file_location("weights_rule", golden / "weights_rule.py")
-    if spec is None or spec.loader is None:
-        sys.exit(f"cannot find {golden / 'weights_rule.py'} (set FASTSAM3D_GOLDEN_DIR)")
-    rule = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rule)
-    with torch.device("meta"):
-        net = build_model(model)
-    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    state = rule.make_state_dict([(k, s, rule.is_layernorm_weight_key(k)) for k, s in shapes.items()])
+    state, net = golden_state_dict(model, golden)
     if model != "fastsam3d":
         save_checkpoint(path, state, config=net.config.to_dict())
         return path

@@ -164,22 +164,29 @@ def main() -> int:
 
 def deterministic_checkpoint(preset: str, golden_dir: Path, workdir: Path) -> Path:
     """A checkpoint of `preset` with the golden rule's weights (key → crc32-seeded randn), cached in workdir."""
-    from fastsam3d_cli.model import build_model
     from fastsam3d_cli.model.checkpoint import save_checkpoint
 
     path = workdir / f"{preset}_deterministic.pth"
     if path.is_file():
         return path
+    state, _ = golden_state_dict(preset, golden_dir)
+    save_checkpoint(path, state)
+    return path
+
+
+def golden_state_dict(preset: str, golden_dir: Path) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+    """(the golden rule's deterministic state dict of `preset`, the preset built on the meta device)."""
+    from fastsam3d_cli.model import build_model
+
     spec = importlib.util.spec_from_file_location("weights_rule", golden_dir / "weights_rule.py")
     if spec is None or spec.loader is None:
         sys.exit(f"cannot find {golden_dir / 'weights_rule.py'} (set FASTSAM3D_GOLDEN_DIR)")
     rule = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rule)
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in build_model(preset).state_dict().items()}
-    entries = [(k, s, rule.is_layernorm_weight_key(k)) for k, s in shapes.items()]
-    save_checkpoint(path, rule.make_state_dict(entries))
-    return path
+        net = build_model(preset)
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    return rule.make_state_dict([(k, s, rule.is_layernorm_weight_key(k)) for k, s in shapes.items()]), net
 
 
 def liver_clicks(case: Path) -> list[list[float]]:
