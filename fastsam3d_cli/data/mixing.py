@@ -164,7 +164,7 @@ def build_source(name: str, *, label_maps: Sequence = (), real_dataset: Any = No
     from fastsam3d_cli.data.synthetic import LabelMapSource, ShapesSource
 
     if name == "shapes":
-        return ShapesSource(crop_size)
+        return ShapesSource(crop_size, min_foreground_voxels=min_foreground_voxels)
     if name == "synth-labels":
         return LabelMapSource(cached_label_maps(label_maps), min_foreground_voxels=min_foreground_voxels,
                               crop_size=crop_size)

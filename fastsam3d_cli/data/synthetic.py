@@ -106,7 +106,7 @@ def separate_target(means: torch.Tensor, sds: torch.Tensor, labels: torch.Tensor
 
 def render(labels: torch.Tensor, target_field: torch.Tensor, target_values: Sequence[int], gen: torch.Generator,
            names: Sequence[str] | None = None, out_size: int = CROP_SIZE,
-           force: bool = False) -> dict[str, torch.Tensor] | None:
+           force: bool = False, min_foreground_voxels: int = MIN_FOREGROUND_VOXELS) -> dict[str, torch.Tensor] | None:
     """Paint a work-grid label scene and cut the target: the sample dict, or None when the target is too small
     too large, or cut by the crop's edge."""
     inside = target_field > 0
@@ -116,7 +116,7 @@ def render(labels: torch.Tensor, target_field: torch.Tensor, target_values: Sequ
         return None
     label = ap.upsample(target_field, out_size) > 0
     voxels = int(label.sum())
-    if voxels == 0 or (not force and not MIN_FOREGROUND_VOXELS <= voxels <= MAX_TARGET_FRACTION * out_size ** 3):
+    if voxels == 0 or (not force and not min_foreground_voxels <= voxels <= MAX_TARGET_FRACTION * out_size ** 3):
         return None
     ct_like = chance(gen, 0.5)
     count = int(labels.max()) + 1
@@ -137,15 +137,16 @@ class ShapesSource:
 
     name = "shapes"
 
-    def __init__(self, crop_size: int = CROP_SIZE) -> None:
+    def __init__(self, crop_size: int = CROP_SIZE, min_foreground_voxels: int = MIN_FOREGROUND_VOXELS) -> None:
         self.crop_size = int(crop_size)
+        self.min_foreground_voxels = int(min_foreground_voxels)
 
     def sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
         tries = MAX_TRIES * 2
         for attempt in range(tries + MAX_TRIES):  # the last tries accept any non-empty target: never an error
             scene = generate_scene(gen, work_size(self.crop_size))
             sample = render(scene.labels, scene.target_field, scene.target_labels, gen, out_size=self.crop_size,
-                            force=attempt >= tries)
+                            force=attempt >= tries, min_foreground_voxels=self.min_foreground_voxels)
             if sample is not None:
                 return sample
         raise RuntimeError("no shapes scene with a target")  # pragma: no cover - 8 empty targets in a row
@@ -258,5 +259,6 @@ class LabelMapSource:
         target = is_target[labels]
         names = ["outside" if int(v) == 0 else volume.names.get(int(v) - 1, "background") for v in present]
         target_values = [i for i, v in enumerate(present.tolist()) if v in shifted]
-        return render(compact, target.float() - 0.5, target_values, gen, names=names, out_size=self.crop_size)
+        return render(compact, target.float() - 0.5, target_values, gen, names=names, out_size=self.crop_size,
+                      min_foreground_voxels=self.min_foreground_voxels)
 
