@@ -268,9 +268,9 @@ class Session:
     @functools.cached_property
     def nifti_header(self) -> Any:
         """The input's NIfTI header that results keep (infer's rule; None for other formats), read once."""
-        from fastsam3d_cli.interactive.infer import _nifti_header  # noqa: PLC2701 - infer's rule
+        from fastsam3d_cli.imaging.world import nifti_header
 
-        return _nifti_header(self.volume_path, self.predictor.input_image)
+        return nifti_header(self.volume_path, self.predictor.input_image)
 
     def volume_bytes(self, array: np.ndarray, suffix: str) -> bytes:
         """`array` (ijk, on the input grid) as a `suffix` file written by infer's writer (input header kept)."""
