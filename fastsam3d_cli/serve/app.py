@@ -142,16 +142,21 @@ class Server:
             raise
 
     def _make(self, session_id: str, path: Path, display_name: str, owned: Path | None) -> Session:
+        from fastsam3d_cli.imaging.volumes import read_image
+        from fastsam3d_cli.imaging.world import nifti_header, world_geometry
         from fastsam3d_cli.interactive.predictor import Predictor
 
         loaded = self.config.loaded
         predictor = Predictor(loaded.model, loaded.device, max_crops=self.config.max_crops)
-        try:
-            predictor.set_volume(path)
+        try:  # as infer: the NIfTI header is read once, for the world geometry and the results' header
+            image = read_image(path, None, strict_channel=True)
+            header = nifti_header(path, image)
+            predictor.set_volume(image, world=world_geometry(path, image, header))
         except FastSAM3DError as exc:
             raise ApiError(400, f"'{display_name}' is not a readable 3D volume: "
                                 f"{exc.message.replace(str(path), display_name)}") from None
-        return Session(session_id, predictor, path, display_name, self.config.compute_lock, owned)
+        return Session(session_id, predictor, path, display_name, self.config.compute_lock, owned,
+                       nifti_header=header)
 
     def sidecar(self, session: Session) -> dict[str, Any]:
         from fastsam3d_cli import __version__

@@ -37,6 +37,7 @@ def _tune_this_thread(device: Any) -> None:
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
            "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000")
 MAX_LABEL = 65535
+_UNREAD = object()  # Session(nifti_header=...) not given: read it from volume_path when first needed
 
 
 @dataclass
@@ -68,12 +69,14 @@ class Session:
     """A volume open in the server. Callers hold `lock` around every call (the store does)."""
 
     def __init__(self, session_id: str, predictor: Any, volume_path: Path, display_name: str,
-                 compute_lock: threading.Lock, owned_dir: Path | None = None) -> None:
+                 compute_lock: threading.Lock, owned_dir: Path | None = None, nifti_header: Any = _UNREAD) -> None:
         self.id = session_id
         self.predictor = predictor
         self.volume_path = volume_path
         self.display_name = display_name
         self.owned_dir = owned_dir  # a temporary folder (uploads) removed when the session closes
+        if nifti_header is not _UNREAD:  # already read with the volume (`Server._make`); None: not a NIfTI
+            self.nifti_header = nifti_header
         self.lock = threading.RLock()
         self.compute_lock = compute_lock  # one model shared by all sessions: one computation at a time
         self.objects: dict[str, ObjectSpec] = {}
@@ -267,7 +270,7 @@ class Session:
     # ------------------------------------------------------------------------------ results
     @functools.cached_property
     def nifti_header(self) -> Any:
-        """The input's NIfTI header that results keep (infer's rule; None for other formats), read once."""
+        """The input's NIfTI header that results keep (infer's rule; None for other formats), read at most once."""
         from fastsam3d_cli.imaging.world import nifti_header
 
         return nifti_header(self.volume_path, self.predictor.input_image)
