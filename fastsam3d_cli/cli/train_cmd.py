@@ -82,6 +82,10 @@ def register(app: typer.Typer) -> None:
         decoder_lr_scale: float = typer.Option(
             0.1, "--decoder-lr-scale", metavar="X", rich_help_panel=RECIPE,
             help="Learning rate of the prompt encoder and mask decoder as a multiple of --lr (default 0.1)."),
+        prior: str = typer.Option(
+            "none", "--prior", metavar="KIND", rich_help_panel=RECIPE,
+            help="'classical': the model learns to correct the classical floor's region, computed on its crop "
+                 "from the clicks (docs/models.md); 'none' (default): the model predicts the mask alone."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initial weights, augmentation and clicks "
                                            "(default 2023). A resumed run keeps its own.",
                                  rich_help_panel=RECIPE),
@@ -136,7 +140,7 @@ def register(app: typer.Typer) -> None:
                 lr_milestones=_int_list(lr_milestones, "--lr-milestones"), max_steps=max_steps,
                 time_limit_s=None if time_limit is None else time_limit * 60.0, save_every_steps=save_every,
                 classes=class_names, min_foreground_voxels=min_foreground, attention=attention,
-                data_mix=data_mix, label_maps=label_maps, samples_per_epoch=samples_per_epoch,
+                data_mix=data_mix, label_maps=label_maps, samples_per_epoch=samples_per_epoch, prior=prior,
                 log=None if state.quiet or json_output else log_to_stderr,
                 on_step=lambda record, total: bars.update("steps", record["step"], total, _step_text(record)))
         finish_training_command(result, json_output, _render)

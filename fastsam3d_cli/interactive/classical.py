@@ -123,29 +123,38 @@ class ClassicalSegmenter:
         image, values = self.input_image, self._values
         assert values is not None
         clicks = self._objects.get(str(object), [])
-        out = np.zeros(values.shape, dtype=bool)
         includes = [c.index for c in clicks if c.include]
-        if not includes:
-            return out
         spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
-        lo, hi = self._roi([c.index for c in clicks], spacing, values.shape)
-        roi = tuple(slice(a, b) for a, b in zip(lo, hi))
         assert self._smooth is not None
-        local = segment_region(values[roi], self._smooth[roi], spacing, [tuple(np.subtract(i, lo)) for i in includes],
-                               [tuple(np.subtract(c.index, lo)) for c in clicks if not c.include], self.parameters)
-        out[roi] = local
-        return out
-
-    def _roi(self, indices: list[tuple[int, int, int]], spacing: np.ndarray,
-             shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-        margin = np.ceil(self.parameters.reach_mm / spacing).astype(int) + 1
-        points = np.asarray(indices)
-        lo = np.maximum(points.min(axis=0) - margin, 0)
-        hi = np.minimum(points.max(axis=0) + margin + 1, np.asarray(shape))
-        return lo, hi
+        return segment_clicks(values, self._smooth, spacing, includes,
+                              [c.index for c in clicks if not c.include], self.parameters)
 
 
 # ------------------------------------------------------------------------------------ the algorithm
+def segment_clicks(values: np.ndarray, smooth: np.ndarray, spacing: Sequence[float],
+                   includes: Sequence[tuple[int, int, int]], excludes: Sequence[tuple[int, int, int]],
+                   parameters: FloorParameters | None = None) -> np.ndarray:
+    """The floor's mask (bool, the shape of `values`) for these clicks (voxel indices of `values`).
+
+    Steps 1 and 3–6 of the module docstring: only the box of the clicks grown by `reach_mm` is computed
+    (`smooth` is `values` smoothed by step 2). Used by `ClassicalSegmenter` on the input grid and by the
+    classical prior (`interactive.prior`) on a model crop."""
+    p = parameters or FloorParameters()
+    out = np.zeros(values.shape, dtype=bool)
+    if not includes:
+        return out
+    spacing = np.asarray(spacing, dtype=np.float64)
+    margin = np.ceil(p.reach_mm / spacing).astype(int) + 1
+    points = np.asarray(list(includes) + list(excludes))
+    lo = np.maximum(points.min(axis=0) - margin, 0)
+    hi = np.minimum(points.max(axis=0) + margin + 1, np.asarray(values.shape))
+    roi = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    shift = [tuple(int(v) for v in np.subtract(i, lo)) for i in includes]
+    out[roi] = segment_region(values[roi], smooth[roi], spacing, shift,
+                              [tuple(int(v) for v in np.subtract(c, lo)) for c in excludes], p)
+    return out
+
+
 def segment_region(values: np.ndarray, smooth: np.ndarray, spacing: Sequence[float],
                    includes: Sequence[tuple[int, int, int]], excludes: Sequence[tuple[int, int, int]],
                    parameters: FloorParameters | None = None) -> np.ndarray:

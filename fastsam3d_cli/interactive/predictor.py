@@ -52,6 +52,7 @@ import SimpleITK as sitk
 from fastsam3d_cli.imaging.clickfile import ClickObject, check_inside, lps_to_ijk, to_lps
 from fastsam3d_cli.imaging.world import IMAGE_GEOMETRY, WorldGeometry, geometry_from_metadata, world_geometry
 from fastsam3d_cli.interactive.crop_canvas import CropCanvas, shown_box
+from fastsam3d_cli.interactive.prior import CropPrior, PriorSettings, mask_prompt
 from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM, CropBox, box_centered_on, extract_crop, znormalize_foreground
 from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.imaging.volumes import (affine_lps, read_image, resample_onto, resample_to_spacing,
@@ -104,6 +105,8 @@ class CropRun:
     box: CropBox  # in canonical-grid voxel indices
     kind: str  # "primary" | "click" (made for a click outside the other crops) | "extension"
     low_res: Any = None  # (1, 1, 32, 32, 32) torch logits of the last decoder step (the next prompt)
+    # ^ with a prior: the residual gate × M of the last step; a crop's transferred prompt is used as it is once
+    transferred: bool = False  # low_res is the merged logits handed to a new crop (`_transfer_prompt`)
     logits: np.ndarray | None = None  # (128, 128, 128) float32 upsampled logits, axes = canonical ijk
     clicks: list[int] = field(default_factory=list)  # 0-based indices of the object's clicks applied here
     synthetic_click: np.ndarray | None = None  # canonical index of a synthesised include click, if any
@@ -154,6 +157,9 @@ class Predictor:
         self._grid: CanonicalGrid | None = None
         self._objects: dict[str, ObjectState] = {}
         self._embeddings: dict[tuple[int, int, int], Any] = {}
+        # A model trained to correct the classical prior (interactive/prior.py) carries its settings.
+        self.prior = PriorSettings.from_dict(getattr(model, "prior_settings", None))
+        self._crop_priors: dict[tuple[int, int, int], CropPrior] = {}
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
@@ -204,6 +210,7 @@ class Predictor:
         self._grid = CanonicalGrid(tuple(size), spacing, origin, direction)  # type: ignore[arg-type]
         self._objects.clear()
         self._embeddings.clear()
+        self._crop_priors.clear()
         self._record("preprocess", start)
 
     @property
@@ -447,7 +454,8 @@ class Predictor:
             if len(state.crops) >= self.max_crops:
                 return []  # reported as an unused click (raise max_crops)
             box = self._lattice_box(state, click.index)
-            crop = CropRun(box, "click", low_res=self._transfer_prompt(self._merged(state).region(box), box))
+            crop = CropRun(box, "click", low_res=self._transfer_prompt(self._merged(state).region(box), box),
+                           transferred=True)
             state.crops.insert(sum(c.kind != "extension" for c in state.crops), crop)
             targets = [crop]
         for crop in targets:
@@ -484,6 +492,8 @@ class Predictor:
             volume = torch.from_numpy(crop)[None, None].to(self.device)
             with torch.inference_mode():
                 self._embeddings[key] = self.model.encode(volume)
+            if self.prior is not None:
+                self._crop_priors[key] = CropPrior(crop, self.spacing_mm)
             _synchronize(self.device)
             self._record("encode", start, crop=list(key))
         return self._embeddings[key]
@@ -496,15 +506,45 @@ class Predictor:
         start = time.perf_counter()
         points = torch.as_tensor(crop.box.to_crop(index), dtype=torch.float32, device=self.device).view(1, 1, 3)
         labels = torch.tensor([[1 if include else 0]], dtype=torch.int64, device=self.device)
-        previous = crop.low_res if crop.low_res is not None else torch.zeros(
-            (1, 1) + (self.low_res_size,) * 3, dtype=torch.float32, device=self.device)
-        with torch.inference_mode():
-            low_res, _ = self.model.decode(embedding, points, labels, previous)
-            full = self.model.upsample_logits(low_res)
-        crop.low_res = low_res
-        crop.logits = full[0, 0].float().cpu().numpy()
+        if self.prior is not None:
+            self._decode_with_prior(state, crop, embedding, points, labels, index, include, click)
+        else:
+            previous = crop.low_res if crop.low_res is not None else torch.zeros(
+                (1, 1) + (self.low_res_size,) * 3, dtype=torch.float32, device=self.device)
+            with torch.inference_mode():
+                low_res, _ = self.model.decode(embedding, points, labels, previous)
+                full = self.model.upsample_logits(low_res)
+            crop.low_res = low_res
+            crop.logits = full[0, 0].float().cpu().numpy()
+        crop.transferred = False
         crop.version += 1
         self._record("decode", start, object=state.name, click=click, crop=list(crop.box.start))
+
+    def _decode_with_prior(self, state: ObjectState, crop: CropRun, embedding: Any, points: Any, labels: Any, index: np.ndarray,
+                           include: bool, click: Any) -> None:
+        """One decoder step of a prior model: logits = P + upsample(gate × M) (interactive/prior.py)."""
+        import torch
+
+        assert self.prior is not None
+        box = crop.box
+        clicks = [(box.to_crop(state.clicks[n].index), state.clicks[n].include) for n in crop.clicks]
+        if crop.synthetic_click is not None and click != "synthetic":
+            clicks.append((box.to_crop(crop.synthetic_click), True))
+        clicks.append((box.to_crop(index), include))
+        if tuple(box.start) not in self._crop_priors:
+            self._crop_priors[tuple(box.start)] = CropPrior(self._crop_volume(box, normalize=True), self.spacing_mm)
+        prior = torch.from_numpy(self._crop_priors[tuple(box.start)].logits(clicks, self.prior.scale))
+        prior = prior[None, None].to(self.device)
+        with torch.inference_mode():
+            if crop.transferred and crop.low_res is not None:
+                prompt = crop.low_res  # the merged logits so far, prior included: used as they are
+            else:
+                prompt = mask_prompt(prior, crop.low_res, self.low_res_size)
+            output, _ = self.model.decode(embedding, points, labels, prompt.to(embedding.dtype))
+            residual = output.float() * self.prior.gate
+            full = prior + self.model.upsample_logits(residual)
+        crop.low_res = residual
+        crop.logits = full[0, 0].float().cpu().numpy()
 
     def _update_extensions(self, state: ObjectState, changed: list[CropRun]) -> None:
         """After a click: drop extension crops whose reason is gone, then grow crops where masks reach a face.
@@ -562,7 +602,8 @@ class Predictor:
         synthetic = None if inside else self._synthetic_click(merged, box, parent.box)
         if not inside and synthetic is None:
             return None  # checked before building the prompt: a refused box costs one argmax
-        crop = CropRun(box, "extension", low_res=self._transfer_prompt(merged, box), parent=parent.box, face=face)
+        crop = CropRun(box, "extension", low_res=self._transfer_prompt(merged, box), parent=parent.box, face=face,
+                       transferred=True)
         for number in inside:
             click = state.clicks[number]
             self._decode_step(state, crop, click.index, click.include, click=number + 1)
@@ -610,7 +651,7 @@ class Predictor:
             full = np.nan_to_num(extract_crop(canvas, relative, fill=np.nan), nan=0.0)
         tensor = torch.from_numpy(full)[None, None].to(self.device)
         factor = self.crop_size // self.low_res_size
-        return F.avg_pool3d(tensor, kernel_size=factor, stride=factor)
+        return F.avg_pool3d(tensor, kernel_size=factor, stride=factor)  # the caller marks the crop `transferred`
 
     def _merged(self, state: ObjectState) -> CropCanvas:
         """The object's merged logits, brought up to date with its crops (timed as part of "paste")."""

@@ -47,6 +47,7 @@ class CheckpointInfo:
     preset: str | None  # inferred from keys and shapes (None when nothing matches)
     extra_keys: list[str] = field(default_factory=list)  # other top-level entries (optimizer, epoch, ...)
     config: dict | None = None  # the model config stored by this tool, if any
+    prior: dict | None = None  # how the model combines with the classical prior (interactive/prior.py), if trained so
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -104,12 +105,14 @@ def extract_state_dict(payload: Any, path: str | Path = "<memory>", guess_preset
     """
     extra: list[str] = []
     config = None
+    prior: Any = None
     if isinstance(payload, Mapping) and isinstance(payload.get("model_state_dict"), Mapping):
         state = payload["model_state_dict"]
         extra = [str(k) for k in payload if k != "model_state_dict"]
         layout = "training" if any(k in payload for k in ("optimizer_state_dict", "optimizer", "epoch")) \
             else "model_state_dict"
         config = payload.get("config") if isinstance(payload.get("config"), Mapping) else None
+        prior = payload.get("prior")
     elif isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
         state, layout = payload["state_dict"], "state_dict"
         extra = [str(k) for k in payload if k != "state_dict"]
@@ -133,7 +136,8 @@ def extract_state_dict(payload: Any, path: str | Path = "<memory>", guess_preset
                            f"(first keys: {', '.join(list(state_dict)[:3]) or 'none'})",
                            "give a SAM-Med3D / FastSAM3D checkpoint (.pth)")
     preset = infer_preset(state_dict, encoder_only) if guess_preset else None
-    info = CheckpointInfo(str(path), layout, encoder_only, preset, extra, config)
+    info = CheckpointInfo(str(path), layout, encoder_only, preset, extra, config,
+                          dict(prior) if isinstance(prior, Mapping) else prior)
     return state_dict, info
 
 
@@ -321,6 +325,8 @@ def load_model(checkpoint: str | Path, preset: str | None = None, device: torch.
     model = model.to(device).eval()
     tune_cpu_for_inference(device)
     model.set_attention(attention)
+    # Read by the Predictor (interactive/prior.py), which checks it; a plain model has None.
+    model.prior_settings = info.prior
     info.preset = config.name
     return model, info
 

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM
+from fastsam3d_cli.interactive.prior import CropPrior, PriorSettings, check_kind, mask_prompt
 from fastsam3d_cli.training.clicks import clicks_to_prompt, random_click, ritm_click
 from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
 from fastsam3d_cli.training.losses import dice_ce_loss, dice_score
@@ -59,7 +61,7 @@ def mask_only_steps(iterations: int, rng: np.random.Generator) -> set[int]:
 
 def interactive_loss(model: nn.Module, embedding: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
                      iterations: int, rng: np.random.Generator, grad_iterations: int | None = None,
-                     centre_click_share: float = 0.0) -> InteractionResult:
+                     centre_click_share: float = 0.0, prior: "ClassicalPriorBatch | None" = None) -> InteractionResult:
     """Simulate interaction steps on a batch and sum the Dice+CE loss of the steps that carry gradients.
 
     embedding: (B, 384, 8, 8, 8) from `model.encode`; target: (B, 1, S, S, S) {0, 1}; valid: same shape,
@@ -72,6 +74,8 @@ def interactive_loss(model: nn.Module, embedding: torch.Tensor, target: torch.Te
     rounds, as at inference). A round without gradients costs about a third of one with them.
     centre_click_share: the probability that a click is placed RITM-style (the interior of the larger
     error region, where users click) instead of uniformly in the error (0 = the reference's random clicks).
+    prior: train a model that corrects the classical prior (`interactive.prior`): each round's logits are
+    P + upsample(gate × M), P from all clicks so far, the mask prompt avgpool(P) + the previous residual.
     """
     batch = target.shape[0]
     low = model.config.low_res_size
@@ -96,12 +100,42 @@ def interactive_loss(model: nn.Module, embedding: torch.Tensor, target: torch.Te
                 place = ritm_click if centre_click_share > 0 and rng.random() < centre_click_share else random_click
                 clicks.append(place(prediction[b, 0], truth[b, 0], rng, region_valid))
             points, labels = clicks_to_prompt(clicks, embedding.device)
+            if prior is not None:
+                prior.add(clicks)
         with torch.set_grad_enabled(torch.is_grad_enabled() and index >= free_rounds):
-            low_res, _ = model.decode(embedding, points, labels, low_res)
-            logits = model.upsample_logits(low_res)
+            if prior is None:
+                low_res, _ = model.decode(embedding, points, labels, low_res)
+                logits = model.upsample_logits(low_res)
+            else:
+                prior_logits = prior.logits()
+                output, _ = model.decode(embedding, points, labels, mask_prompt(prior_logits, low_res, low))
+                low_res = prior.gate * output
+                logits = prior_logits + model.upsample_logits(low_res)
             if index >= free_rounds:
                 total = total + dice_ce_loss(logits, target, weight)
     return InteractionResult(total, logits)
+
+
+class ClassicalPriorBatch:
+    """The classical prior of each sample of a batch, updated as its clicks arrive (see `interactive.prior`)."""
+
+    def __init__(self, images: torch.Tensor, settings: PriorSettings, gate: torch.Tensor,
+                 spacing_mm: float = MODEL_SPACING_MM) -> None:
+        volumes = images.detach().float().cpu().numpy()
+        self.crops = [CropPrior(volumes[b, 0], spacing_mm) for b in range(volumes.shape[0])]
+        self.clicks: list[list[tuple[tuple[int, int, int], bool]]] = [[] for _ in self.crops]
+        self.settings, self.gate, self.device = settings, gate, images.device
+
+    def add(self, clicks: Sequence[Any]) -> None:
+        """One simulated click per sample (None: that sample got none this round)."""
+        for b, click in enumerate(clicks):
+            if click is not None:
+                self.clicks[b].append((tuple(int(v) for v in click.position), click.label == 1))
+
+    def logits(self) -> torch.Tensor:
+        """(B, 1, S, S, S) prior logits from each sample's clicks so far."""
+        maps = [crop.logits(clicks, self.settings.scale) for crop, clicks in zip(self.crops, self.clicks)]
+        return torch.from_numpy(np.stack(maps)[:, None]).to(self.device)
 
 
 # ---------------------------------------------------------------------------------------- the task
@@ -115,8 +149,11 @@ class InteractiveSegmentationTask(TrainingTask):
     def __init__(self, model: nn.Module, dataset: Any, iterations: int = DEFAULT_ITERATIONS,
                  freeze_encoder: bool = False, unfreeze_patience: int | None = None,
                  decoder_lr_scale: float = DECODER_LR_SCALE, grad_iterations: int | None = None,
-                 centre_click_share: float = 0.0) -> None:
+                 centre_click_share: float = 0.0, prior: PriorSettings | None = None) -> None:
         self.model, self.dataset = model, dataset
+        self.prior = prior
+        # The prior's residual weight trains with the decoder; it lives beside the model, not in its state dict.
+        self.gate = None if prior is None else nn.Parameter(torch.tensor(float(prior.gate)))
         self.iterations = int(iterations)
         self.grad_iterations = None if grad_iterations is None else int(grad_iterations)
         self.centre_click_share = float(centre_click_share)
@@ -156,6 +193,8 @@ class InteractiveSegmentationTask(TrainingTask):
         encoder = [p for p in self.model.image_encoder.parameters() if p.requires_grad]
         prompt_and_decoder = [p for module in (self.model.prompt_encoder, self.model.mask_decoder)
                               for p in module.parameters() if p.requires_grad]
+        if self.gate is not None:
+            prompt_and_decoder.append(self.gate)
         groups = []
         if encoder:
             groups.append({"params": encoder, "lr": lr, "name": "image_encoder"})
@@ -170,8 +209,11 @@ class InteractiveSegmentationTask(TrainingTask):
             valid = None
         with torch.set_grad_enabled(self.encoder_trainable):
             embedding = self.model.encode(image)
+        prior = None
+        if self.prior is not None and self.gate is not None:
+            prior = ClassicalPriorBatch(image, self.prior, self.gate.to(image.device))
         result = interactive_loss(self.model, embedding, target, valid, self.iterations, context.rng(),
-                                  self.grad_iterations, self.centre_click_share)
+                                  self.grad_iterations, self.centre_click_share, prior)
         prediction = result.final_logits.detach() > 0
         dices = [dice_score(prediction[b], target[b] > 0.5, None if valid is None else valid[b])
                  for b in range(target.shape[0])]
@@ -199,12 +241,23 @@ class InteractiveSegmentationTask(TrainingTask):
         return {"iterations": self.iterations, "grad_iterations": self.grad_iterations,
                 "centre_click_share": self.centre_click_share, "freeze_encoder": self.freeze_encoder,
                 "unfreeze_patience": self.unfreeze_patience, "unfrozen_stages": self.unfrozen_stages,
-                "best_epoch_loss": self.best_epoch_loss, "epochs_without_improvement": self.epochs_without_improvement}
+                "best_epoch_loss": self.best_epoch_loss, "epochs_without_improvement": self.epochs_without_improvement,
+                "prior": self.prior_settings()}
+
+    def prior_settings(self) -> dict[str, Any] | None:
+        """The checkpoint's "prior" entry: the settings with the gate as trained so far (None: no prior)."""
+        if self.prior is None or self.gate is None:
+            return None
+        return PriorSettings(self.prior.kind, self.prior.scale, float(self.gate.detach())).to_dict()
 
     def changes_on_resume(self, saved_state: Mapping[str, Any]) -> list[str]:
         flags = {"iterations": "--iterations", "grad_iterations": "--grad-iterations",
                  "centre_click_share": "--centre-clicks", "freeze_encoder": "--freeze-encoder",
                  "unfreeze_patience": "--unfreeze-patience"}
+        saved_prior, prior = (saved_state.get("prior") or {}).get("kind", "none"), self.prior.kind if self.prior else "none"
+        if saved_prior != prior:
+            raise UsageError(f"the run was trained with --prior {saved_prior}, not {prior}",
+                             f"resume with --prior {saved_prior}, or start a new run with --init")
         now = self.state_dict()
         return [f"resumed with {flag} {now[name]} (the run was started with {saved_state[name]})"
                 for name, flag in flags.items() if name in saved_state and saved_state[name] != now[name]]
@@ -213,11 +266,18 @@ class InteractiveSegmentationTask(TrainingTask):
         self.unfrozen_stages = int(state.get("unfrozen_stages", 0))
         self.best_epoch_loss = state.get("best_epoch_loss")
         self.epochs_without_improvement = int(state.get("epochs_without_improvement", 0))
+        saved_prior = state.get("prior")
+        if self.gate is not None and isinstance(saved_prior, Mapping) and "gate" in saved_prior:
+            with torch.no_grad():
+                self.gate.fill_(float(saved_prior["gate"]))
         self._apply_freezing()
 
     # ---- checkpoints
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {"preset": self.model.config.name, "config": self.model.config.to_dict()}
+        extra: dict[str, Any] = {"preset": self.model.config.name, "config": self.model.config.to_dict()}
+        if self.prior is not None:
+            extra["prior"] = self.prior_settings()
+        return extra
 
     def check_checkpoint(self, payload: Mapping[str, Any], path: Path) -> None:
         check_preset(payload, self.model.config.name, path)
@@ -343,7 +403,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
           grad_iterations: int | None = None, centre_click_share: float = 0.0,
           decoder_lr_scale: float = DECODER_LR_SCALE,
           data_mix: str | Mapping[str, float] | None = None, label_maps: Sequence[str | Path] | None = None,
-          samples_per_epoch: int | None = None,
+          samples_per_epoch: int | None = None, prior: str = "none",
           log: Callable[[str], None] | None = None,
           on_step: Callable[[dict[str, Any], int], None] | None = None) -> TrainResult:
     """Train (or fine-tune, or resume) a model on prepared folders; see the module docstring for the recipe.
@@ -355,6 +415,8 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     data, an unwritable run folder, `resume` without `last.pth`, a new run into an existing one →
     BadInputError (3); an `init`/resume checkpoint of another model → WeightsError (4). Under torchrun
     each process calls this; rank 0 writes the run folder.
+
+    `prior` "classical" trains a model that corrects the classical floor's region (interactive/prior.py).
 
     `data_mix` ("real=0.3,shapes=0.7" or a mapping) draws each epoch's `samples_per_epoch` items from generated
     sources too (data/mixing.py); `label_maps` are the nnU-Net folders the synth-labels and supervoxels sources use.
@@ -378,6 +440,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
         raise UsageError(f"--centre-clicks {centre_click_share} is not a share", "give a value between 0 and 1")
     if not decoder_lr_scale > 0 or math.isinf(decoder_lr_scale):
         raise UsageError(f"--decoder-lr-scale {decoder_lr_scale} must be positive", "give a value > 0, e.g. 0.1")
+    check_kind(prior)
     if init is not None and resume:
         raise UsageError("--init and --resume together", "--resume continues the run's own weights; drop --init")
     from fastsam3d_cli.device import check_attention_name
@@ -420,7 +483,8 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     network.train()
     task = InteractiveSegmentationTask(network, dataset, iterations=iterations, freeze_encoder=freeze_encoder,
                                        unfreeze_patience=unfreeze_patience, decoder_lr_scale=decoder_lr_scale,
-                                       grad_iterations=grad_iterations, centre_click_share=centre_click_share)
+                                       grad_iterations=grad_iterations, centre_click_share=centre_click_share,
+                                       prior=PriorSettings() if prior == "classical" else None)
     settings = TrainerSettings(run_dir=run_dir, epochs=epochs, batch_size=batch_size, accumulate=accumulate,
                                lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]),
                                lr_milestones=tuple(int(m) for m in recipe["lr_milestones"]),

@@ -46,12 +46,13 @@ class BundledModel:
     dtype: str = "float16"
     provenance: dict[str, Any] = field(default_factory=dict)
     created_utc: str | None = None
+    prior: dict[str, Any] | None = None  # the classical prior the model corrects (interactive/prior.py), if any
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (what `weights list --json` shows under "bundled")."""
         return {"name": self.name, "alias": ALIAS, "preset": self.preset, "path": str(self.path),
                 "sha256": self.sha256, "size_bytes": self.size_bytes, "dtype": self.dtype,
-                "created_utc": self.created_utc, "provenance": self.provenance}
+                "created_utc": self.created_utc, "prior": self.prior, "provenance": self.provenance}
 
 
 def manifest_path(folder: Path | None = None) -> Path:
@@ -73,7 +74,8 @@ def installed(folder: Path | None = None) -> BundledModel | None:
             name=str(data["name"]), preset=str(data["preset"]), config=dict(data["config"]),
             path=path.parent / Path(str(data["file"])).name, sha256=str(data["sha256"]).lower(),
             size_bytes=int(data["size_bytes"]), dtype=str(data.get("dtype", "float16")),
-            provenance=dict(data.get("provenance") or {}), created_utc=data.get("created_utc"))
+            provenance=dict(data.get("provenance") or {}), created_utc=data.get("created_utc"),
+            prior=dict(data["prior"]) if data.get("prior") else None)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise WeightsError(f"the bundled model's manifest {path} is unreadable ({type(exc).__name__})",
                            REINSTALL_FIX) from None
@@ -225,7 +227,8 @@ def export_bundled(checkpoint: str | Path, *, name: str = DEFAULT_NAME, output_d
     weights_file = f"{name}.pt"
     created = not folder.exists()
     try:
-        _write_bundle(folder, weights_file, state, config, model.config.name, name, recorded, source)
+        _write_bundle(folder, weights_file, state, config, model.config.name, name, recorded, source,
+                      info.prior)
     except BaseException:
         if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # nothing left behind, not even the folder this call made
@@ -238,7 +241,7 @@ def export_bundled(checkpoint: str | Path, *, name: str = DEFAULT_NAME, output_d
 
 
 def _write_bundle(folder: Path, weights_file: str, state: Mapping[str, Any], config: dict[str, Any], preset: str,
-                  name: str, provenance: dict[str, Any], source: Path) -> None:
+                  name: str, provenance: dict[str, Any], source: Path, prior: dict[str, Any] | None = None) -> None:
     """Write `<name>.pt` and manifest.json together (atomic group): both appear, or neither."""
     import torch
 
@@ -250,7 +253,10 @@ def _write_bundle(folder: Path, weights_file: str, state: Mapping[str, Any], con
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_group() as group:
             tmp = group.path(folder / weights_file)
-            torch.save({"model_state_dict": state, "config": config, "preset": preset}, str(tmp))
+            payload: dict[str, Any] = {"model_state_dict": state, "config": config, "preset": preset}
+            if prior is not None:
+                payload["prior"] = dict(prior)  # the model corrects the classical prior (interactive/prior.py)
+            torch.save(payload, str(tmp))
             size = tmp.stat().st_size
             if size > MAX_BYTES:
                 raise BadInputError(f"the float16 weights of {source} take {size / 1e6:.1f} MB, over the "
@@ -260,7 +266,7 @@ def _write_bundle(folder: Path, weights_file: str, state: Mapping[str, Any], con
             manifest = {"format": MANIFEST_FORMAT, "name": name, "preset": preset, "config": config,
                         "file": weights_file, "dtype": "float16", "size_bytes": size, "sha256": sha256_file(tmp),
                         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "provenance": provenance}
+                        "prior": prior, "provenance": provenance}
             group.path(manifest_path(folder)).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     except OSError as exc:
         raise BadInputError(f"cannot write the bundled model into {folder} ({exc.strerror or exc})",

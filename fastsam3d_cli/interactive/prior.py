@@ -1,0 +1,105 @@
+"""The classical prior: the floor's region, computed on the model's own crop, as a logit map the model corrects.
+
+A model trained with a prior (`fastsam3d train --prior classical`) does not predict the mask on its own. At
+every click, on the 128³ crop it sees (1.5 mm, the same voxels it encodes):
+
+1. the classical floor (`interactive.classical.segment_clicks`, its default settings) is run from all the
+   object's clicks inside the crop, giving the prior logits P = +scale inside its region, −scale outside;
+2. the decoder's mask prompt is avgpool(P) + the crop's previous *residual* low-res logits R (zeros before
+   the first click), so the model sees where the floor's region is and what it has corrected so far;
+3. the decoder's 32³ output M becomes the new residual R = gate × M, and the crop's logits are
+   P + upsample(R): the mask is the floor's region where the model adds nothing, and the model's
+   correction where it is confident enough to override it.
+
+`gate` is a learned scalar (trained with the model, stored beside its weights under the checkpoint's
+"prior" entry); it starts at a small value so that a fresh model begins as the floor and learns only the
+corrections that lower the loss. The same code runs in training (`training.train.interactive_loss`) and at
+inference (`interactive.predictor.Predictor`), so what was trained is what runs.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from fastsam3d_cli.errors import UsageError, WeightsError
+from fastsam3d_cli.interactive.classical import FloorParameters, segment_clicks, smoothed
+
+PRIOR_KINDS = ("none", "classical")
+DEFAULT_SCALE = 4.0  # |logit| of the prior: sigmoid(4) = 0.98, so a confident correction can override it
+DEFAULT_GATE = 0.1  # the residual's starting weight: small, not 0, so that the decoder gets gradients at once
+
+
+@dataclass(frozen=True)
+class PriorSettings:
+    """How a model combines its output with the classical prior (stored in checkpoints as "prior")."""
+
+    kind: str = "classical"
+    scale: float = DEFAULT_SCALE
+    gate: float = DEFAULT_GATE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: Any, source: str = "the checkpoint") -> "PriorSettings | None":
+        """Settings from a checkpoint's "prior" entry; None when there is none (a plain model).
+
+        WeightsError (exit 4) for an entry this version cannot run (a newer tool's prior, a broken file)."""
+        if value is None:
+            return None
+        if not isinstance(value, Mapping) or value.get("kind") not in PRIOR_KINDS[1:]:
+            raise WeightsError(f"{source} asks for a prior this version does not know ({value!r:.80})",
+                               "update fastsam3d, or use a checkpoint without a prior")
+        try:
+            settings = cls(str(value["kind"]), float(value.get("scale", DEFAULT_SCALE)),
+                           float(value.get("gate", DEFAULT_GATE)))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise WeightsError(f"{source} has a malformed prior entry ({exc})",
+                               "re-export the checkpoint with this version of fastsam3d") from None
+        if not (np.isfinite(settings.scale) and settings.scale > 0 and np.isfinite(settings.gate)):
+            raise WeightsError(f"{source} has a malformed prior entry (scale {settings.scale}, gate {settings.gate})",
+                               "re-export the checkpoint with this version of fastsam3d")
+        return settings
+
+
+def check_kind(kind: str) -> str:
+    """The --prior value, or UsageError (exit 2) naming the choices."""
+    if kind not in PRIOR_KINDS:
+        raise UsageError(f"--prior '{kind}' is unknown", f"use one of: {', '.join(PRIOR_KINDS)}")
+    return kind
+
+
+class CropPrior:
+    """The prior on one crop: its voxels (smoothed once) and the floor's region for a set of clicks."""
+
+    def __init__(self, crop: np.ndarray, spacing_mm: float, parameters: FloorParameters | None = None) -> None:
+        self.parameters = parameters or FloorParameters()
+        self.values = np.asarray(crop, dtype=np.float32)
+        self.spacing = np.full(3, float(spacing_mm))
+        self.smooth = smoothed(self.values, self.spacing, self.parameters.smoothing_mm)
+
+    def region(self, clicks: Sequence[tuple[Sequence[float], bool]]) -> np.ndarray:
+        """The floor's region (bool, crop shape) from (crop index, include) clicks; those outside are ignored."""
+        shape = np.asarray(self.values.shape)
+        includes, excludes = [], []
+        for index, include in clicks:
+            voxel = np.rint(np.asarray(index, dtype=np.float64)).astype(int)
+            if np.any(voxel < 0) or np.any(voxel >= shape):
+                continue
+            (includes if include else excludes).append(tuple(int(v) for v in voxel))
+        return segment_clicks(self.values, self.smooth, self.spacing, includes, excludes, self.parameters)
+
+    def logits(self, clicks: Sequence[tuple[Sequence[float], bool]], scale: float) -> np.ndarray:
+        """±scale logits (float32, crop shape) of `region(clicks)`."""
+        return np.where(self.region(clicks), np.float32(scale), np.float32(-scale))
+
+
+def mask_prompt(prior_logits: Any, residual_low_res: Any, low_res_size: int) -> Any:
+    """The decoder's mask prompt: avgpool(P) to the low-res grid plus the residual so far (torch tensors)."""
+    import torch.nn.functional as F
+
+    factor = prior_logits.shape[-1] // low_res_size
+    pooled = F.avg_pool3d(prior_logits, kernel_size=factor, stride=factor)
+    return pooled if residual_low_res is None else pooled + residual_low_res

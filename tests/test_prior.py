@@ -1,0 +1,183 @@
+"""The classical prior (interactive/prior.py): a model that corrects the floor's region.
+
+What must hold: with the residual switched off (gate 0) the Predictor's mask IS the classical floor's (the
+prior is computed on exactly the crop the model sees); training with `--prior classical` learns the gate and
+stores it in the checkpoint, which `load_model`, `infer` and `weights bundle` carry; a checkpoint whose prior
+entry this version cannot run is refused (exit 4); a run cannot silently change its prior on resume.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from typer.testing import CliRunner
+
+from fastsam3d_cli.cli import app
+from fastsam3d_cli.errors import UsageError, WeightsError
+from fastsam3d_cli.interactive.classical import ClassicalSegmenter
+from fastsam3d_cli.interactive.predictor import Predictor
+from fastsam3d_cli.interactive.prior import CropPrior, PriorSettings, check_kind, mask_prompt
+from fastsam3d_cli.model import build_model
+from fastsam3d_cli.model.checkpoint import load_model
+from fastsam3d_cli.training.train import ClassicalPriorBatch, interactive_loss
+from test_train_recipe import MICRO, blob_sample
+from train_phantoms import CLI_ENV, make_prepared
+
+runner = CliRunner()
+
+
+def _phantom() -> tuple[sitk.Image, np.ndarray]:
+    """A bright ellipsoid in noise on a 1.5 mm grid (the model's spacing: the crop is the volume's own voxels)."""
+    rng = np.random.default_rng(1)
+    shape = (90, 80, 70)
+    grid = np.indices(shape, dtype=np.float32)
+    mask = ((grid[0] - 45) / 20) ** 2 + ((grid[1] - 40) / 15) ** 2 + ((grid[2] - 35) / 12) ** 2 <= 1
+    volume = rng.normal(100, 10, shape).astype(np.float32) + 80 * mask
+    image = sitk.GetImageFromArray(volume.transpose(2, 1, 0))
+    image.SetSpacing((1.5, 1.5, 1.5))
+    return image, mask
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model("fastsam3d-tiny", attention="auto", device="cpu").eval()
+
+
+def test_with_the_residual_off_the_predictor_returns_the_classical_floor(tiny_model):
+    image, truth = _phantom()
+    tiny_model.prior_settings = {"kind": "classical", "scale": 4.0, "gate": 0.0}
+    try:
+        predictor = Predictor(tiny_model)
+        predictor.set_volume(image)
+        floor = ClassicalSegmenter()
+        floor.set_volume(image)
+        for point, include in (([45, 40, 35], True), ([45, 40, 20], False), ([30, 40, 35], True)):
+            ours = predictor.add_click(point, include=include, space="ijk", object="o")
+            reference = floor.add_click(point, include=include, space="ijk", object="o")
+            np.testing.assert_array_equal(ours, reference)
+        assert ours.sum() > 0.3 * truth.sum()  # and it is a real region, not two empty masks
+    finally:
+        del tiny_model.prior_settings
+
+
+def test_a_plain_model_is_untouched_by_the_prior_code(tiny_model):
+    image, _ = _phantom()
+    predictor = Predictor(tiny_model)
+    assert predictor.prior is None
+    predictor.set_volume(image)
+    mask = predictor.add_click([45, 40, 35], space="ijk", object="o")
+    state = predictor.object_state("o")
+    crop = state.crops[0]
+    # the plain path: the crop's logits are the upsampled decoder output of its stored low-res logits
+    np.testing.assert_allclose(crop.logits, tiny_model.upsample_logits(crop.low_res)[0, 0].numpy(), atol=1e-5)
+    assert mask.shape == tuple(image.GetSize())
+
+
+def test_prior_logits_and_mask_prompt():
+    rng = np.random.default_rng(0)
+    crop = rng.normal(0, 1, (32, 32, 32)).astype(np.float32)
+    crop[8:24, 8:24, 8:24] += 5
+    prior = CropPrior(crop, 1.5)
+    logits = prior.logits([((16, 16, 16), True), ((100, 0, 0), True)], 4.0)  # the second lies outside: ignored
+    assert set(np.unique(logits)) == {-4.0, 4.0} and logits[16, 16, 16] == 4.0 and logits[0, 0, 0] == -4.0
+    assert not prior.region([((100, 0, 0), True)]).any()
+    tensor = torch.from_numpy(logits)[None, None]
+    pooled = mask_prompt(tensor, None, 8)
+    assert pooled.shape == (1, 1, 8, 8, 8) and float(pooled[0, 0, 4, 4, 4]) == 4.0
+    residual = torch.ones(1, 1, 8, 8, 8)
+    assert torch.equal(mask_prompt(tensor, residual, 8), pooled + 1)
+
+
+def test_training_loss_with_the_prior_is_prior_plus_gated_residual_and_trains_the_gate():
+    torch.manual_seed(0)
+    model = build_model(MICRO)
+    rng = np.random.default_rng(0)
+    samples = [blob_sample(rng) for _ in range(2)]
+    image = torch.stack([s[0] for s in samples])
+    label = torch.stack([s[1] for s in samples])
+    gate = torch.nn.Parameter(torch.tensor(0.1))
+    batch = ClassicalPriorBatch(image, PriorSettings(gate=0.1), gate)
+    result = interactive_loss(model, model.encode(image), label, None, 3, np.random.default_rng(1), 1, 0.0, batch)
+    assert all(len(clicks) == len(batch.clicks[0]) for clicks in batch.clicks) and len(batch.clicks[0]) >= 1
+    prior_only = batch.logits()
+    # the logits differ from the prior by the gated residual only: small at gate 0.1
+    assert float((result.final_logits.detach() - prior_only).abs().max()) < 4.0
+    result.loss.backward()
+    assert gate.grad is not None and float(gate.grad) != 0.0
+
+
+def test_settings_validation():
+    assert PriorSettings.from_dict(None) is None
+    settings = PriorSettings.from_dict({"kind": "classical", "scale": 3, "gate": 0.5})
+    assert settings == PriorSettings("classical", 3.0, 0.5)
+    for bad in ({"kind": "deep"}, {"kind": "classical", "scale": -1}, {"kind": "classical", "gate": "x"}, "classical"):
+        with pytest.raises(WeightsError):
+            PriorSettings.from_dict(bad)
+    assert check_kind("none") == "none"
+    with pytest.raises(UsageError, match="--prior 'magic' is unknown"):
+        check_kind("magic")
+
+
+# ---------------------------------------------------------------------------------------- command line
+@pytest.fixture(scope="module")
+def prior_run(tmp_path_factory):
+    prepared = make_prepared(tmp_path_factory.mktemp("data") / "prepared", cases=("p0",))
+    run = tmp_path_factory.mktemp("runs") / "prior"
+    result = runner.invoke(app, ["train", str(prepared), "--model", "fastsam3d-tiny", "-o", str(run), "--epochs", "1",
+                                 "--max-steps", "1", "--iterations", "2", "--grad-iterations", "1", "--prior", "classical",
+                                 "--device", "cpu", "--json"], env=CLI_ENV)
+    assert result.exit_code == 0, result.output
+    return prepared, run
+
+
+def test_train_with_prior_stores_it_and_load_model_carries_it(prior_run):
+    _, run = prior_run
+    payload = torch.load(run / "last.pth", map_location="cpu", weights_only=True)
+    assert payload["prior"]["kind"] == "classical" and payload["prior"]["scale"] == 4.0
+    assert payload["prior"] == payload["task_state"]["prior"] and payload["prior"]["gate"] != 0.1  # one step moved it
+    model, info = load_model(run / "last.pth")
+    assert model.prior_settings == payload["prior"] == info.prior
+    assert Predictor(model).prior == PriorSettings.from_dict(payload["prior"])
+
+
+def test_resume_with_another_prior_is_a_usage_error(prior_run):
+    prepared, run = prior_run
+    before = (run / "last.pth").read_bytes()
+    result = runner.invoke(app, ["train", str(prepared), "--model", "fastsam3d-tiny", "-o", str(run), "--epochs", "1",
+                                 "--iterations", "2", "--grad-iterations", "1", "--device", "cpu", "--resume"],
+                           env=CLI_ENV)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fastsam3d: error:")]
+    assert len(errors) == 1 and "--prior classical" in errors[0] and "not none" in errors[0]
+    assert (run / "last.pth").read_bytes() == before
+
+
+def test_unknown_prior_option_is_exit_2_before_anything_is_written(prior_run, tmp_path):
+    prepared, _ = prior_run
+    result = runner.invoke(app, ["train", str(prepared), "--model", "fastsam3d-tiny", "-o", str(tmp_path / "run"),
+                                 "--prior", "magic", "--device", "cpu"], env=CLI_ENV)
+    assert result.exit_code == 2 and "--prior 'magic' is unknown" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bundle_keeps_the_prior_and_a_bad_prior_entry_is_refused(prior_run, tmp_path):
+    _, run = prior_run
+    out = tmp_path / "bundle"
+    result = runner.invoke(app, ["weights", "bundle", str(run / "last.pth"), "--name", "test-prior",
+                                 "--output-dir", str(out)], env=CLI_ENV)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    stored = torch.load(out / "test-prior.pt", map_location="cpu", weights_only=True)
+    assert manifest["prior"]["kind"] == "classical" and stored["prior"] == manifest["prior"]
+
+    payload = torch.load(run / "last.pth", map_location="cpu", weights_only=True)
+    payload["prior"] = {"kind": "from-the-future"}
+    bad = tmp_path / "bad.pth"
+    torch.save(payload, bad)
+    model, _ = load_model(bad)
+    with pytest.raises(WeightsError, match="a prior this version does not know"):
+        Predictor(model)
