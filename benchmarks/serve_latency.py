@@ -1,8 +1,8 @@
 """Click → updated mask round trip of `fastsam3d serve`, one client and several concurrent ones.
 
 A real uvicorn server on 127.0.0.1 (in this process, like the tests), a real HTTP client (httpx). One
-"round trip" = POST the click, then GET the object's compact mask (the bytes a viewer needs): server time
-and transfer included. The first click of a session (the crop encode) is reported on its own.
+"round trip" = POST the click, then GET the box of the labelmap the answer says changed (`labelmap.raw`, what
+the browser page fetches to update its overlay): server time and transfer included. The first click of a session (the crop encode) is reported on its own.
 
     python benchmarks/serve_latency.py                                  # tiny + default model, example CT
     python benchmarks/serve_latency.py --models fastsam3d-tiny --clicks 40 --sessions 8
@@ -47,8 +47,6 @@ def click_points(first_ras: list[float], count: int, spread: float, seed: int) -
 
 
 def one_session(client, volume_name: str, points, record: dict) -> None:
-    from fastsam3d_cli.serve.app import decode_mask
-
     sid = client.post("/api/sessions", json={"path": volume_name}).json()["id"]
     client.post(f"/api/sessions/{sid}/objects", json={"name": "liver"})
     for n, (point, include) in enumerate(points):
@@ -57,8 +55,15 @@ def one_session(client, volume_name: str, points, record: dict) -> None:
                                json={"point": point, "include": include, "space": "ras"})
         if response.status_code != 200:
             raise SystemExit(f"click failed: {response.text}")
-        mask = client.get(f"/api/sessions/{sid}/objects/liver/mask")
-        decode_mask(mask.content, mask.headers)
+        changed = response.json()["changed"]
+        if changed is not None:
+            fetched = time.perf_counter()
+            box = client.get(f"/api/sessions/{sid}/labelmap.raw",
+                             params={"start": ",".join(map(str, changed["start"])),
+                                     "shape": ",".join(map(str, changed["shape"]))})
+            np.frombuffer(box.content, dtype=box.headers["X-Labelmap-Dtype"])
+            record["box_bytes"].append(len(box.content))
+            record["box_ms"].append((time.perf_counter() - fetched) * 1000.0)
         round_trip = (time.perf_counter() - start) * 1000.0
         timing = response.json()["timing"]
         record["first" if n == 0 else "next"].append(round_trip)
@@ -91,12 +96,12 @@ def run_model(preset: str, checkpoint: Path | None, volume: Path, points, args) 
         config = ServeConfig(loaded, root=volume.parent, max_crops=args.max_crops, max_sessions=args.sessions + 1)
         result = {"model": loaded.preset, "device": str(loaded.device), "attention": loaded.attention}
         with BackgroundServer(config) as url:
-            record = {"first": [], "next": [], "server": [], "modes": [], "encodes": 0}
+            record = {"first": [], "next": [], "server": [], "modes": [], "encodes": 0, "box_bytes": [], "box_ms": []}
             with httpx.Client(base_url=url, timeout=600) as client:
                 one_session(client, volume.name, points, record)
             result["single"] = summarise(record)
             if args.sessions > 1:
-                records = [{"first": [], "next": [], "server": [], "modes": [], "encodes": 0}
+                records = [{"first": [], "next": [], "server": [], "modes": [], "encodes": 0, "box_bytes": [], "box_ms": []}
                            for _ in range(args.sessions)]
                 per_session = points[: args.concurrent_clicks]
 
@@ -123,6 +128,8 @@ def summarise(record: dict) -> dict:
             "round_trip_ms_p95": round(percentile(record["next"], 95), 1),
             "server_ms_p50": round(percentile(record["server"], 50), 1),
             "server_ms_p95": round(percentile(record["server"], 95), 1),
+            "box_ms_p50": round(percentile(record["box_ms"], 50), 1),
+            "box_kb_p50": round(percentile(record["box_bytes"], 50) / 1024.0, 1),
             "clicks": len(record["next"]), "incremental": record["modes"].count("incremental"),
             "replayed": record["modes"].count("replay"), "encodes_after_first": record["encodes"]}
 

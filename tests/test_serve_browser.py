@@ -122,6 +122,8 @@ def test_click_in_the_browser_shows_the_overlay_and_saves_what_infer_writes(tmp_
             ActionChains(driver).move_to_element_with_offset(canvas, -50, 30).context_click().perform()  # exclude
             _wait(driver, "return window.fastsam3d.clicks === 3 && !window.fastsam3d.busy")
             assert driver.execute_script("return window.fastsam3d.error") is None
+            # the overlay, patched box by box after each click, as the page holds it (NIfTI voxel order)
+            overlay = driver.execute_script("return Array.from(window.fastsam3d.overlay.img)")
             if os.environ.get("FASTSAM3D_SCREENSHOT"):
                 driver.find_element("css selector", "[data-view=multi]").click()  # the views + the 3D render
                 time.sleep(1.0)
@@ -144,4 +146,5 @@ def test_click_in_the_browser_shows_the_overlay_and_saves_what_infer_writes(tmp_
     assert result.exit_code == 0, result.stderr
     page_labels = np.asarray(nib.load(str(saved)).dataobj)
     assert page_labels.any()
+    assert np.array_equal(np.asarray(overlay).reshape(page_labels.shape, order="F"), page_labels)
     assert np.array_equal(page_labels, np.asarray(nib.load(str(tmp_path / "infer.nii.gz")).dataobj))

@@ -226,25 +226,45 @@ def compose_labelmap(predictor: Any, objects: Sequence[Any], free_merged: bool =
     free_merged: drop each object's merged-logits cache once read (a batch run keeps memory flat); an
     interactive caller that clicks on afterwards (`serve`) keeps it, so its next click stays incremental."""
     size = tuple(predictor.input_image.GetSize())
-    dtype = np.uint8 if max(o.label for o in objects) <= 255 else np.uint16
-    labels = np.zeros(size, dtype=dtype)
-    best: np.ndarray | None = None  # the winning logit per voxel, once two objects could overlap
+    patches = []
     for obj in objects:
-        patch = predictor.input_logits(obj.name)
+        patches.append((obj.label, predictor.input_logits(obj.name)))
         if free_merged:
             predictor.free_merged(obj.name)
+    return compose_patches(size, patches)
+
+
+LogitPatch = tuple[Sequence[int], np.ndarray]  # (start ijk, logits) of one object on part of the input grid
+
+
+def compose_patches(size: Sequence[int], patches: Sequence[tuple[int, LogitPatch | None]],
+                    box: tuple[Sequence[int], Sequence[int]] | None = None) -> np.ndarray:
+    """The labelmap of (label, `Predictor.input_logits` patch) pairs, in order: a voxel takes the label of the
+    object with the highest positive logit there (the first on a tie). `box` (start, shape): only that part
+    of the grid (what `serve` sends the page after a click). uint8, or uint16 if a label exceeds 255."""
+    start, shape = (np.zeros(3, int), np.asarray(size, int)) if box is None else (np.asarray(box[0], int),
+                                                                                  np.asarray(box[1], int))
+    dtype = np.uint8 if not patches or max(label for label, _ in patches) <= 255 else np.uint16
+    labels = np.zeros(tuple(int(n) for n in shape), dtype=dtype)
+    best: np.ndarray | None = None  # the winning logit per voxel, once two objects could overlap
+    for label, patch in patches:
         if patch is None:
             continue
-        start, logits = patch
-        region = tuple(slice(s, s + n) for s, n in zip(start, logits.shape))
-        if len(objects) == 1:
-            labels[region][logits > 0] = obj.label
+        patch_start, logits = np.asarray(patch[0], int), patch[1]
+        lo = np.maximum(patch_start, start)
+        hi = np.minimum(patch_start + logits.shape, start + shape)
+        if np.any(hi <= lo):
+            continue
+        values = logits[tuple(slice(a, b) for a, b in zip(lo - patch_start, hi - patch_start))]
+        region = tuple(slice(a, b) for a, b in zip(lo - start, hi - start))
+        if len(patches) == 1:
+            labels[region][values > 0] = label
             continue
         if best is None:
-            best = np.full(size, -np.inf, dtype=np.float32)
-        wins = (logits > 0) & (logits > best[region])
-        labels[region][wins] = obj.label
-        best[region][wins] = logits[wins]
+            best = np.full(labels.shape, -np.inf, dtype=np.float32)
+        wins = (values > 0) & (values > best[region])
+        labels[region][wins] = label
+        best[region][wins] = values[wins]
     return labels
 
 

@@ -12,7 +12,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -196,6 +196,18 @@ def _mask_response(mask: np.ndarray) -> Response:
                     "X-Mask-Voxels": str(int(found[0].size))})
     return Response(np.packbits(box.ravel(order="F"), bitorder="little").tobytes(),
                     media_type="application/octet-stream", headers=headers)
+
+
+def _box_field(name: str, text: str, minimum: int, size: Sequence[int]) -> tuple[int, int, int]:
+    """A box corner or size from a query parameter "a,b,c" (422 naming the field when it is not usable)."""
+    try:
+        values = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v < minimum or v > s for v, s in zip(values, size)):
+        raise ApiError(422, f"field '{name}': {text[:60]!r} is not three integers from {minimum} to the volume size "
+                            f"{list(size)}")
+    return values  # type: ignore[return-value]
 
 
 def decode_mask(body: bytes, headers: Any) -> np.ndarray:
@@ -395,6 +407,23 @@ def create_app(config: ServeConfig) -> FastAPI:
         stem = stem[: -len(_image_suffix(stem) or "")] if _image_suffix(stem) else stem
         return Response(data, media_type=media_type,
                         headers={"Content-Disposition": f'attachment; filename="{stem}_mask{suffix}"'})
+
+    @app.get("/api/sessions/{sid}/labelmap.raw", tags=["results"])
+    def labelmap_box(sid: str, start: str, shape: str) -> Response:
+        """Part of the labelmap, raw: the voxels of the box `start`=i,j,k `shape`=a,b,c in Fortran (NIfTI) order,
+        little-endian, dtype in X-Labelmap-Dtype (uint8, or uint16 above label 255). A click's answer names the
+        box it may have changed ("changed"), so the page updates its overlay without loading the whole map."""
+        with server.store.use(sid) as session:
+            size = tuple(session.predictor.input_image.GetSize())
+            box = (_box_field("start", start, 0, size), _box_field("shape", shape, 1, size))
+            if any(a + n > s for a, n, s in zip(box[0], box[1], size)):
+                raise ApiError(422, f"field 'shape': the box {list(box[0])} + {list(box[1])} leaves the volume "
+                                    f"({list(size)} voxels)")
+            labels = session.labelmap(box)
+        return Response(np.asfortranarray(labels).astype(labels.dtype.newbyteorder("<"), copy=False).tobytes(order="F"),
+                        media_type="application/octet-stream",
+                        headers={"X-Labelmap-Dtype": str(labels.dtype), "X-Box-Start": ",".join(map(str, box[0])),
+                                 "X-Box-Shape": ",".join(map(str, box[1]))})
 
     @app.get("/api/sessions/{sid}/labelmap.json", tags=["results"])
     def labelmap_sidecar(sid: str) -> dict[str, Any]:

@@ -82,6 +82,9 @@ class Session:
         self.objects: dict[str, ObjectSpec] = {}
         self.created = time.time()
         self._masks: dict[str, np.ndarray] = {}  # each object's mask since its last change (read-only)
+        # each object's logits on the input grid since its last change: the labelmap is composed from these,
+        # so a click resamples only the object it changed
+        self._patches: dict[str, Any] = {}
         self.bytes_estimate = self.approximate_bytes()  # updated after every request (the store's memory cap)
 
     # ------------------------------------------------------------------------------ objects
@@ -118,7 +121,7 @@ class Session:
     def delete_object(self, name: str) -> None:
         self.object(name)
         del self.objects[name]
-        self._masks.pop(name, None)
+        self._forget(name)
         self.predictor.reset_object(name)
 
     def reset_object(self, name: str) -> ObjectSpec:
@@ -126,7 +129,7 @@ class Session:
         spec = self.object(name)
         spec.clicks.clear()
         spec.redo.clear()
-        self._masks.pop(name, None)
+        self._forget(name)
         self.predictor.reset_object(name)
         return spec
 
@@ -235,9 +238,11 @@ class Session:
                 if spec.clicks:
                     predictor.add_clicks([p for p, _ in spec.clicks], list(spec.point_labels), space="ijk",
                                          object=spec.name, return_mask=False)
+            before = self._mask_box(spec.name)
             if mode != "unchanged":
-                self._masks.pop(spec.name, None)
+                self._forget(spec.name)
             mask = self._mask_locked(spec.name)
+            changed = _union_box(before, self._mask_box(spec.name))
         stages = predictor.timings[first:]
         record = {"action": action, "mode": mode, "clicks": len(spec.clicks),
                   "ms": round((time.perf_counter() - start) * 1000.0, 2),
@@ -246,7 +251,8 @@ class Session:
         spec.timings.append(record)
         voxel_ml = float(np.prod(predictor.input_image.GetSpacing())) / 1000.0
         voxels = int(mask.sum())
-        return {**spec.describe(), "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 4), "timing": record}
+        return {**spec.describe(), "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 4), "timing": record,
+                "changed": None if changed is None else {"start": changed[0], "shape": changed[1]}}
 
     def _can_extend(self, spec: ObjectSpec) -> bool:
         """True when applying the newest click alone gives what replaying all clicks gives.
@@ -291,15 +297,38 @@ class Session:
             _tune_this_thread(self.predictor.device)
             return self._mask_locked(spec.name)
 
+    def _patch_locked(self, name: str) -> Any:
+        """The object's (start, logits) on the input grid (`Predictor.input_logits`), cached until it changes."""
+        if name not in self._patches:
+            self._patches[name] = self.predictor.input_logits(name) if name in self.predictor.objects else None
+        return self._patches[name]
+
     def _mask_locked(self, name: str) -> np.ndarray:
         if name not in self._masks:
-            if name not in self.predictor.objects:
-                mask = np.zeros(tuple(self.predictor.input_image.GetSize()), dtype=bool)
-            else:
-                mask = self.predictor.mask(name)
+            mask = np.zeros(tuple(self.predictor.input_image.GetSize()), dtype=bool)
+            patch = self._patch_locked(name)
+            if patch is not None:
+                start, logits = patch
+                mask[tuple(slice(s, s + n) for s, n in zip(start, logits.shape))] = logits > 0
             mask.flags.writeable = False
             self._masks[name] = mask
         return self._masks[name]
+
+    def _mask_box(self, name: str) -> tuple[list[int], list[int]] | None:
+        """(start, shape) of the bounding box of the object's mask as last computed (None: empty or not yet)."""
+        patch = self._patches.get(name)
+        if patch is None:
+            return None
+        start, logits = patch
+        found = [np.flatnonzero((logits > 0).any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        if not found[0].size:
+            return None
+        lo = [int(s + f[0]) for s, f in zip(start, found)]
+        return lo, [int(f[-1] + 1 - f[0]) for f in found]
+
+    def _forget(self, name: str) -> None:
+        self._masks.pop(name, None)
+        self._patches.pop(name, None)
 
     def probabilities(self, name: str) -> np.ndarray:
         spec = self.object(name)
@@ -312,16 +341,17 @@ class Session:
     def clicked_objects(self) -> list[ObjectSpec]:
         return [o for o in self.objects.values() if o.clicks]
 
-    def labelmap(self) -> np.ndarray:
-        """All objects with clicks as one labelmap on the input grid, composed exactly as `infer` does."""
-        from fastsam3d_cli.interactive.infer import compose_labelmap
+    def labelmap(self, box: tuple[Sequence[int], Sequence[int]] | None = None) -> np.ndarray:
+        """All objects with clicks as one labelmap on the input grid, composed exactly as `infer` does
+        (`infer.compose_patches`); `box` (start, shape): only that part of it."""
+        from fastsam3d_cli.interactive.infer import compose_patches
 
+        size = tuple(self.predictor.input_image.GetSize())
         objects = self.clicked_objects()
-        if not objects:
-            return np.zeros(tuple(self.predictor.input_image.GetSize()), dtype=np.uint8)
         with self.compute_lock:
             _tune_this_thread(self.predictor.device)
-            return compose_labelmap(self.predictor, objects, free_merged=False)  # the next click reuses it
+            patches = [(o.label, self._patch_locked(o.name)) for o in objects]
+        return compose_patches(size, patches, box)
 
     def export_clicks(self) -> dict[str, Any]:
         """The session as a fastsam3d click file (space ijk, full precision): `fastsam3d infer` replays it."""
@@ -344,4 +374,15 @@ class Session:
         crops = sum(len(self.predictor.object_state(n).crops) for n in self.predictor.objects)
         crop_bytes = self.predictor.crop_size ** 3 * 4
         masks = sum(m.nbytes for m in self._masks.values())
+        masks += sum(p[1].nbytes for p in self._patches.values() if p is not None)
         return voxels * (image.GetSizeOfPixelComponent() + 4) + crops * 3 * crop_bytes + masks
+
+
+def _union_box(a: tuple[list[int], list[int]] | None,
+               b: tuple[list[int], list[int]] | None) -> tuple[list[int], list[int]] | None:
+    """The smallest (start, shape) box holding both boxes (None stands for an empty box)."""
+    if a is None or b is None:
+        return a if b is None else b
+    lo = [min(x, y) for x, y in zip(a[0], b[0])]
+    hi = [max(x + m, y + n) for x, m, y, n in zip(a[0], a[1], b[0], b[1])]
+    return lo, [h - l for h, l in zip(hi, lo)]

@@ -1,6 +1,7 @@
 // fastsam3d serve: the browser page. NiiVue shows the volume and the labelmap overlay; every click goes to
-// the server (/api/sessions/...), and the overlay is reloaded from the server's labelmap after each answer,
-// so what is shown is exactly what "Save labelmap" writes. A token, if the server has one, is read from the
+// the server (/api/sessions/...), and the overlay is updated from the server's labelmap after each answer:
+// only the box the answer says may have changed (labelmap.raw), or the whole map when the overlay cannot take
+// the box, so what is shown is exactly what "Save labelmap" writes. A token, if the server has one, is read from the
 // page address: http://host:port/#token=SECRET
 "use strict";
 
@@ -159,8 +160,37 @@ async function reloadOverlay() {
                                               headers: authHeaders, opacity: parseFloat($("opacity").value) });
   state.overlay = overlay;
   applyColours();
+  countOverlay();
+}
+
+// Patch the overlay with the labelmap's voxels in the box a click, undo or redo may have changed.
+async function patchOverlay(changed) {
+  if (!changed) return; // the object's mask was empty before and after: nothing to draw
+  if (!state.overlay) { await reloadOverlay(); return; }
+  const query = `start=${changed.start.join(",")}&shape=${changed.shape.join(",")}`;
+  const response = await api("GET", `/api/sessions/${state.sid}/labelmap.raw?${query}`, undefined, { raw: true });
+  const wide = response.headers.get("X-Labelmap-Dtype") === "uint16";
+  const buffer = await response.arrayBuffer();
+  const values = wide ? new Uint16Array(buffer) : new Uint8Array(buffer);
+  const img = state.overlay.img;
+  if (img.BYTES_PER_ELEMENT !== values.BYTES_PER_ELEMENT) { await reloadOverlay(); return; } // e.g. a label > 255 now
+  const nx = state.overlay.hdr.dims[1], ny = state.overlay.hdr.dims[2];
+  const [i0, j0, k0] = changed.start;
+  const [ni, nj, nk] = changed.shape;
+  let from = 0;
+  for (let k = 0; k < nk; k++) {
+    for (let j = 0; j < nj; j++) {
+      img.set(values.subarray(from, from + ni), i0 + nx * (j0 + j + ny * (k0 + k)));
+      from += ni;
+    }
+  }
+  nv.updateGLVolume();
+  countOverlay();
+}
+
+function countOverlay() {
   let voxels = 0;
-  for (const v of overlay.img) if (v) voxels += 1;
+  for (const v of state.overlay.img) if (v) voxels += 1;
   state.overlayVoxels = voxels;
 }
 
@@ -184,7 +214,7 @@ async function sendClick(mm, include) {
   await run(async () => {
     const result = await api("POST", `${objectPath(state.selected)}/clicks`,
                              { point: [mm[0], mm[1], mm[2]], include, space: "ras" });
-    await reloadOverlay();
+    await patchOverlay(result.changed);
     state.clicks += 1;
     report(result);
   });
@@ -194,7 +224,7 @@ async function objectAction(action) {
   if (!state.sid || !state.selected) return;
   await run(async () => {
     const result = await api("POST", `${objectPath(state.selected)}/${action}`);
-    await reloadOverlay();
+    if (action === "reset") await reloadOverlay(); else await patchOverlay(result.changed);
     if (action === "reset") { updateObject({ ...result }); setStatus(`${result.name}: reset`); } else report(result);
   });
 }
