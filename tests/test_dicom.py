@@ -349,3 +349,25 @@ def test_cli_dicom_seg_and_meshes_end_to_end_with_a_real_model(slices, tmp_path)
     seg = hd.seg.segread(str(tmp_path / "study_mask.dcm"))
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == "1.2.3.5"
     assert str(seg.SegmentSequence[0].SegmentDescription) == "fastsam3d label 4"
+
+
+def test_benchmark_volume_reads_a_dicom_series_chosen_by_uid(slices, tmp_path):
+    """`benchmark --volume DIR --series UID` times infer on that series; without --series the folder's two
+    series are listed (exit 3) and nothing is timed; --series without --volume is a usage error."""
+    write_variant(slices, tmp_path / "study" / "a", crop=CROP, series_uid="1.2.3.4", description="first")
+    write_variant(slices, tmp_path / "study" / "b", crop=CROP, series_uid="1.2.3.5", description="second")
+    clicks = tmp_path / "c.json"
+    clicks.write_text(json.dumps({"space": "ijk", "objects": [
+        {"name": "organ", "label": 1, "points": [[80, 64, 10]], "point_labels": [1]}]}))
+    quick = ["benchmark", "-m", "fastsam3d-tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--clicks", "1",
+             "--no-flops", "--volume", str(tmp_path / "study"), "--clicks-file", str(clicks)]
+    refused = runner.invoke(app, quick, env=CLI_ENV)
+    assert refused.exit_code == 3 and "2 DICOM series" in refused.stderr and "--series UID" in refused.stderr
+    result = runner.invoke(app, [*quick, "--series", "1.2.3.5", "--json"], env=CLI_ENV)
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["settings"]["series"] == "1.2.3.5"
+    assert payload["configs"][0]["end_to_end"]["total"]["median_ms"] > 0
+    usage = runner.invoke(app, ["benchmark", "-m", "fastsam3d-tiny", "--series", "1.2.3.5"], env=CLI_ENV)
+    assert usage.exit_code == 2 and "--series without --volume" in usage.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "study"]

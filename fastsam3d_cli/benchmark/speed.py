@@ -588,12 +588,13 @@ def run_benchmark(models: Sequence[str] = ("fastsam3d",), attentions: Sequence[s
                   warmup: int = 5, clicks: int = 5, budget_s: float = 60.0, threads: int | None = None,
                   volume: str | Path | None = None, clicks_file: str | Path | None = None,
                   count_flops: bool = True, seed: int = 0, checkpoints: Sequence[str | Path] = (),
-                  progress: Callable[[str], None] | None = None) -> BenchmarkResult:
+                  series: str | None = None, progress: Callable[[str], None] | None = None) -> BenchmarkResult:
     """Time every model × attention × dtype on one device in one run (order: models, then attentions, then dtypes).
 
     `budget_s`: seconds one configuration may take before its warm-up/repeats are reduced (0 = no cap).
     `threads`: torch intra-op threads for the run (restored afterwards); None keeps torch's default.
-    `volume` + `clicks_file`: also time the file-to-file pipeline stage by stage.
+    `volume` + `clicks_file`: also time the file-to-file pipeline stage by stage (a DICOM folder or .zip too;
+    `series` picks its series by UID, as `infer --series`).
     `checkpoints`: weights files timed after the `models` presets (which use deterministic random weights);
     each one's preset is read from the file. `models` may be empty when checkpoints are given.
     Raises UsageError (bad options), DeviceError (device absent), WeightsError (a bad checkpoint), or the
@@ -607,13 +608,15 @@ def run_benchmark(models: Sequence[str] = ("fastsam3d",), attentions: Sequence[s
                                            "budget_s": budget_s, "threads": threads})
     if (volume is None) != (clicks_file is None):
         raise UsageError("--volume and --clicks-file go together", "give both, or neither")
+    if series is not None and volume is None:
+        raise UsageError("--series without --volume", "give the DICOM folder with --volume, or drop --series")
     torch_device = resolve_device(device)
     if volume is not None:
-        _check_end_to_end_inputs(volume, clicks_file)
+        _check_end_to_end_inputs(volume, clicks_file, series)
     checkpoint_rows = _checkpoint_presets(checkpoints)
     settings = {"models": models, "checkpoints": [path for path, _ in checkpoint_rows], "attentions": attentions, "dtypes": dtypes, "batch": batch, "repeats": repeats,
                 "warmup": warmup, "clicks": clicks, "budget_s": budget_s, "seed": seed,
-                "volume": None if volume is None else str(volume),
+                "volume": None if volume is None else str(volume), "series": series,
                 "clicks_file": None if clicks_file is None else str(clicks_file)}
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -652,14 +655,14 @@ def run_benchmark(models: Sequence[str] = ("fastsam3d",), attentions: Sequence[s
 END_TO_END_STAGES = ("read", "preprocess", "encode", "decode", "paste", "write")
 
 
-def _check_end_to_end_inputs(volume: str | Path, clicks_file: str | Path) -> None:
+def _check_end_to_end_inputs(volume: str | Path, clicks_file: str | Path, series: str | None = None) -> None:
     """Fail before any timing (BadInputError, exit 3) when the volume or click file is unusable."""
     from fastsam3d_cli.imaging.clickfile import check_inside, read_click_file, to_lps
     from fastsam3d_cli.imaging.volumes import read_image
     from fastsam3d_cli.imaging.world import world_geometry
 
     click_file = read_click_file(clicks_file)
-    image = read_image(volume)
+    image = read_image(volume, series=series)
     world = world_geometry(volume, image)  # as infer places them (imaging/world.py)
     world.check_space(click_file.space)
     for obj in click_file.objects:
@@ -688,7 +691,8 @@ def _time_end_to_end(model, row: ConfigResult, device: torch.device, settings: d
         crops_run: list[int] = []
 
         def run_once() -> dict:
-            sidecar = infer_file(settings["volume"], settings["clicks_file"], output, loaded=loaded, overwrite=True)
+            sidecar = infer_file(settings["volume"], settings["clicks_file"], output, loaded=loaded, overwrite=True,
+                                 series=settings.get("series"))
             crops_run.append(int(sidecar["crops_run"]))
             return sidecar["timings_ms"]
 

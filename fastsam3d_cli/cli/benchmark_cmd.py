@@ -43,7 +43,11 @@ def benchmark_command(
     warmup: int = typer.Option(5, "--warmup", help="Untimed interactions after the first call."),
     clicks: int = typer.Option(5, "--clicks", help="Decoder steps per interaction (one new click each)."),
     volume: Optional[str] = typer.Option(None, "--volume", metavar="FILE",
-                                         help="Also time file → file inference of this volume, stage by stage."),
+                                         help="Also time file → file inference of this volume (or DICOM folder / "
+                                              ".zip), stage by stage."),
+    series: Optional[str] = typer.Option(None, "--series", metavar="UID",
+                                         help="SeriesInstanceUID of the DICOM series to read when --volume holds "
+                                              "several."),
     clicks_file: Optional[str] = typer.Option(None, "--clicks-file", metavar="FILE",
                                               help="Click file for --volume."),
     json_output: bool = typer.Option(False, "--json", help="Print everything as one JSON object on stdout."),
@@ -72,7 +76,7 @@ def benchmark_command(
         models=model or ([] if checkpoint else ["fastsam3d"]), checkpoints=checkpoint or [],
         attentions=attention or ["auto"], device=device, dtypes=dtype or ["float32"],
         batch=batch, repeats=repeats, warmup=warmup, clicks=clicks, budget_s=budget, threads=threads,
-        volume=volume, clicks_file=clicks_file, count_flops=not no_flops,
+        volume=volume, clicks_file=clicks_file, count_flops=not no_flops, series=series,
         progress=(lambda text: stderr_console.print(text, highlight=False, markup=False)) if show_progress else None)
     if json_output:
         print_json(result.to_dict())
