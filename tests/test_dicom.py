@@ -371,3 +371,57 @@ def test_benchmark_volume_reads_a_dicom_series_chosen_by_uid(slices, tmp_path):
     usage = runner.invoke(app, ["benchmark", "-m", "fastsam3d-tiny", "--series", "1.2.3.5"], env=CLI_ENV)
     assert usage.exit_code == 2 and "--series without --volume" in usage.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "study"]
+
+
+def test_serve_opens_a_dicom_series_by_folder_and_by_zip_upload(slices, tmp_path):
+    """`serve` reads a DICOM folder under --root (--series picks one of two) and a .zip upload; the page gets
+    the series as a NIfTI with the same grid; a click lands where infer puts it on the same series."""
+    import httpx
+    import nibabel as nib
+
+    from fastsam3d_cli.serve.app import ServeConfig
+    from fastsam3d_cli.serve.server import BackgroundServer
+    from fastsam3d_cli.weights.loading import load_inference_model
+    from infer_phantoms import make_tiny_checkpoint
+
+    root = tmp_path / "root"
+    write_variant(slices, root / "study" / "a", crop=CROP, series_uid="1.2.3.4", description="first")
+    write_variant(slices, root / "study" / "b", crop=CROP, series_uid="1.2.3.5", description="second",
+                  flip_rows=True)
+    archive = tmp_path / "b.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted((root / "study" / "b").iterdir()):
+            zipped.write(path, path.name)
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny.pth")
+    loaded = load_inference_model(checkpoint=checkpoint, device="cpu")
+    with BackgroundServer(ServeConfig(loaded, root=root, max_crops=1)) as url, \
+            httpx.Client(base_url=url, timeout=120) as client:
+        assert {"study/a/", "study/b/"} <= set(client.get("/api/files").json()["files"])
+        several = client.post("/api/sessions", json={"path": "study"})
+        assert several.status_code == 400 and "2 DICOM series" in several.json()["error"]
+        opened = client.post("/api/sessions", json={"path": "study", "series": "1.2.3.5"})
+        assert opened.status_code == 201, opened.text
+        session = opened.json()
+        assert session["size"] == [160, 128, 20] and session["viewer_file"] == "volume.nii"
+        viewer = tmp_path / "viewer.nii"
+        viewer.write_bytes(client.get(f"/api/sessions/{session['id']}/volume/volume.nii").content)
+        series = read_dicom(root / "study", "1.2.3.5").image
+        assert nib.load(str(viewer)).shape == (160, 128, 20)
+        np.testing.assert_allclose(affine_lps(read_image(viewer)), affine_lps(series), atol=1e-4)
+        client.post(f"/api/sessions/{session['id']}/objects", json={"name": "organ"})
+        answer = client.post(f"/api/sessions/{session['id']}/objects/organ/clicks", json={"point": [80, 64, 10]})
+        assert answer.status_code == 200, answer.text
+        uploaded = client.post("/api/sessions", params={"filename": "b.zip"}, content=archive.read_bytes(),
+                               headers={"Content-Type": "application/octet-stream"})
+        assert uploaded.status_code == 201, uploaded.text
+        assert uploaded.json()["size"] == [160, 128, 20]
+        wrong = client.post("/api/sessions", json={"path": "study/a", "series": "9.9.9"})
+        assert wrong.status_code == 400 and "--series 9.9.9 is not in" in wrong.json()["error"]
+    clicks = tmp_path / "c.json"
+    clicks.write_text(json.dumps({"space": "ijk", "objects": [
+        {"name": "organ", "label": 1, "points": [[80, 64, 10]], "point_labels": [1]}]}))
+    result = runner.invoke(app, ["infer", str(root / "study"), "--series", "1.2.3.5", "-c", str(clicks),
+                                 "-o", str(tmp_path / "infer.nii.gz"), "--checkpoint", str(checkpoint),
+                                 "--max-crops", "1", "--device", "cpu"], env=CLI_ENV)
+    assert result.exit_code == 0, result.stderr
+    assert int((np.asarray(nib.load(str(tmp_path / "infer.nii.gz")).dataobj) == 1).sum()) == answer.json()["voxels"]

@@ -51,7 +51,8 @@ class ServeConfig:
 
 
 class OpenRequest(BaseModel):
-    path: str = Field(..., description="volume path relative to --root")
+    path: str = Field(..., description="volume path relative to --root: an image file, or a DICOM folder or .zip")
+    series: Optional[str] = Field(None, description="SeriesInstanceUID when the DICOM folder holds several series")
 
 
 class ObjectRequest(BaseModel):
@@ -120,43 +121,60 @@ class Server:
         self.config = config
         self.store = SessionStore(config.max_sessions, config.max_memory_bytes)
 
-    def open_path(self, path: Path, display_name: str | None = None) -> Session:
-        return self.store.add(lambda sid: self._make(sid, path, display_name or path.name, None))
+    def open_path(self, path: Path, display_name: str | None = None, series: str | None = None) -> Session:
+        return self.store.add(lambda sid: self._make(sid, path, display_name or path.name, None, series))
 
-    def open_upload(self, filename: str, data: bytes) -> Session:
+    def open_upload(self, filename: str, data: bytes, series: str | None = None) -> Session:
         name = Path(str(filename).replace("\\", "/")).name
-        suffix = _image_suffix(name)
+        suffix = ".zip" if name.lower().endswith(".zip") else _image_suffix(name)
         if suffix is None:
-            raise ApiError(400, f"upload '{name}' has no volume suffix; use one of {', '.join(IMAGE_SUFFIXES)}")
+            raise ApiError(400, f"upload '{name}' has no volume suffix; use one of {', '.join(IMAGE_SUFFIXES)}, "
+                                "or .zip for a DICOM series")
         if not data:
             raise ApiError(400, f"upload '{name}' is empty")
         folder = Path(tempfile.mkdtemp(prefix="fastsam3d-serve-", dir=self.config.upload_dir))
         path = folder / f"volume{suffix}"
         path.write_bytes(data)
         try:
-            return self.store.add(lambda sid: self._make(sid, path, name, folder))
+            return self.store.add(lambda sid: self._make(sid, path, name, folder, series))
         except BaseException:
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)
             raise
 
-    def _make(self, session_id: str, path: Path, display_name: str, owned: Path | None) -> Session:
-        from fastsam3d_cli.imaging.volumes import read_image
+    def _make(self, session_id: str, path: Path, display_name: str, owned: Path | None,
+              series: str | None = None) -> Session:
         from fastsam3d_cli.imaging.world import nifti_header, world_geometry
+        from fastsam3d_cli.interactive.export import read_input
         from fastsam3d_cli.interactive.predictor import Predictor
 
         loaded = self.config.loaded
         predictor = Predictor(loaded.model, loaded.device, max_crops=self.config.max_crops)
         try:  # as infer: the NIfTI header is read once, for the world geometry and the results' header
-            image = read_image(path, None, strict_channel=True)
+            image, dicom = read_input(path, None, series)  # a folder / .zip is a DICOM series
             header = nifti_header(path, image)
             predictor.set_volume(image, world=world_geometry(path, image, header))
         except FastSAM3DError as exc:
             raise ApiError(400, f"'{display_name}' is not a readable 3D volume: "
                                 f"{exc.message.replace(str(path), display_name)}") from None
-        return Session(session_id, predictor, path, display_name, self.config.compute_lock, owned,
-                       nifti_header=header)
+        viewer = path
+        if dicom is not None:  # the viewer gets the series as one NIfTI (its geometry: the series' own)
+            import SimpleITK as sitk
+
+            if owned is None:
+                owned = Path(tempfile.mkdtemp(prefix="fastsam3d-serve-", dir=self.config.upload_dir))
+            viewer = owned / "volume.nii"
+            sitk.WriteImage(image, str(viewer))
+        try:
+            return Session(session_id, predictor, path, display_name, self.config.compute_lock, owned,
+                           nifti_header=header, viewer_path=viewer)
+        except BaseException:
+            if owned is not None and dicom is not None:
+                import shutil
+
+                shutil.rmtree(owned, ignore_errors=True)
+            raise
 
     def sidecar(self, session: Session) -> dict[str, Any]:
         from fastsam3d_cli import __version__
@@ -297,8 +315,10 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     # ---------------------------------------------------------------------- sessions
     @app.post("/api/sessions", status_code=201, tags=["sessions"])
-    async def open_session(request: Request, filename: Optional[str] = None) -> dict[str, Any]:
-        """Open a volume: JSON `{"path": "..."}` (under --root), or the file itself as the body with `?filename=`."""
+    async def open_session(request: Request, filename: Optional[str] = None,
+                           series: Optional[str] = None) -> dict[str, Any]:
+        """Open a volume: JSON `{"path": "...", "series"?: UID}` (under --root; a DICOM folder or .zip too), or the
+        file itself as the body with `?filename=` (a DICOM series as a .zip, `?series=` to pick one)."""
         if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
             raw = await read_limited_body(request, 1 << 20)
             try:
@@ -306,14 +326,12 @@ def create_app(config: ServeConfig) -> FastAPI:
             except Exception as exc:  # pydantic ValidationError / bad JSON
                 raise ApiError(422, f"field 'path': {_first_error(exc)}") from None
             path = resolve_under_root(config.root, body.path)
-            if path.is_dir():
-                raise ApiError(400, f"'{body.path}' is a folder; give a volume file")
-            session = await run_in_threadpool(server.open_path, path, body.path)
+            session = await run_in_threadpool(server.open_path, path, body.path, body.series)
         else:
             if not filename:
                 raise ApiError(422, "field 'filename': give the upload's file name, e.g. ?filename=ct.nii.gz")
             data = await read_limited_body(request, config.max_upload_bytes)
-            session = await run_in_threadpool(server.open_upload, filename, data)
+            session = await run_in_threadpool(server.open_upload, filename, data, series)
         return session.describe()
 
     @app.get("/api/sessions", tags=["sessions"])
@@ -334,7 +352,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     def volume(sid: str, filename: str) -> StreamingResponse:
         """The volume as opened (the viewer loads it; the file name only tells it the format)."""
         with server.store.use(sid) as session:  # opened now: an upload evicted meanwhile still streams
-            handle = open(session.volume_path, "rb")  # noqa: SIM115 - closed by the background task
+            handle = open(session.viewer_path, "rb")  # noqa: SIM115 - closed by the background task
         return StreamingResponse(iter(lambda: handle.read(1 << 20), b""), media_type="application/octet-stream",
                                  background=BackgroundTask(handle.close))
 

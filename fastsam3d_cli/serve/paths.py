@@ -35,15 +35,18 @@ def resolve_under_root(root: Path | None, relative: str) -> Path:
 
 
 def list_images(root: Path | None, limit: int = 2000) -> list[str]:
-    """Image files under the root (relative POSIX paths), without following links that leave it."""
+    """Image files, DICOM `.zip` files and folders holding `.dcm` files under the root (relative POSIX paths; a
+    folder ends with '/'), without following links that leave it."""
     if root is None:
         return []
     real_root = root.resolve()
     found: list[str] = []
     for folder, dirs, files in os.walk(real_root, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if folder != str(real_root) and any(name.lower().endswith(".dcm") for name in files):
+            found.append(Path(folder).relative_to(real_root).as_posix() + "/")
         for name in sorted(files):
-            if not name.lower().endswith(IMAGE_SUFFIXES):
+            if not name.lower().endswith(IMAGE_SUFFIXES + (".zip",)):
                 continue
             path = Path(folder) / name
             real = path.resolve()

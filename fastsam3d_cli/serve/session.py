@@ -69,12 +69,14 @@ class Session:
     """A volume open in the server. Callers hold `lock` around every call (the store does)."""
 
     def __init__(self, session_id: str, predictor: Any, volume_path: Path, display_name: str,
-                 compute_lock: threading.Lock, owned_dir: Path | None = None, nifti_header: Any = _UNREAD) -> None:
+                 compute_lock: threading.Lock, owned_dir: Path | None = None, nifti_header: Any = _UNREAD,
+                 viewer_path: Path | None = None) -> None:
         self.id = session_id
         self.predictor = predictor
         self.volume_path = volume_path
+        self.viewer_path = viewer_path or volume_path  # what the page loads (a DICOM series: a NIfTI of it)
         self.display_name = display_name
-        self.owned_dir = owned_dir  # a temporary folder (uploads) removed when the session closes
+        self.owned_dir = owned_dir  # a temporary folder (uploads, a DICOM series' NIfTI) removed when it closes
         if nifti_header is not _UNREAD:  # already read with the volume (`Server._make`); None: not a NIfTI
             self.nifti_header = nifti_header
         self.lock = threading.RLock()
@@ -364,7 +366,8 @@ class Session:
     def describe(self) -> dict[str, Any]:
         from fastsam3d_cli.interactive.infer import _grid  # noqa: PLC2701 - the input grid as infer's sidecar gives it
 
-        return {"id": self.id, "name": self.display_name, **_grid(self.predictor.input_image),
+        return {"id": self.id, "name": self.display_name, "viewer_file": self.viewer_path.name,
+                **_grid(self.predictor.input_image),
                 "objects": [o.describe() for o in self.objects.values()]}
 
     def approximate_bytes(self) -> int:

@@ -61,7 +61,7 @@ async function showSession(described) {
   state.objects = described.objects;
   state.clicks = 0;
   state.hidden.clear();
-  const fileName = described.name.split("/").pop();
+  const fileName = described.viewer_file || described.name.split("/").pop(); // a DICOM series: a NIfTI of it
   await nv.loadVolumes([{ url: `/api/sessions/${state.sid}/volume/${encodeURIComponent(fileName)}`,
                           name: fileName, headers: authHeaders }]);
   state.overlay = null;
