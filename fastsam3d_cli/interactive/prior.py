@@ -12,8 +12,11 @@ every click, on the 128³ crop it sees (1.5 mm, the same voxels it encodes):
    correction where it is confident enough to override it.
 
 `gate` is a learned scalar (trained with the model, stored beside its weights under the checkpoint's
-"prior" entry); it starts at a small value so that a fresh model begins as the floor and learns only the
-corrections that lower the loss. The same code runs in training (`training.train.interactive_loss`) and at
+"prior" entry). A new training run zeroes the last layer of the decoder's mask hypernetwork
+(`zero_residual`), so that M = 0 and the model begins exactly as the floor; that layer still gets gradients
+(the decoder's features are not zero), so the correction grows from the first step — the usual start of a
+residual branch. (A first try kept the hypernetwork and scaled M by a gate of 0.1 instead: after 325 steps
+the gate and the masks had not moved, since M had to grow 40-fold to override the prior.) The same code runs in training (`training.train.interactive_loss`) and at
 inference (`interactive.predictor.Predictor`), so what was trained is what runs.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ from fastsam3d_cli.interactive.classical import FloorParameters, segment_clicks,
 
 PRIOR_KINDS = ("none", "classical")
 DEFAULT_SCALE = 4.0  # |logit| of the prior: sigmoid(4) = 0.98, so a confident correction can override it
-DEFAULT_GATE = 0.1  # the residual's starting weight: small, not 0, so that the decoder gets gradients at once
+DEFAULT_GATE = 1.0  # the residual's weight (learned); a new run starts the residual itself at 0 (`zero_residual`)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,16 @@ class CropPrior:
     def logits(self, clicks: Sequence[tuple[Sequence[float], bool]], scale: float) -> np.ndarray:
         """±scale logits (float32, crop shape) of `region(clicks)`."""
         return np.where(self.region(clicks), np.float32(scale), np.float32(-scale))
+
+
+def zero_residual(model: Any) -> None:
+    """Zero the last layer of mask token 0's hypernetwork MLP: the model's output M starts at exactly 0."""
+    import torch
+
+    layer = model.mask_decoder.output_hypernetworks_mlps[0].layers[-1]
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
 
 
 def mask_prompt(prior_logits: Any, residual_low_res: Any, low_res_size: int) -> Any:

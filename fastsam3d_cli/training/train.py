@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM
-from fastsam3d_cli.interactive.prior import CropPrior, PriorSettings, check_kind, mask_prompt
+from fastsam3d_cli.interactive.prior import CropPrior, PriorSettings, check_kind, mask_prompt, zero_residual
 from fastsam3d_cli.training.clicks import clicks_to_prompt, random_click, ritm_click
 from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
 from fastsam3d_cli.training.losses import dice_ce_loss, dice_score
@@ -481,6 +481,8 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     else:
         network = build_model(config.name, attention=attention, device=torch_device)
     network.train()
+    if prior == "classical" and not resume:
+        zero_residual(network)  # a new run starts as the floor exactly (interactive/prior.py)
     task = InteractiveSegmentationTask(network, dataset, iterations=iterations, freeze_encoder=freeze_encoder,
                                        unfreeze_patience=unfreeze_patience, decoder_lr_scale=decoder_lr_scale,
                                        grad_iterations=grad_iterations, centre_click_share=centre_click_share,
