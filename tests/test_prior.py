@@ -185,3 +185,21 @@ def test_bundle_keeps_the_prior_and_a_bad_prior_entry_is_refused(prior_run, tmp_
     model, _ = load_model(bad)
     with pytest.raises(WeightsError, match="a prior this version does not know"):
         Predictor(model)
+
+
+def test_infer_with_a_prior_checkpoint_records_the_prior_in_the_sidecar(prior_run, tmp_path):
+    from infer_phantoms import phantom, write
+
+    _, run = prior_run
+    image, _ = phantom()
+    volume = write(image, tmp_path / "v.nii.gz")
+    clicks = tmp_path / "c.json"
+    clicks.write_text(json.dumps({"space": "ijk", "objects": [
+        {"name": "organ", "label": 1, "points": [[24, 20, 16]], "point_labels": [1]}]}))
+    result = runner.invoke(app, ["infer", str(volume), "-c", str(clicks), "-o", str(tmp_path / "m.nii.gz"),
+                                 "--checkpoint", str(run / "last.pth"), "--device", "cpu", "--max-crops", "1"],
+                           env=CLI_ENV)
+    assert result.exit_code == 0, result.stderr
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    assert sidecar["pipeline"]["prior"]["kind"] == "classical" and "classical prior" in sidecar["pipeline"]["clicks"]
+    assert sidecar["objects"][0]["voxels"] > 0

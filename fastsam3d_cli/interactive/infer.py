@@ -289,7 +289,6 @@ def _sidecar(volume: Path, image: Any, input_sha256: str, click_file: Any, click
         if voxels == 0:
             warnings.append(f"object '{obj.name}' is empty in the output")
     warnings.extend(predictor.world.notes)
-    canonical = predictor.canonical_grid
     probabilities = ({o.name: str(probability_path(outputs.probabilities_dir, outputs.labelmap, o.label, o.name))
                       for o in click_file.objects} if outputs.probabilities_dir is not None else None)
     return {
@@ -301,19 +300,34 @@ def _sidecar(volume: Path, image: Any, input_sha256: str, click_file: Any, click
         "outputs": {"labelmap": str(outputs.labelmap), "sidecar": str(outputs.sidecar),
                     "preview": str(outputs.preview) if outputs.preview else None, "probabilities": probabilities},
         "labelmap_dtype": str(labels.dtype),
-        "model": {"preset": loaded.preset, "weights_name": loaded.weights_name, "checkpoint": str(loaded.checkpoint),
-                  "checkpoint_sha256": loaded.checkpoint_sha256, "fallback": loaded.fallback},
-        "device": str(loaded.device), "attention": loaded.attention, "dtype": loaded.dtype, "torch": torch.__version__,
+        **model_record(loaded), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
-        "pipeline": {"spacing_mm": predictor.spacing_mm, "crop_size": predictor.crop_size,
-                     "clicks": "one new point per decoder step + the previous low-res logits (zeros first)",
-                     "max_crops": max_crops, "extension_step": predictor.extension_step,
-                     "overlap": "higher probability wins", "canonical_grid": _grid(canonical)},
+        "pipeline": pipeline_record(predictor, max_crops),
         "crops_run": sum(o["crops_run"] for o in objects),
         "objects": objects,
         "warnings": warnings,
         "timings_ms": {},
     }
+
+
+def model_record(loaded: LoadedModel) -> dict[str, Any]:
+    """What ran, for a sidecar (`infer`, `serve`): the model and its source, device, attention, dtype."""
+    return {"model": {"preset": loaded.preset, "weights_name": loaded.weights_name,
+                      "checkpoint": str(loaded.checkpoint), "checkpoint_sha256": loaded.checkpoint_sha256,
+                      "fallback": loaded.fallback},
+            "device": str(loaded.device), "attention": loaded.attention, "dtype": loaded.dtype}
+
+
+def pipeline_record(predictor: Any, max_crops: int) -> dict[str, Any]:
+    """How the Predictor turned clicks into masks, for a sidecar (`prior`: the classical prior, if the model has one)."""
+    prior = getattr(predictor, "prior", None)
+    return {"spacing_mm": predictor.spacing_mm, "crop_size": predictor.crop_size,
+            "clicks": "one new point per decoder step + the previous low-res logits (zeros first)"
+            if prior is None else "one new point per decoder step; mask = classical prior P + gate x decoder "
+                                  "output, prompt avgpool(P) + the previous residual (docs/models.md)",
+            "prior": None if prior is None else prior.to_dict(),
+            "max_crops": max_crops, "extension_step": predictor.extension_step,
+            "overlap": "higher probability wins", "canonical_grid": _grid(predictor.canonical_grid)}
 
 
 def _grid(image: Any) -> dict[str, Any]:

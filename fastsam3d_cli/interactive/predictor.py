@@ -296,6 +296,16 @@ class Predictor:
         self._update_extensions(state, changed)
         return self.mask(name) if return_mask else None
 
+    def primary_crop_for(self, points: Sequence[Sequence[float]], space: str = "ras") -> CropBox:
+        """The primary crop (canonical-grid box) `add_clicks` would choose for a new object with these clicks.
+
+        `serve` compares it with an object's crop to know whether one more click can be applied alone
+        (one decoder step) and still equal the replay of all the clicks."""
+        input_image, canonical, _ = self._require_volume()
+        self._world.check_space(space)
+        indices = lps_to_ijk(to_lps(_points_array(points), space, input_image, self._world.ras_from_ijk), canonical)
+        return self._primary_box(indices)
+
     def reset_object(self, object: str | None = None) -> None:  # noqa: A002
         """Forget the clicks and crops of `object` (all objects when None); cached embeddings stay."""
         if object is None:

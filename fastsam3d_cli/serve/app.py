@@ -177,7 +177,9 @@ class Server:
             raise
 
     def sidecar(self, session: Session) -> dict[str, Any]:
+        """The labelmap's sidecar: `infer`'s model and pipeline records, the session's objects and click file."""
         from fastsam3d_cli import __version__
+        from fastsam3d_cli.interactive.infer import model_record, pipeline_record
 
         labels = session.labelmap()
         counts = np.bincount(labels.ravel(), minlength=1) if labels.size else np.zeros(1, int)
@@ -190,13 +192,10 @@ class Server:
             objects.append({**spec.describe(), "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 4),
                             "clicks": report["clicks"], "crops_run": report["crops_run"],
                             "unused_clicks": report["unused_clicks"], "timings": spec.timings})
-        loaded = self.config.loaded
         return {"fastsam3d": __version__, "session": session.id,
                 "input": {k: v for k, v in session.describe().items() if k not in ("objects", "id")},
-                "labelmap_dtype": str(labels.dtype),
-                "model": {"preset": loaded.preset, "weights_name": loaded.weights_name,
-                          "checkpoint": str(loaded.checkpoint), "checkpoint_sha256": loaded.checkpoint_sha256},
-                "device": str(loaded.device), "attention": loaded.attention, "dtype": loaded.dtype,
+                "labelmap_dtype": str(labels.dtype), **model_record(self.config.loaded),
+                "pipeline": pipeline_record(session.predictor, self.config.max_crops),
                 "max_crops": self.config.max_crops, "objects": objects, "clicks_file": session.export_clicks()}
 
 

@@ -269,11 +269,7 @@ class Session:
         state = predictor.object_state(spec.name)
         if len(state.crops) != 1 or len(state.clicks) != len(spec.clicks) - 1:
             return False
-        from fastsam3d_cli.imaging.clickfile import lps_to_ijk, to_lps
-
-        lps = to_lps(np.array([p for p, _ in spec.clicks]), "ijk", predictor.input_image)
-        indices = lps_to_ijk(lps, predictor.canonical_grid)  # what add_clicks computes
-        return predictor._primary_box(indices) == state.crops[0].box  # noqa: SLF001 - the crop add_clicks would pick
+        return predictor.primary_crop_for([p for p, _ in spec.clicks], space="ijk") == state.crops[0].box
 
     # ------------------------------------------------------------------------------ results
     @functools.cached_property
