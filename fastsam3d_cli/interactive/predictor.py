@@ -60,6 +60,7 @@ from fastsam3d_cli.imaging.volumes import (affine_lps, read_image, resample_onto
 
 DEFAULT_MAX_CROPS = 8
 UNCOVERED_LOGIT = -100.0  # logit pasted where no crop predicted anything (probability ~0)
+INITIAL_LOGIT = 10.0  # |logit| of a starting mask (`set_mask`) on the input grid and in its crops' first prompt
 SYNTHETIC_CLICK_MARGIN = 16  # a synthesised click stays this many voxels inside its crop
 
 
@@ -123,6 +124,8 @@ class ObjectState:
     clicks: list[Click] = field(default_factory=list)
     crops: list[CropRun] = field(default_factory=list)
     canvas: CropCanvas | None = field(default=None, repr=False)  # merged logits, see `Predictor._merged`
+    # a starting mask (`set_mask`): (start ijk, ±INITIAL_LOGIT logits over its bounding box) on the input grid
+    initial: tuple[tuple[int, int, int], np.ndarray] | None = field(default=None, repr=False)
 
 
 class Predictor:
@@ -276,7 +279,8 @@ class Predictor:
             if not np.all(np.isfinite(point)):
                 raise BadInputError(f"click {number} of object '{name}' ({space} {list(point)}) has a non-finite "
                                     "coordinate", "give finite numbers only")
-        if existing == 0 and 1 not in labels:
+        started = name in self._objects and self._objects[name].initial is not None
+        if existing == 0 and 1 not in labels and not started:
             raise BadInputError(f"object '{name}' would have only exclude clicks",
                                 "start an object with an include click (include=True / point label 1)")
         self._world.check_space(space)
@@ -288,7 +292,9 @@ class Predictor:
         indices = lps_to_ijk(lps, canonical)
         new = [Click(p, bool(v), i) for p, v, i in zip(lps, labels, indices)]
         if not state.crops:
-            state.crops.append(CropRun(self._primary_box(indices), "primary"))
+            box = self._primary_box(indices)
+            prompt = self._initial_prompt(state, box)  # a starting mask is the first crop's mask prompt
+            state.crops.append(CropRun(box, "primary", low_res=prompt, transferred=prompt is not None))
         changed: list[CropRun] = []
         for click in new:
             state.clicks.append(click)
@@ -306,8 +312,29 @@ class Predictor:
         indices = lps_to_ijk(to_lps(_points_array(points), space, input_image, self._world.ras_from_ijk), canonical)
         return self._primary_box(indices)
 
+    def set_mask(self, mask: np.ndarray, object: str = "object") -> None:  # noqa: A002
+        """Start `object` from an existing mask (array on the input grid, ijk; nonzero = the object).
+
+        The object's clicks and crops are replaced. Until a click it is this mask; a click's new crop gets the
+        mask as its first mask prompt (the model refines it there, an exclude click may come first), and
+        outside every crop the mask stays as given. BadInputError (exit 3) for another grid or an empty mask.
+        """
+        size = tuple(self.input_image.GetSize())
+        array = np.asarray(mask)
+        if array.shape != size:
+            raise BadInputError(f"the mask has {list(array.shape)} voxels and the volume {list(size)}",
+                                "give a mask on the volume's own grid")
+        inside = array != 0
+        hit = [np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        if not hit[0].size:
+            raise BadInputError("the mask is empty", "give a mask with at least one voxel of the object")
+        box = tuple(slice(int(h[0]), int(h[-1]) + 1) for h in hit)
+        logits = np.where(inside[box], np.float32(INITIAL_LOGIT), np.float32(-INITIAL_LOGIT))
+        name = str(object)
+        self._objects[name] = ObjectState(name, initial=(tuple(int(b.start) for b in box), logits))  # type: ignore[arg-type]
+
     def reset_object(self, object: str | None = None) -> None:  # noqa: A002
-        """Forget the clicks and crops of `object` (all objects when None); cached embeddings stay."""
+        """Forget the clicks, crops and starting mask of `object` (all objects when None); cached embeddings stay."""
         if object is None:
             self._objects.clear()
         else:
@@ -348,19 +375,26 @@ class Predictor:
         (the rest is "no object"), or None when no crop of the object reaches the input grid.
         """
         state = self.object_state(object)
+        fill = 0.0 if probabilities else UNCOVERED_LOGIT
+        initial = state.initial
+        if initial is not None and probabilities:
+            initial = (initial[0], _sigmoid(initial[1]).astype(np.float32))
+        if not state.crops:
+            return initial  # a starting mask without clicks (None: nothing)
         merged = self._merged(state)
         start, canvas = merged.start, merged.logits
         if canvas is None:
-            return None
+            return initial
         uncovered = merged.owner < 0 if len(merged.boxes) > 1 else None  # one crop covers its whole canvas
-        if probabilities:
-            values, fill = _sigmoid(canvas).astype(np.float32), 0.0
-        else:
-            values, fill = canvas, UNCOVERED_LOGIT
+        values = _sigmoid(canvas).astype(np.float32) if probabilities else canvas
+        # with a starting mask, what no crop covers keeps that mask: mark it (NaN) and fill it in afterwards
+        gap = np.float32(np.nan) if initial is not None else np.float32(fill)
         if uncovered is not None and uncovered.any():
-            values = np.where(uncovered, np.float32(fill), values).astype(np.float32)
+            values = np.where(uncovered, gap, values).astype(np.float32)
         start_time = time.perf_counter()
-        patch = _resample_canvas(values, start, self.canonical_grid, self.input_image, interpolation, fill)
+        patch = _resample_canvas(values, start, self.canonical_grid, self.input_image, interpolation, float(gap))
+        if initial is not None:
+            patch = _under(patch, initial, fill)
         self._record("paste", start_time, object=state.name)
         return patch
 
@@ -395,7 +429,8 @@ class Predictor:
                     crop.synthetic_click)]
             crops.append(entry)
         return {"name": state.name, "clicks": clicks, "crops": crops, "crops_run": len(state.crops),
-                "unused_clicks": [n + 1 for n in range(len(state.clicks)) if n not in used]}
+                "unused_clicks": [n + 1 for n in range(len(state.clicks)) if n not in used],
+                "initial_mask_voxels": None if state.initial is None else int((state.initial[1] > 0).sum())}
 
     # ------------------------------------------------------------------------------ internals
     def _require_volume(self) -> tuple[sitk.Image, CanonicalGrid, sitk.Image]:
@@ -430,6 +465,28 @@ class Predictor:
             crop = znormalize_foreground(crop)
         self._record("preprocess", start, crop=list(box.start))
         return crop
+
+    def _initial_prompt(self, state: ObjectState, box: CropBox) -> Any:
+        """The starting mask resampled onto a crop (linear, physical positions) and pooled to the low-res
+        prompt (1, 1, 32, 32, 32); None when the object has no starting mask."""
+        import torch
+        import torch.nn.functional as F
+
+        if state.initial is None:
+            return None
+        input_image, grid, _ = self._require_volume()
+        start, logits = state.initial
+        source = sitk.GetImageFromArray(np.ascontiguousarray(logits.transpose(2, 1, 0)))
+        source.SetSpacing(input_image.GetSpacing())
+        source.SetDirection(input_image.GetDirection())
+        source.SetOrigin(input_image.TransformIndexToPhysicalPoint([int(v) for v in start]))
+        resampled = resample_onto(source, size=(box.size,) * 3, spacing=tuple(reversed(grid.spacing)),
+                                  origin=grid.TransformIndexToPhysicalPoint(box.start),
+                                  direction=tuple(np.asarray(grid.direction, dtype=np.float64).reshape(3, 3)[:, ::-1].ravel()),
+                                  interpolation="linear", default_value=-INITIAL_LOGIT)
+        crop = torch.from_numpy(np.ascontiguousarray(sitk.GetArrayFromImage(resampled), dtype=np.float32))
+        factor = self.crop_size // self.low_res_size
+        return F.avg_pool3d(crop[None, None], kernel_size=factor, stride=factor).to(self.device)
 
     def _record(self, stage: str, start: float, **details: Any) -> None:
         self.timings.append({"stage": stage, "ms": (time.perf_counter() - start) * 1000.0, **details})
@@ -723,6 +780,22 @@ def _well_inside(box: CropBox, index: np.ndarray, margin: int) -> bool:
     """True when a canonical position lies at least `margin` voxels inside the box on every axis."""
     local = box.to_crop(index)
     return bool(np.all(local >= margin) and np.all(local <= box.size - 1 - margin))
+
+
+def _under(patch: tuple[tuple[int, int, int], np.ndarray] | None, initial: tuple[tuple[int, int, int], np.ndarray],
+           fill: float) -> tuple[tuple[int, int, int], np.ndarray]:
+    """`patch` (NaN where no crop decided) laid over the starting mask `initial`, on their joint box."""
+    if patch is None:
+        return initial
+    boxes = [(np.asarray(s), np.asarray(s) + np.asarray(v.shape)) for s, v in (patch, initial)]
+    lo = np.minimum(boxes[0][0], boxes[1][0])
+    hi = np.maximum(boxes[0][1], boxes[1][1])
+    out = np.full(tuple(hi - lo), np.float32(fill), dtype=np.float32)
+    for (start, values) in (initial, patch):
+        region = tuple(slice(int(a - b), int(a - b) + n) for a, b, n in zip(start, lo, values.shape))
+        decided = ~np.isnan(values)
+        out[region][decided] = values[decided]
+    return tuple(int(v) for v in lo), out  # type: ignore[return-value]
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -196,7 +196,8 @@ class Server:
                 "input": {k: v for k, v in session.describe().items() if k not in ("objects", "id")},
                 "labelmap_dtype": str(labels.dtype), **model_record(self.config.loaded),
                 "pipeline": pipeline_record(session.predictor, self.config.max_crops),
-                "max_crops": self.config.max_crops, "objects": objects, "clicks_file": session.export_clicks()}
+                "max_crops": self.config.max_crops, "objects": objects, "clicks_file": session.export_clicks(),
+                "warnings": session.export_warnings()}
 
 
 def _mask_response(mask: np.ndarray) -> Response:
@@ -213,6 +214,40 @@ def _mask_response(mask: np.ndarray) -> Response:
                     "X-Mask-Voxels": str(int(found[0].size))})
     return Response(np.packbits(box.ravel(order="F"), bitorder="little").tobytes(),
                     media_type="application/octet-stream", headers=headers)
+
+
+def _read_mask(data: bytes, filename: str, label: int | None, session: Session) -> np.ndarray:
+    """A mask upload as a bool array on the session's input grid (400 naming the problem otherwise)."""
+    from fastsam3d_cli.imaging.volumes import array_ijk, read_image
+
+    suffix = _image_suffix(Path(str(filename)).name)
+    if suffix is None:
+        raise ApiError(400, f"field 'filename': {filename[:60]!r} has no volume suffix; use one of "
+                            f"{', '.join(IMAGE_SUFFIXES)}")
+    if not data:
+        raise ApiError(400, "the mask upload is empty")
+    with tempfile.TemporaryDirectory(prefix="fastsam3d-serve-") as folder:
+        path = Path(folder) / f"mask{suffix}"
+        path.write_bytes(data)
+        try:
+            image = read_image(path, None, strict_channel=True)
+        except FastSAM3DError as exc:
+            raise ApiError(400, f"the mask is not a readable 3D volume: {exc.message.replace(str(path), filename)}") \
+                from None
+    volume = session.predictor.input_image
+    if tuple(image.GetSize()) != tuple(volume.GetSize()) or not (
+            np.allclose(image.GetSpacing(), volume.GetSpacing(), rtol=1e-4, atol=1e-4)
+            and np.allclose(image.GetOrigin(), volume.GetOrigin(), atol=1e-3)
+            and np.allclose(image.GetDirection(), volume.GetDirection(), atol=1e-4)):
+        raise ApiError(400, f"the mask's grid ({'×'.join(map(str, image.GetSize()))} voxels of "
+                            f"{', '.join(f'{v:g}' for v in image.GetSpacing())} mm) is not the volume's "
+                            f"({'×'.join(map(str, volume.GetSize()))} of "
+                            f"{', '.join(f'{v:g}' for v in volume.GetSpacing())} mm); give a mask on the volume's grid")
+    values = array_ijk(image)
+    mask = values != 0 if label is None else values == label
+    if not mask.any():
+        raise ApiError(400, "the mask is empty" + ("" if label is None else f" (no voxel has label {label})"))
+    return mask
 
 
 def _box_field(name: str, text: str, minimum: int, size: Sequence[int]) -> tuple[int, int, int]:
@@ -372,6 +407,21 @@ def create_app(config: ServeConfig) -> FastAPI:
         with server.store.use(sid) as session:
             return session.reset_object(name).describe()
 
+    @app.put("/api/sessions/{sid}/objects/{name}/mask", tags=["objects"])
+    async def start_from_mask(sid: str, name: str, request: Request, filename: str,
+                              label: Optional[int] = None) -> dict[str, Any]:
+        """Start the object from an existing mask: the body is a volume file (`?filename=` gives its format) on
+        the session volume's grid; its nonzero voxels, or those equal to `?label=`, are the object. Replaces the
+        object's clicks; further clicks refine it (outside their crops the mask stays)."""
+        data = await read_limited_body(request, config.max_upload_bytes)
+
+        def start() -> dict[str, Any]:  # in a worker thread, like every route that computes
+            with server.store.use(sid) as session:
+                session.object(name)  # 404 before reading the upload
+                return session.set_mask(name, _read_mask(data, filename, label, session))
+
+        return await run_in_threadpool(start)
+
     @app.post("/api/sessions/{sid}/objects/{name}/clicks", tags=["clicks"])
     def click(sid: str, name: str, body: ClickRequest) -> dict[str, Any]:
         """One include/exclude click; returns the object's summary and the click's timing (ms)."""
@@ -453,8 +503,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         """The session as a click file: `fastsam3d infer VOLUME --clicks clicks.json` gives the same labelmap."""
         with server.store.use(sid) as session:
             text = json.dumps(session.export_clicks(), indent=2) + "\n"
-        return Response(text, media_type="application/json",
-                        headers={"Content-Disposition": 'attachment; filename="clicks.json"'})
+            warnings = session.export_warnings()
+        headers = {"Content-Disposition": 'attachment; filename="clicks.json"'}
+        if warnings:
+            headers["X-Fastsam3d-Warning"] = warnings[0]
+        return Response(text, media_type="application/json", headers=headers)
 
     add_monailabel_routes(app, server, read_limited_body)
     return app

@@ -55,14 +55,21 @@ class ObjectSpec:
     clicks: list[tuple[tuple[float, float, float], bool]] = field(default_factory=list)
     redo: list[tuple[tuple[float, float, float], bool]] = field(default_factory=list)
     timings: list[dict[str, Any]] = field(default_factory=list)  # one record per click / undo / redo
+    initial: np.ndarray | None = field(default=None, repr=False)  # a starting mask (bool, input grid), if any
 
     @property
     def point_labels(self) -> tuple[int, ...]:
         return tuple(1 if include else 0 for _, include in self.clicks)
 
+    @property
+    def has_mask(self) -> bool:
+        """True when the object has something to show: clicks or a starting mask."""
+        return bool(self.clicks) or self.initial is not None
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "label": self.label, "colour": self.colour, "clicks": len(self.clicks),
-                "redo": len(self.redo)}
+                "redo": len(self.redo),
+                "initial_mask_voxels": None if self.initial is None else int(self.initial.sum())}
 
 
 class Session:
@@ -127,10 +134,11 @@ class Session:
         self.predictor.reset_object(name)
 
     def reset_object(self, name: str) -> ObjectSpec:
-        """Forget the object's clicks (and its redo history); the object stays."""
+        """Forget the object's clicks, its redo history and its starting mask; the object stays."""
         spec = self.object(name)
         spec.clicks.clear()
         spec.redo.clear()
+        spec.initial = None
         self._forget(name)
         self.predictor.reset_object(name)
         return spec
@@ -139,8 +147,9 @@ class Session:
     def click(self, name: str, point: Sequence[float], include: bool, space: str) -> dict[str, Any]:
         """Add one click to object `name` (point in `space`: ijk of the input volume, ras or lps mm)."""
         spec = self.object(name)
-        if not spec.clicks and not include:
-            raise ApiError(400, f"field 'include': the first click of object '{name}' must be an include click")
+        if not spec.clicks and not include and spec.initial is None:
+            raise ApiError(400, f"field 'include': the first click of object '{name}' must be an include click "
+                                "(or start it from a mask)")
         ijk = self._checked_ijk(spec, point, space, len(spec.clicks) + 1, "point")
         spec.clicks.append((ijk, bool(include)))
         spec.redo.clear()
@@ -204,7 +213,7 @@ class Session:
         spec = self.object(name)
         if not spec.clicks:
             raise ApiError(409, f"object '{name}' has no click to undo")
-        if len(spec.clicks) > 1 and not any(include for _, include in spec.clicks[:-1]):
+        if len(spec.clicks) > 1 and not any(include for _, include in spec.clicks[:-1]) and spec.initial is None:
             raise ApiError(409, f"undoing would leave object '{name}' with only exclude clicks")
         spec.redo.append(spec.clicks.pop())
         return self._update(spec, "undo")
@@ -237,6 +246,8 @@ class Session:
                                      return_mask=False)
             elif mode == "replay":
                 predictor.reset_object(spec.name)
+                if spec.initial is not None:
+                    predictor.set_mask(spec.initial, spec.name)
                 if spec.clicks:
                     predictor.add_clicks([p for p, _ in spec.clicks], list(spec.point_labels), space="ijk",
                                          object=spec.name, return_mask=False)
@@ -255,6 +266,21 @@ class Session:
         voxels = int(mask.sum())
         return {**spec.describe(), "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 4), "timing": record,
                 "changed": None if changed is None else {"start": changed[0], "shape": changed[1]}}
+
+    def set_mask(self, name: str, mask: np.ndarray) -> dict[str, Any]:
+        """Start object `name` from `mask` (bool, input grid): its clicks and redo history are replaced."""
+        spec = self.object(name)
+        with self.compute_lock:
+            try:
+                self.predictor.set_mask(mask, spec.name)  # checks the grid and that it is not empty
+            except FastSAM3DError as exc:
+                raise ApiError(400, exc.message) from None
+            self.predictor.reset_object(spec.name)  # _update replays it from spec (the same state)
+        spec.initial = np.asarray(mask) != 0
+        spec.initial.flags.writeable = False
+        spec.clicks.clear()
+        spec.redo.clear()
+        return self._update(spec, "mask")
 
     def _can_extend(self, spec: ObjectSpec) -> bool:
         """True when applying the newest click alone gives what replaying all clicks gives.
@@ -337,7 +363,8 @@ class Session:
             return self.predictor.probabilities(spec.name)
 
     def clicked_objects(self) -> list[ObjectSpec]:
-        return [o for o in self.objects.values() if o.clicks]
+        """Objects with a mask to show: clicks, or a starting mask."""
+        return [o for o in self.objects.values() if o.has_mask]
 
     def labelmap(self, box: tuple[Sequence[int], Sequence[int]] | None = None) -> np.ndarray:
         """All objects with clicks as one labelmap on the input grid, composed exactly as `infer` does
@@ -355,9 +382,17 @@ class Session:
         """The session as a fastsam3d click file (space ijk, full precision): `fastsam3d infer` replays it."""
         from fastsam3d_cli.imaging.clickfile import ClickFile, ClickObject
 
-        objects = tuple(ClickObject(o.name, o.label, tuple(p for p, _ in o.clicks), o.point_labels)
-                        for o in self.clicked_objects())
+        exported = [o for o in self.objects.values() if o.clicks and any(o.point_labels)]
+        objects = tuple(ClickObject(o.name, o.label, tuple(p for p, _ in o.clicks), o.point_labels) for o in exported)
         return ClickFile("ijk", objects, f"session {self.id}", "fastsam3d").to_dict()
+
+    def export_warnings(self) -> list[str]:
+        """What the exported click file cannot replay (objects started from a mask)."""
+        started = [o.name for o in self.objects.values() if o.initial is not None]
+        if not started:
+            return []
+        return [f"objects started from a mask are not reproduced by the click file (it holds only their clicks; "
+                f"one whose clicks are all excludes is left out): {', '.join(started)}"]
 
     def describe(self) -> dict[str, Any]:
         from fastsam3d_cli.interactive.infer import _grid  # noqa: PLC2701 - the input grid as infer's sidecar gives it

@@ -270,6 +270,18 @@ $("sessions").addEventListener("change", async () => {
   if (sid) { try { await showSession(await api("GET", `/api/sessions/${sid}`)); } catch (e) { setStatus(e.message, true); } }
 });
 $("add").addEventListener("click", () => run(addObject));
+$("load-mask").addEventListener("click", () => state.sid && state.selected && $("mask-file").click());
+$("mask-file").addEventListener("change", async () => {
+  const file = $("mask-file").files[0];
+  $("mask-file").value = "";
+  if (!file || !state.sid || !state.selected) return;
+  await run(async () => {
+    const result = await api("PUT", `${objectPath(state.selected)}/mask?filename=${encodeURIComponent(file.name)}`,
+                             file, { headers: { "Content-Type": "application/octet-stream" } });
+    await reloadOverlay(); // the object's clicks were replaced: the whole map may differ
+    report(result);
+  });
+});
 $("undo").addEventListener("click", () => objectAction("undo"));
 $("redo").addEventListener("click", () => objectAction("redo"));
 $("reset").addEventListener("click", () => objectAction("reset"));
