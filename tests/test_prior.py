@@ -203,3 +203,23 @@ def test_infer_with_a_prior_checkpoint_records_the_prior_in_the_sidecar(prior_ru
     sidecar = json.loads((tmp_path / "m.json").read_text())
     assert sidecar["pipeline"]["prior"]["kind"] == "classical" and "classical prior" in sidecar["pipeline"]["clicks"]
     assert sidecar["objects"][0]["voxels"] > 0
+
+
+def test_validate_scores_a_prior_model_with_its_prior(prior_run, tmp_path):
+    """With the residual switched off (gate 0) the model is the floor on the crop: its Dice after one click
+    is the floor region's Dice, not the (untrained) decoder's — so validate runs the prior as trained."""
+    from fastsam3d_cli.training.validate import validate
+
+    prepared, run = prior_run
+    payload = torch.load(run / "last.pth", map_location="cpu", weights_only=True)
+    payload["prior"] = {**payload["prior"], "gate": 0.0}
+    floor_only = tmp_path / "gate0.pth"
+    torch.save(payload, floor_only)
+    with_prior = validate(prepared, floor_only, clicks=2, device="cpu")
+    payload.pop("prior")
+    plain = tmp_path / "plain.pth"
+    torch.save(payload, plain)
+    without = validate(prepared, plain, clicks=2, device="cpu")
+    floor_dice = with_prior.overall()["dice_per_click"][0]
+    assert floor_dice > 0.5  # the bright phantom organs: the floor finds them
+    assert floor_dice > without.overall()["dice_per_click"][0] + 0.2

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from fastsam3d_cli.training.clicks import clicks_to_prompt, simulate_click, validation_click_method
+from fastsam3d_cli.interactive.prior import PriorSettings, mask_prompt
+from fastsam3d_cli.training.train import ClassicalPriorBatch
 from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.training.losses import dice_score, iou_score
 
@@ -121,16 +123,27 @@ def score_crop(model: torch.nn.Module, image: np.ndarray, label: np.ndarray, val
     valid_t = None if valid is None else torch.from_numpy(np.ascontiguousarray(valid)).to(device)
     if not bool(target.any()):
         return [], [], []
-    embedding = model.encode(torch.from_numpy(np.ascontiguousarray(image))[None, None].to(device))
+    volume = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(device)
+    embedding = model.encode(volume)
     low = model.config.low_res_size
     low_res = torch.zeros((1, 1, low, low, low), device=device, dtype=embedding.dtype)
     prediction = torch.zeros_like(target, dtype=torch.bool)
+    settings = PriorSettings.from_dict(getattr(model, "prior_settings", None))
+    prior = None if settings is None else ClassicalPriorBatch(volume, settings, torch.tensor(settings.gate))
     dice, iou, made = [], [], []
     for number in range(1, clicks + 1):
         click = simulate_click(validation_click_method(number), prediction, target, rng, valid_t)
         points, labels = clicks_to_prompt([click], device)
-        low_res, _ = model.decode(embedding, points, labels, low_res)
-        prediction = model.upsample_logits(low_res)[0, 0] > 0
+        if prior is None:
+            low_res, _ = model.decode(embedding, points, labels, low_res)
+            logits = model.upsample_logits(low_res)
+        else:  # a model that corrects the classical prior: as it was trained (interactive/prior.py)
+            prior.add([click])
+            prior_logits = prior.logits()
+            output, _ = model.decode(embedding, points, labels, mask_prompt(prior_logits, low_res, low))
+            low_res = prior.gate * output
+            logits = prior_logits + model.upsample_logits(low_res)
+        prediction = logits[0, 0] > 0
         dice.append(dice_score(prediction, target, valid_t))
         iou.append(iou_score(prediction, target, valid_t))
         made.append((click.position, click.label) if click is not None else None)
