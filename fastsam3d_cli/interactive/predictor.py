@@ -38,6 +38,11 @@ What happens (reference/models.md §3; the order matters):
 5. The merged logits are pasted back onto the input grid through the crops' physical geometry with
    nearest-neighbour resampling (`mask`), or as sigmoid probabilities with linear resampling
    (`probabilities`).
+
+Two variations. A model trained with `--prior classical` (its checkpoint's "prior" entry) adds the classical
+floor's region on each crop to its decoder output at every step (`interactive/prior.py`). An object started
+with `set_mask` is that mask until clicked; its first crop gets the mask as its low-res prompt, and wherever
+no crop of it reaches, the mask stays as given.
 """
 from __future__ import annotations
 
