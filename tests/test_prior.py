@@ -166,6 +166,10 @@ def test_unknown_prior_option_is_exit_2_before_anything_is_written(prior_run, tm
                                  "--prior", "magic", "--device", "cpu"], env=CLI_ENV)
     assert result.exit_code == 2 and "--prior 'magic' is unknown" in result.stderr
     assert not (tmp_path / "run").exists()
+    result = runner.invoke(app, ["train", str(prepared), "--model", "fastsam3d-tiny", "-o", str(tmp_path / "run"),
+                                 "--prior", "classical", "--prior-scale", "0", "--device", "cpu"], env=CLI_ENV)
+    assert result.exit_code == 2 and "--prior-scale 0.0 must be positive" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_bundle_keeps_the_prior_and_a_bad_prior_entry_is_refused(prior_run, tmp_path):

@@ -86,6 +86,10 @@ def register(app: typer.Typer) -> None:
             "none", "--prior", metavar="KIND", rich_help_panel=RECIPE,
             help="'classical': the model learns to correct the classical floor's region, computed on its crop "
                  "from the clicks (docs/models.md); 'none' (default): the model predicts the mask alone."),
+        prior_scale: float = typer.Option(
+            4.0, "--prior-scale", metavar="LOGIT", rich_help_panel=RECIPE,
+            help="With --prior: the prior's logit inside (+) and outside (−) its region; the model's correction "
+                 "must exceed it to change a voxel (default 4)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initial weights, augmentation and clicks "
                                            "(default 2023). A resumed run keeps its own.",
                                  rich_help_panel=RECIPE),
@@ -141,6 +145,7 @@ def register(app: typer.Typer) -> None:
                 time_limit_s=None if time_limit is None else time_limit * 60.0, save_every_steps=save_every,
                 classes=class_names, min_foreground_voxels=min_foreground, attention=attention,
                 data_mix=data_mix, label_maps=label_maps, samples_per_epoch=samples_per_epoch, prior=prior,
+                prior_scale=prior_scale,
                 log=None if state.quiet or json_output else log_to_stderr,
                 on_step=lambda record, total: bars.update("steps", record["step"], total, _step_text(record)))
         finish_training_command(result, json_output, _render)

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM
-from fastsam3d_cli.interactive.prior import CropPrior, PriorSettings, check_kind, mask_prompt, zero_residual
+from fastsam3d_cli.interactive.prior import (DEFAULT_SCALE, CropPrior, PriorSettings, check_kind, mask_prompt,
+                                            zero_residual)
 from fastsam3d_cli.training.clicks import clicks_to_prompt, random_click, ritm_click
 from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
 from fastsam3d_cli.training.losses import dice_ce_loss, dice_score
@@ -403,7 +404,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
           grad_iterations: int | None = None, centre_click_share: float = 0.0,
           decoder_lr_scale: float = DECODER_LR_SCALE,
           data_mix: str | Mapping[str, float] | None = None, label_maps: Sequence[str | Path] | None = None,
-          samples_per_epoch: int | None = None, prior: str = "none",
+          samples_per_epoch: int | None = None, prior: str = "none", prior_scale: float = DEFAULT_SCALE,
           log: Callable[[str], None] | None = None,
           on_step: Callable[[dict[str, Any], int], None] | None = None) -> TrainResult:
     """Train (or fine-tune, or resume) a model on prepared folders; see the module docstring for the recipe.
@@ -441,6 +442,8 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     if not decoder_lr_scale > 0 or math.isinf(decoder_lr_scale):
         raise UsageError(f"--decoder-lr-scale {decoder_lr_scale} must be positive", "give a value > 0, e.g. 0.1")
     check_kind(prior)
+    if not (math.isfinite(prior_scale) and prior_scale > 0):
+        raise UsageError(f"--prior-scale {prior_scale} must be positive", "give the prior's logit, e.g. 4")
     if init is not None and resume:
         raise UsageError("--init and --resume together", "--resume continues the run's own weights; drop --init")
     from fastsam3d_cli.device import check_attention_name
@@ -486,7 +489,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     task = InteractiveSegmentationTask(network, dataset, iterations=iterations, freeze_encoder=freeze_encoder,
                                        unfreeze_patience=unfreeze_patience, decoder_lr_scale=decoder_lr_scale,
                                        grad_iterations=grad_iterations, centre_click_share=centre_click_share,
-                                       prior=PriorSettings() if prior == "classical" else None)
+                                       prior=PriorSettings(scale=prior_scale) if prior == "classical" else None)
     settings = TrainerSettings(run_dir=run_dir, epochs=epochs, batch_size=batch_size, accumulate=accumulate,
                                lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]),
                                lr_milestones=tuple(int(m) for m in recipe["lr_milestones"]),
