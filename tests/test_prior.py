@@ -227,3 +227,22 @@ def test_validate_scores_a_prior_model_with_its_prior(prior_run, tmp_path):
     floor_dice = with_prior.overall()["dice_per_click"][0]
     assert floor_dice > 0.5  # the bright phantom organs: the floor finds them
     assert floor_dice > without.overall()["dice_per_click"][0] + 0.2
+
+
+def test_init_from_a_prior_checkpoint_continues_its_residual(prior_run, tmp_path):
+    prepared, run = prior_run
+    key = "mask_decoder.output_hypernetworks_mlps.0.layers.2.weight"
+    before = torch.load(run / "last.pth", map_location="cpu", weights_only=True)
+    before["model_state_dict"][key] = torch.full_like(before["model_state_dict"][key], 0.5)  # a "trained" residual
+    before["prior"] = {**before["prior"], "gate": 0.7}
+    start = tmp_path / "start.pth"
+    torch.save(before, start)
+    result = runner.invoke(app, ["train", str(prepared), "--model", "fastsam3d-tiny", "-o", str(tmp_path / "next"),
+                                 "--epochs", "1", "--max-steps", "1", "--iterations", "2", "--grad-iterations", "1",
+                                 "--prior", "classical", "--prior-scale", "9", "--init", str(start),
+                                 "--device", "cpu"], env=CLI_ENV)
+    assert result.exit_code == 0, result.output
+    after = torch.load(tmp_path / "next" / "last.pth", map_location="cpu", weights_only=True)
+    # not zeroed again: one more small step from the given residual, gate and scale
+    assert float((after["model_state_dict"][key] - 0.5).abs().max()) <= 1e-3
+    assert abs(after["prior"]["gate"] - 0.7) <= 1e-3 and after["prior"]["scale"] == 4.0

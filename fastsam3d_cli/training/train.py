@@ -268,9 +268,12 @@ class InteractiveSegmentationTask(TrainingTask):
         self.best_epoch_loss = state.get("best_epoch_loss")
         self.epochs_without_improvement = int(state.get("epochs_without_improvement", 0))
         saved_prior = state.get("prior")
-        if self.gate is not None and isinstance(saved_prior, Mapping) and "gate" in saved_prior:
+        if self.gate is not None and self.prior is not None and isinstance(saved_prior, Mapping):
+            saved = PriorSettings.from_dict(saved_prior)  # a resumed run keeps its own scale and gate
+            assert saved is not None
+            self.prior = saved
             with torch.no_grad():
-                self.gate.fill_(float(saved_prior["gate"]))
+                self.gate.fill_(float(saved.gate))
         self._apply_freezing()
 
     # ---- checkpoints
@@ -484,12 +487,18 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     else:
         network = build_model(config.name, attention=attention, device=torch_device)
     network.train()
-    if prior == "classical" and not resume:
-        zero_residual(network)  # a new run starts as the floor exactly (interactive/prior.py)
+    # --init from a prior checkpoint continues its residual, scale and gate; any other new prior run starts
+    # as the floor exactly (the residual zeroed, interactive/prior.py)
+    init_prior = PriorSettings.from_dict(getattr(network, "prior_settings", None), str(init)) if init else None
+    prior_settings = None
+    if prior == "classical":
+        prior_settings = init_prior if init_prior is not None else PriorSettings(scale=prior_scale)
+        if init_prior is None and not resume:
+            zero_residual(network)
     task = InteractiveSegmentationTask(network, dataset, iterations=iterations, freeze_encoder=freeze_encoder,
                                        unfreeze_patience=unfreeze_patience, decoder_lr_scale=decoder_lr_scale,
                                        grad_iterations=grad_iterations, centre_click_share=centre_click_share,
-                                       prior=PriorSettings(scale=prior_scale) if prior == "classical" else None)
+                                       prior=prior_settings)
     settings = TrainerSettings(run_dir=run_dir, epochs=epochs, batch_size=batch_size, accumulate=accumulate,
                                lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]),
                                lr_milestones=tuple(int(m) for m in recipe["lr_milestones"]),
