@@ -57,7 +57,7 @@ import SimpleITK as sitk
 from fastsam3d_cli.imaging.clickfile import ClickObject, check_inside, lps_to_ijk, to_lps
 from fastsam3d_cli.imaging.world import IMAGE_GEOMETRY, WorldGeometry, geometry_from_metadata, world_geometry
 from fastsam3d_cli.interactive.crop_canvas import CropCanvas, shown_box
-from fastsam3d_cli.interactive.prior import CropPrior, PriorSettings, mask_prompt
+from fastsam3d_cli.interactive.prior import CropPrior, PriorSettings, decode_step
 from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM, CropBox, box_centered_on, extract_crop, znormalize_foreground
 from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.imaging.volumes import (affine_lps, read_image, resample_onto, resample_to_spacing,
@@ -609,12 +609,13 @@ class Predictor:
         prior = prior[None, None].to(self.device)
         with torch.inference_mode():
             if crop.transferred and crop.low_res is not None:
-                prompt = crop.low_res  # the merged logits so far, prior included: used as they are
+                # a new crop's prompt is the merged logits so far (prior included): used as they are, once
+                output, _ = self.model.decode(embedding, points, labels, crop.low_res.to(embedding.dtype))
+                residual = self.prior.gate * output.float()
+                full = prior + self.model.upsample_logits(residual)
             else:
-                prompt = mask_prompt(prior, crop.low_res, self.low_res_size)
-            output, _ = self.model.decode(embedding, points, labels, prompt.to(embedding.dtype))
-            residual = output.float() * self.prior.gate
-            full = prior + self.model.upsample_logits(residual)
+                residual, full = decode_step(self.model, embedding, points, labels, prior, crop.low_res,
+                                             self.prior.gate)
         crop.low_res = residual
         crop.logits = full[0, 0].float().cpu().numpy()
 

@@ -109,6 +109,19 @@ def zero_residual(model: Any) -> None:
         layer.bias.zero_()
 
 
+def decode_step(model: Any, embedding: Any, points: Any, labels: Any, prior_logits: Any, residual: Any,
+                gate: Any) -> tuple[Any, Any]:
+    """One decoder step of a prior model, the same in `train`, `validate` and the `Predictor`.
+
+    prior_logits: (B, 1, S, S, S) ±scale; residual: the previous step's gate × M at low resolution (None before
+    the first step). Returns (the new residual gate × M, the logits P + upsample(gate × M))."""
+    low_res_size = model.config.low_res_size
+    prompt = mask_prompt(prior_logits, residual, low_res_size)
+    output, _ = model.decode(embedding, points, labels, prompt.to(embedding.dtype))
+    residual = gate * output.float()
+    return residual, prior_logits + model.upsample_logits(residual)
+
+
 def mask_prompt(prior_logits: Any, residual_low_res: Any, low_res_size: int) -> Any:
     """The decoder's mask prompt: avgpool(P) to the low-res grid plus the residual so far (torch tensors)."""
     import torch.nn.functional as F

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM
-from fastsam3d_cli.interactive.prior import (DEFAULT_SCALE, CropPrior, PriorSettings, check_kind, mask_prompt,
+from fastsam3d_cli.interactive.prior import (DEFAULT_SCALE, CropPrior, PriorSettings, check_kind, decode_step,
                                             zero_residual)
 from fastsam3d_cli.training.clicks import clicks_to_prompt, random_click, ritm_click
 from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
@@ -108,10 +108,7 @@ def interactive_loss(model: nn.Module, embedding: torch.Tensor, target: torch.Te
                 low_res, _ = model.decode(embedding, points, labels, low_res)
                 logits = model.upsample_logits(low_res)
             else:
-                prior_logits = prior.logits()
-                output, _ = model.decode(embedding, points, labels, mask_prompt(prior_logits, low_res, low))
-                low_res = prior.gate * output
-                logits = prior_logits + model.upsample_logits(low_res)
+                low_res, logits = decode_step(model, embedding, points, labels, prior.logits(), low_res, prior.gate)
             if index >= free_rounds:
                 total = total + dice_ce_loss(logits, target, weight)
     return InteractionResult(total, logits)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fastsam3d_cli.training.clicks import clicks_to_prompt, simulate_click, validation_click_method
-from fastsam3d_cli.interactive.prior import PriorSettings, mask_prompt
+from fastsam3d_cli.interactive.prior import PriorSettings, decode_step
 from fastsam3d_cli.training.train import ClassicalPriorBatch
 from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.training.losses import dice_score, iou_score
@@ -139,10 +139,7 @@ def score_crop(model: torch.nn.Module, image: np.ndarray, label: np.ndarray, val
             logits = model.upsample_logits(low_res)
         else:  # a model that corrects the classical prior: as it was trained (interactive/prior.py)
             prior.add([click])
-            prior_logits = prior.logits()
-            output, _ = model.decode(embedding, points, labels, mask_prompt(prior_logits, low_res, low))
-            low_res = prior.gate * output
-            logits = prior_logits + model.upsample_logits(low_res)
+            low_res, logits = decode_step(model, embedding, points, labels, prior.logits(), low_res, prior.gate)
         prediction = logits[0, 0] > 0
         dice.append(dice_score(prediction, target, valid_t))
         iou.append(iou_score(prediction, target, valid_t))
