@@ -86,6 +86,8 @@ _fastsam3d_completion() {
                 --grad-iterations) return ;;
                 --centre-clicks) return ;;
                 --decoder-lr-scale) return ;;
+                --prior) COMPREPLY=($(compgen -W "none classical" -- "$cur")); return ;;
+                --prior-scale) return ;;
                 --seed) return ;;
                 --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
@@ -100,7 +102,7 @@ _fastsam3d_completion() {
                 --label-maps) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --samples-per-epoch) return ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --init --freeze-encoder --unfreeze-patience --epochs --batch-size --accumulate --lr --lr-milestones --iterations --grad-iterations --centre-clicks --decoder-lr-scale --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --min-foreground --data-mix --label-maps --samples-per-epoch --json" -- "$cur"))
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --init --freeze-encoder --unfreeze-patience --epochs --batch-size --accumulate --lr --lr-milestones --iterations --grad-iterations --centre-clicks --decoder-lr-scale --prior --prior-scale --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --min-foreground --data-mix --label-maps --samples-per-epoch --json" -- "$cur"))
             else COMPREPLY=($(compgen -d -- "$cur")); fi ;;
         "distill")
             case "$prev" in
@@ -153,11 +155,12 @@ _fastsam3d_completion() {
                 --warmup) return ;;
                 --clicks) return ;;
                 --volume) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --series) return ;;
                 --clicks-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --budget) return ;;
                 --threads) return ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --checkpoint --attention -a --device --dtype --batch --repeats --warmup --clicks --volume --clicks-file --json --budget --threads --no-flops" -- "$cur"))
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --checkpoint --attention -a --device --dtype --batch --repeats --warmup --clicks --volume --series --clicks-file --json --budget --threads --no-flops" -- "$cur"))
             else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "weights")
             case "$prev" in

@@ -79,6 +79,10 @@ def value_choices(command: list[str], option: str) -> list[str]:
         from fastsam3d_cli.interactive.export import FORMATS
 
         return list(FORMATS)
+    if option == "--prior":
+        from fastsam3d_cli.interactive.prior import PRIOR_KINDS
+
+        return list(PRIOR_KINDS)
     if option == "--mesh-format":
         from fastsam3d_cli.interactive.export import MESH_FORMATS
 
