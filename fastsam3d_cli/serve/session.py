@@ -373,9 +373,12 @@ class Session:
 
         size = tuple(self.predictor.input_image.GetSize())
         objects = self.clicked_objects()
-        with self.compute_lock:
-            _tune_this_thread(self.predictor.device)
-            patches = [(o.label, self._patch_locked(o.name)) for o in objects]
+        if all(o.name in self._patches for o in objects):  # all cached (the usual case after a click): no
+            patches = [(o.label, self._patches[o.name]) for o in objects]  # wait for other sessions' work
+        else:
+            with self.compute_lock:
+                _tune_this_thread(self.predictor.device)
+                patches = [(o.label, self._patch_locked(o.name)) for o in objects]
         return compose_patches(size, patches, box)
 
     def export_clicks(self) -> dict[str, Any]:
