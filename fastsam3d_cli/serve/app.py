@@ -487,7 +487,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                 raise ApiError(422, f"field 'shape': the box {list(box[0])} + {list(box[1])} leaves the volume "
                                     f"({list(size)} voxels)")
             labels = session.labelmap(box)
-        return Response(np.asfortranarray(labels).astype(labels.dtype.newbyteorder("<"), copy=False).tobytes(order="F"),
+        return Response(labels.astype(labels.dtype.newbyteorder("<"), copy=False).tobytes(order="F"),
                         media_type="application/octet-stream",
                         headers={"X-Labelmap-Dtype": str(labels.dtype), "X-Box-Start": ",".join(map(str, box[0])),
                                  "X-Box-Shape": ",".join(map(str, box[1]))})

@@ -56,6 +56,7 @@ class ObjectSpec:
     redo: list[tuple[tuple[float, float, float], bool]] = field(default_factory=list)
     timings: list[dict[str, Any]] = field(default_factory=list)  # one record per click / undo / redo
     initial: np.ndarray | None = field(default=None, repr=False)  # a starting mask (bool, input grid), if any
+    initial_voxels: int | None = None  # its voxel count (counted once)
 
     @property
     def point_labels(self) -> tuple[int, ...]:
@@ -69,7 +70,7 @@ class ObjectSpec:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "label": self.label, "colour": self.colour, "clicks": len(self.clicks),
                 "redo": len(self.redo),
-                "initial_mask_voxels": None if self.initial is None else int(self.initial.sum())}
+                "initial_mask_voxels": self.initial_voxels}
 
 
 class Session:
@@ -92,8 +93,9 @@ class Session:
         self.created = time.time()
         self._masks: dict[str, np.ndarray] = {}  # each object's mask since its last change (read-only)
         # each object's logits on the input grid since its last change: the labelmap is composed from these,
-        # so a click resamples only the object it changed
+        # so a click resamples only the object it changed; with the mask's box and voxel count (read once)
         self._patches: dict[str, Any] = {}
+        self._extents: dict[str, tuple[tuple[list[int], list[int]] | None, int]] = {}
         self.bytes_estimate = self.approximate_bytes()  # updated after every request (the store's memory cap)
 
     # ------------------------------------------------------------------------------ objects
@@ -138,7 +140,7 @@ class Session:
         spec = self.object(name)
         spec.clicks.clear()
         spec.redo.clear()
-        spec.initial = None
+        spec.initial, spec.initial_voxels = None, None
         self._forget(name)
         self.predictor.reset_object(name)
         return spec
@@ -237,6 +239,8 @@ class Session:
             _tune_this_thread(self.predictor.device)
             if appended == 0:
                 mode = "unchanged"
+            elif action == "mask":
+                mode = "set"  # the caller set the predictor's object already (`set_mask`)
             elif (action == "click" or appended == 1) and self._can_extend(spec):
                 mode = "incremental"
             else:
@@ -251,11 +255,12 @@ class Session:
                 if spec.clicks:
                     predictor.add_clicks([p for p, _ in spec.clicks], list(spec.point_labels), space="ijk",
                                          object=spec.name, return_mask=False)
-            before = self._mask_box(spec.name)
+            before = self._extents.get(spec.name, (None, 0))[0]
             if mode != "unchanged":
                 self._forget(spec.name)
-            mask = self._mask_locked(spec.name)
-            changed = _union_box(before, self._mask_box(spec.name))
+            self._patch_locked(spec.name)
+            after, voxels = self._extents[spec.name]
+            changed = _union_box(before, after)
         stages = predictor.timings[first:]
         record = {"action": action, "mode": mode, "clicks": len(spec.clicks),
                   "ms": round((time.perf_counter() - start) * 1000.0, 2),
@@ -263,7 +268,6 @@ class Session:
                      for stage in ("preprocess", "encode", "decode", "paste")}}
         spec.timings.append(record)
         voxel_ml = float(np.prod(predictor.input_image.GetSpacing())) / 1000.0
-        voxels = int(mask.sum())
         return {**spec.describe(), "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 4), "timing": record,
                 "changed": None if changed is None else {"start": changed[0], "shape": changed[1]}}
 
@@ -275,9 +279,9 @@ class Session:
                 self.predictor.set_mask(mask, spec.name)  # checks the grid and that it is not empty
             except FastSAM3DError as exc:
                 raise ApiError(400, exc.message) from None
-            self.predictor.reset_object(spec.name)  # _update replays it from spec (the same state)
         spec.initial = np.asarray(mask) != 0
         spec.initial.flags.writeable = False
+        spec.initial_voxels = int(spec.initial.sum())
         spec.clicks.clear()
         spec.redo.clear()
         return self._update(spec, "mask")
@@ -324,7 +328,9 @@ class Session:
     def _patch_locked(self, name: str) -> Any:
         """The object's (start, logits) on the input grid (`Predictor.input_logits`), cached until it changes."""
         if name not in self._patches:
-            self._patches[name] = self.predictor.input_logits(name) if name in self.predictor.objects else None
+            patch = self.predictor.input_logits(name) if name in self.predictor.objects else None
+            self._patches[name] = patch
+            self._extents[name] = _extent(patch)
         return self._patches[name]
 
     def _mask_locked(self, name: str) -> np.ndarray:
@@ -338,21 +344,10 @@ class Session:
             self._masks[name] = mask
         return self._masks[name]
 
-    def _mask_box(self, name: str) -> tuple[list[int], list[int]] | None:
-        """(start, shape) of the bounding box of the object's mask as last computed (None: empty or not yet)."""
-        patch = self._patches.get(name)
-        if patch is None:
-            return None
-        start, logits = patch
-        found = [np.flatnonzero((logits > 0).any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-        if not found[0].size:
-            return None
-        lo = [int(s + f[0]) for s, f in zip(start, found)]
-        return lo, [int(f[-1] + 1 - f[0]) for f in found]
-
     def _forget(self, name: str) -> None:
         self._masks.pop(name, None)
         self._patches.pop(name, None)
+        self._extents.pop(name, None)
 
     def probabilities(self, name: str) -> np.ndarray:
         spec = self.object(name)
@@ -413,6 +408,19 @@ class Session:
         masks = sum(m.nbytes for m in self._masks.values())
         masks += sum(p[1].nbytes for p in self._patches.values() if p is not None)
         return voxels * (image.GetSizeOfPixelComponent() + 4) + crops * 3 * crop_bytes + masks
+
+
+def _extent(patch: Any) -> tuple[tuple[list[int], list[int]] | None, int]:
+    """((start, shape) of the bounding box of a logits patch's mask, or None when empty; its voxel count)."""
+    if patch is None:
+        return None, 0
+    start, logits = patch
+    inside = logits > 0
+    found = [np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    if not found[0].size:
+        return None, 0
+    lo = [int(s + f[0]) for s, f in zip(start, found)]
+    return (lo, [int(f[-1] + 1 - f[0]) for f in found]), int(inside.sum())
 
 
 def _union_box(a: tuple[list[int], list[int]] | None,
