@@ -123,6 +123,7 @@ class ClassicalPriorBatch:
         self.crops = [CropPrior(volumes[b, 0], spacing_mm) for b in range(volumes.shape[0])]
         self.clicks: list[list[tuple[tuple[int, int, int], bool]]] = [[] for _ in self.crops]
         self.settings, self.gate, self.device = settings, gate, images.device
+        self._maps: list[tuple[int, np.ndarray] | None] = [None for _ in self.crops]  # (clicks used, logits)
 
     def add(self, clicks: Sequence[Any]) -> None:
         """One simulated click per sample (None: that sample got none this round)."""
@@ -131,9 +132,13 @@ class ClassicalPriorBatch:
                 self.clicks[b].append((tuple(int(v) for v in click.position), click.label == 1))
 
     def logits(self) -> torch.Tensor:
-        """(B, 1, S, S, S) prior logits from each sample's clicks so far."""
-        maps = [crop.logits(clicks, self.settings.scale) for crop, clicks in zip(self.crops, self.clicks)]
-        return torch.from_numpy(np.stack(maps)[:, None]).to(self.device)
+        """(B, 1, S, S, S) prior logits from each sample's clicks so far (a sample without a new click since the
+        last call, e.g. in a mask-only round, keeps its map: the floor is not run twice for the same clicks)."""
+        for b, (crop, clicks) in enumerate(zip(self.crops, self.clicks)):
+            cached = self._maps[b]
+            if cached is None or cached[0] != len(clicks):
+                self._maps[b] = (len(clicks), crop.logits(clicks, self.settings.scale))
+        return torch.from_numpy(np.stack([m[1] for m in self._maps])[:, None]).to(self.device)
 
 
 # ---------------------------------------------------------------------------------------- the task
