@@ -607,15 +607,11 @@ class Predictor:
             self._crop_priors[tuple(box.start)] = CropPrior(self._crop_volume(box, normalize=True), self.spacing_mm)
         prior = torch.from_numpy(self._crop_priors[tuple(box.start)].logits(clicks, self.prior.scale))
         prior = prior[None, None].to(self.device)
+        # a new crop's prompt is the merged logits so far (prior included): used as they are, once
+        transferred = crop.low_res if crop.transferred else None
         with torch.inference_mode():
-            if crop.transferred and crop.low_res is not None:
-                # a new crop's prompt is the merged logits so far (prior included): used as they are, once
-                output, _ = self.model.decode(embedding, points, labels, crop.low_res.to(embedding.dtype))
-                residual = self.prior.gate * output.float()
-                full = prior + self.model.upsample_logits(residual)
-            else:
-                residual, full = decode_step(self.model, embedding, points, labels, prior, crop.low_res,
-                                             self.prior.gate)
+            residual, full = decode_step(self.model, embedding, points, labels, prior, crop.low_res, self.prior.gate,
+                                         prompt=transferred)
         crop.low_res = residual
         crop.logits = full[0, 0].float().cpu().numpy()
 

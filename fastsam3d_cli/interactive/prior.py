@@ -110,13 +110,15 @@ def zero_residual(model: Any) -> None:
 
 
 def decode_step(model: Any, embedding: Any, points: Any, labels: Any, prior_logits: Any, residual: Any,
-                gate: Any) -> tuple[Any, Any]:
+                gate: Any, prompt: Any = None) -> tuple[Any, Any]:
     """One decoder step of a prior model, the same in `train`, `validate` and the `Predictor`.
 
     prior_logits: (B, 1, S, S, S) ±scale; residual: the previous step's gate × M at low resolution (None before
-    the first step). Returns (the new residual gate × M, the logits P + upsample(gate × M))."""
-    low_res_size = model.config.low_res_size
-    prompt = mask_prompt(prior_logits, residual, low_res_size)
+    the first step). `prompt`: a mask prompt to use instead of avgpool(P) + residual (a new crop of the
+    `Predictor` is prompted with the merged logits so far). Returns (the new residual gate × M, the logits
+    P + upsample(gate × M))."""
+    if prompt is None:
+        prompt = mask_prompt(prior_logits, residual, model.config.low_res_size)
     output, _ = model.decode(embedding, points, labels, prompt.to(embedding.dtype))
     residual = gate * output.float()
     return residual, prior_logits + model.upsample_logits(residual)
