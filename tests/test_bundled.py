@@ -29,6 +29,7 @@ from fastsam3d_cli.weights import bundled
 from fastsam3d_cli.weights import cache as weights
 from fastsam3d_cli.weights.loading import load_inference_model, resolve_model_source
 from infer_phantoms import phantom, write
+from micro_weights import micro_checkpoint_bytes, use_micro_preset
 
 CLI_ENV = {"NO_COLOR": "1", "COLUMNS": "200"}
 STAND_IN = small_config("test-bundled", 24, 2, img_size=64)
@@ -393,9 +394,10 @@ def test_explicit_published_model_offline_is_still_exit_4(installed, case):
     assert _files(case) == before
 
 
-def test_cached_published_model_is_the_default_even_offline(installed, tmp_path):
-    fake = tmp_path / "FastSAM3D.pth"  # any checkpoint whose preset cannot be inferred is accepted by import
-    torch.save({"model_state_dict": {"mask_decoder.iou_token.weight": torch.zeros(1, 8)}}, fake)
+def test_cached_published_model_is_the_default_even_offline(installed, tmp_path, monkeypatch):
+    use_micro_preset(monkeypatch)  # 'fastsam3d' stands for a 1.7 MB model: import checks every key and shape
+    fake = tmp_path / "FastSAM3D.pth"
+    fake.write_bytes(micro_checkpoint_bytes())
     weights.import_file("fastsam3d", fake)
     source = resolve_model_source(offline=True)
     assert source.weights_name == "fastsam3d" and source.fallback is None and source.notice is None

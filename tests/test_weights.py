@@ -33,19 +33,16 @@ from fastsam3d_cli.imaging import filelock
 from fastsam3d_cli.weights import cache as weights
 from fastsam3d_cli.errors import ExitCode, UsageError, WeightsError
 
+from micro_weights import MICRO, micro_checkpoint_bytes, use_micro_preset
+
 CLI_ENV = {"NO_COLOR": "1", "COLUMNS": "200"}
 CUT_AT = 300_000  # bytes a cut-off response delivers before the connection drops
 
 
 def _checkpoint_bytes(seed: int) -> bytes:
-    """A small real checkpoint in the official layout {'model_state_dict': ...} (about 1 MB)."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {"image_encoder.pos_embed": torch.randn(1, 8, 8, 8, 512, generator=generator),
-             "mask_decoder.iou_token.weight": torch.randn(1, 384, generator=generator),
-             "prompt_encoder.point_embeddings.0.weight": torch.randn(1, 384, generator=generator)}
-    buffer = io.BytesIO()
-    torch.save({"model_state_dict": state}, buffer)
-    return buffer.getvalue()
+    """A small real checkpoint in the official layout {'model_state_dict': ...} (about 1.7 MB) of the micro preset
+    that the published name 'fastsam3d' stands for in these tests (`micro_published`)."""
+    return micro_checkpoint_bytes(seed)
 
 
 @functools.cache
@@ -62,6 +59,17 @@ PAYLOAD = _checkpoint_bytes(0)
 OTHER_SAME_SIZE = bytes(b ^ 0xFF if i == len(PAYLOAD) // 2 else b for i, b in enumerate(PAYLOAD))
 NOT_A_CHECKPOINT = b"<html><body>Please log in to continue</body></html>\n" * 2000
 SHA = weights.hashlib.sha256(PAYLOAD).hexdigest()
+REAL_REGISTRY = dict(weights.BUILTIN_REGISTRY)
+# A child process gets the same stand-in as `micro_published` gives this one, then runs its code.
+CHILD_SETUP = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import pytest, micro_weights; "
+               "micro_weights.use_micro_preset(pytest.MonkeyPatch()); ")
+
+
+@pytest.fixture(autouse=True)
+def micro_published(monkeypatch):
+    """'fastsam3d' stands for the micro preset in this file: downloads and imports are checked as strictly as
+    loading is, so the served and imported files are whole checkpoints (of a 1.7 MB model, not 640 MB)."""
+    use_micro_preset(monkeypatch)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -210,7 +218,8 @@ def _pin(monkeypatch, sha256: str) -> None:
 
 def test_registry_names_presets_and_huggingface_urls(home):
     specs = weights.registry()
-    assert specs["fastsam3d"].preset == "fastsam3d"
+    assert specs["fastsam3d"].preset == MICRO.name  # this file's stand-in (`micro_published`); the real entry:
+    assert REAL_REGISTRY["fastsam3d"].preset == "fastsam3d"
     assert specs["fastsam3d"].url == "https://huggingface.co/techlove/FastSAM3D/resolve/main/FastSAM3D.pth"
     assert specs["sam-med3d-turbo"].preset == "sam-med3d"
     assert specs["sam-med3d-turbo"].url.endswith("blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth")
@@ -414,17 +423,20 @@ def _line_within(stream, seconds: float) -> str:
 
 def test_two_processes_downloading_at_once_share_one_download(home, monkeypatch, server):
     _serve_fastsam3d(monkeypatch, server.url("hold=1"))  # the body pauses until the test says go
-    code = ("import json; from fastsam3d_cli.weights.cache import download; "
+    code = CHILD_SETUP + ("import json; from fastsam3d_cli.weights.cache import download; "
             "entry = download('fastsam3d', progress=True, retry_pause_s=0); "
             "print(json.dumps({'downloaded': entry.downloaded, 'sha256': entry.sha256}))")
-    first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the first child's read waits while the second starts (torch imports): more than the file's usual 2 s timeout
+    env = {**os.environ, weights.TIMEOUT_ENV: "30"}
+    first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
     second = None
     try:
         deadline = time.monotonic() + 60
         while not server.requests and time.monotonic() < deadline:  # first is mid-download, holding the lock
             time.sleep(0.05)
         second = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
+                                  text=True, env=env)
         waiting = _line_within(second.stderr, 60)
         assert f"waiting for another fastsam3d process (pid {first.pid}" in waiting
         server.hold.set()
@@ -501,7 +513,8 @@ def _note(home: Path) -> dict:
 def test_killed_cli_download_keeps_partial_and_the_next_run_resumes_with_range(home, monkeypatch, server, how):
     _serve_fastsam3d(monkeypatch, server.url())
     server.delay_s = 0.1  # about 5 s of body: time to stop the command mid-way
-    proc = subprocess.Popen([sys.executable, "-m", "fastsam3d_cli", "weights", "download", "fastsam3d"],
+    cli = CHILD_SETUP + "sys.argv = ['fastsam3d', 'weights', 'download', 'fastsam3d']; from fastsam3d_cli.cli import main; main()"
+    proc = subprocess.Popen([sys.executable, "-c", cli],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **CLI_ENV})
     partial = home / "weights" / ".FastSAM3D.pth.partial"

@@ -476,12 +476,11 @@ def take_prehashed(path: Path) -> Optional[str]:
 
 
 def check_is_checkpoint(path: Path, spec: WeightsSpec, what: str, fix: str) -> None:
-    """WeightsError unless `path` loads safely as a checkpoint that is not for another model than `spec`'s.
+    """WeightsError unless `path` loads safely as a checkpoint of exactly `spec`'s model.
 
-    The model core reads it (never executing pickled code) and infers its preset from keys and shapes. A file
-    holding most of `spec`'s model keys must hold exactly its keys and shapes, the check loading makes (a
-    checkpoint missing one key was recorded as verified, then refused by every load); a file with few of them
-    (nothing a loader could take for this model) is left to the loader's diagnosis.
+    The model core reads it (never executing pickled code) and infers its preset from keys and shapes; the file
+    must hold exactly the keys and shapes of `spec`'s preset — the check every load makes, so that nothing is
+    recorded as verified that a load would then refuse (issue 15 item 13: a checkpoint missing one key was).
     """
     from fastsam3d_cli.model.checkpoint import expected_shapes, read_checkpoint_info, state_dict_diff
 
@@ -496,9 +495,8 @@ def check_is_checkpoint(path: Path, spec: WeightsSpec, what: str, fix: str) -> N
     if info.preset is None:
         expected = expected_shapes(spec.preset)
         actual = {key: tuple(value.shape) for key, value in state_dict.items()}
-        if 2 * len(expected.keys() & actual.keys()) >= len(expected):
-            raise WeightsError(f"{what} does not fit model '{spec.preset}' (keys or shapes differ; it would not load)",
-                               fix, details=state_dict_diff(expected, actual))
+        raise WeightsError(f"{what} does not fit model '{spec.preset}' (keys or shapes differ; it would not load)",
+                           fix, details=state_dict_diff(expected, actual))
 
 
 def _expected_sha256(spec: WeightsSpec, record: Optional[dict]) -> tuple[Optional[str], str]:
