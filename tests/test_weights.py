@@ -768,6 +768,24 @@ def test_import_of_a_checkpoint_for_another_model_is_refused(home, tmp_path):
     assert _cache_files(home) == []
 
 
+@pytest.mark.parametrize("keys", ["one missing", "three only"])
+def test_import_of_a_checkpoint_missing_keys_is_refused_with_the_difference(home, tmp_path, keys):
+    """Issue 15 item 13: import records nothing a load would refuse, however few of the model's keys a file has."""
+    state = micro_checkpoint_bytes(drop=("mask_decoder.iou_token.weight",)) if keys == "one missing" else None
+    if state is None:
+        buffer = io.BytesIO()
+        torch.save({"model_state_dict": {"mask_decoder.iou_token.weight": torch.zeros(1, 32),
+                                         "image_encoder.pos_embed": torch.zeros(1, 8, 8, 8, 64),
+                                         "prompt_encoder.point_embeddings.0.weight": torch.zeros(1, 32)}}, buffer)
+        state = buffer.getvalue()
+    source = tmp_path / "FastSAM3D.pth"
+    source.write_bytes(state)
+    with pytest.raises(WeightsError, match=f"{source} does not fit model '{MICRO.name}'") as info:
+        weights.import_file("fastsam3d", source)
+    assert any("missing from the checkpoint" in line for line in info.value.details)
+    assert _cache_files(home) == []
+
+
 def test_downloaded_checkpoint_loads_into_its_model(home, monkeypatch, server):
     """End to end: resolve (download on first use) -> the model core loads the file into its preset."""
     from fastsam3d_cli.model.checkpoint import load_model
