@@ -88,6 +88,7 @@ _fastsam3d_completion() {
                 --decoder-lr-scale) return ;;
                 --prior) COMPREPLY=($(compgen -W "none classical" -- "$cur")); return ;;
                 --prior-scale) return ;;
+                --prior-loss) return ;;
                 --seed) return ;;
                 --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
@@ -102,7 +103,7 @@ _fastsam3d_completion() {
                 --label-maps) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --samples-per-epoch) return ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --init --freeze-encoder --unfreeze-patience --epochs --batch-size --accumulate --lr --lr-milestones --iterations --grad-iterations --centre-clicks --decoder-lr-scale --prior --prior-scale --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --min-foreground --data-mix --label-maps --samples-per-epoch --json" -- "$cur"))
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --init --freeze-encoder --unfreeze-patience --epochs --batch-size --accumulate --lr --lr-milestones --iterations --grad-iterations --centre-clicks --decoder-lr-scale --prior --prior-scale --prior-loss --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --min-foreground --data-mix --label-maps --samples-per-epoch --json" -- "$cur"))
             else COMPREPLY=($(compgen -d -- "$cur")); fi ;;
         "distill")
             case "$prev" in

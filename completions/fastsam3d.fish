@@ -74,6 +74,7 @@ complete -c fastsam3d -n '__fish_seen_subcommand_from train' -l centre-clicks -r
 complete -c fastsam3d -n '__fish_seen_subcommand_from train' -l decoder-lr-scale -r -d 'Learning rate of the prompt encoder and mask decoder as a multiple of --lr (default 0.1)'
 complete -c fastsam3d -n '__fish_seen_subcommand_from train' -l prior -r -a 'none classical' -d ''\''classical'\'': the model learns to correct the classical floor'\''s region, computed on its crop from the clicks (docs/models.md); '\''none'\'' (default): the model predicts the mask alone'
 complete -c fastsam3d -n '__fish_seen_subcommand_from train' -l prior-scale -r -d 'With --prior: the prior'\''s logit inside (+) and outside (−) its region; the model'\''s correction must exceed it to change a voxel (default 4)'
+complete -c fastsam3d -n '__fish_seen_subcommand_from train' -l prior-loss -r -d 'With --prior: '\''dice-ce'\'' (default, the reference loss) or '\''correction'\'' (pays only for the prior'\''s wrong voxels and for right ones made worse, never for sharpening right ones; docs/models.md)'
 complete -c fastsam3d -n '__fish_seen_subcommand_from train' -l seed -r -d 'Seed of initial weights, augmentation and clicks (default 2023). A resumed run keeps its own'
 complete -c fastsam3d -n '__fish_seen_subcommand_from train' -l output -s o -r -a '(__fish_complete_directories)' -d 'Run folder (default: runs/<model>-<date-time>)'
 complete -c fastsam3d -n '__fish_seen_subcommand_from train' -l resume -d 'Continue the run in RUN_DIR exactly from last.pth'

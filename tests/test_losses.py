@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastsam3d_cli.training.losses import (SMOOTH, binary_cross_entropy_loss, dice_ce_loss, dice_score, iou_score,
-                                  soft_dice_loss)
+from fastsam3d_cli.training.losses import (SMOOTH, binary_cross_entropy_loss, correction_loss, dice_ce_loss,
+                                          dice_score, iou_score, soft_dice_loss)
 
 
 def _reference(logits: np.ndarray, target: np.ndarray) -> float:
@@ -83,3 +83,52 @@ def test_dice_and_iou_of_known_masks():
     valid = torch.ones_like(a)
     valid[0:2] = False  # ignoring a's unshared part: a∩valid = 200 voxels, all inside b
     assert dice_score(a, b, valid) == pytest.approx(2 * 200 / (200 + 400))
+
+
+# ------------------------------------------------------------------------------ the correction loss
+def _prior_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A target and ±4 prior logits that are right on about 80 % of the voxels."""
+    generator = torch.Generator().manual_seed(seed)
+    target = (torch.rand(2, 1, 6, 6, 6, generator=generator) > 0.7).float()
+    sign = torch.where(torch.rand(2, 1, 6, 6, 6, generator=generator) > 0.2, 1.0, -1.0)
+    return target, 4.0 * sign * (2 * target - 1)
+
+
+def test_correction_loss_gives_nothing_for_sharpening_what_the_prior_gets_right():
+    target, prior = _prior_case()
+    right = (prior > 0) == (target > 0.5)
+    sharper = prior + torch.where(right, 3.0 * torch.sign(prior), torch.zeros_like(prior))
+    assert math.isclose(float(correction_loss(sharper, prior, target)), float(correction_loss(prior, prior, target)),
+                        rel_tol=1e-6)
+    # with Dice + CE the same sharpening lowers the loss: the reward the correction loss removes
+    assert float(dice_ce_loss(sharper, target)) < float(dice_ce_loss(prior, target)) - 0.01
+
+
+def test_correction_loss_rewards_fixing_wrong_voxels_and_charges_for_breaking_right_ones():
+    target, prior = _prior_case(1)
+    right = (prior > 0) == (target > 0.5)
+    base = float(correction_loss(prior, prior, target))
+    fixed = torch.where(right, prior, -prior)  # every wrong voxel flipped
+    broken = torch.where(right, -prior, prior)  # every right voxel flipped
+    assert float(correction_loss(fixed, prior, target)) < base - 0.5
+    assert float(correction_loss(broken, prior, target)) > base + 0.5
+
+
+def test_correction_loss_at_the_prior_is_the_hard_dice_loss_plus_the_wrong_voxels_ce():
+    target, prior = _prior_case(2)
+    hard = (prior > 0).float()
+    dice = 1 - (2 * (hard * target).sum((1, 2, 3, 4)) + SMOOTH) / (hard.sum((1, 2, 3, 4)) + target.sum((1, 2, 3, 4)) + SMOOTH)
+    wrong = (prior > 0) != (target > 0.5)
+    ce = torch.nn.functional.softplus(torch.tensor(4.0)) * wrong.float().mean()
+    assert math.isclose(float(correction_loss(prior, prior, target)), float(dice.mean() + ce), rel_tol=1e-5)
+
+
+def test_correction_loss_gradients_push_wrong_voxels_towards_the_truth():
+    target, prior = _prior_case(3)
+    residual = torch.zeros_like(prior, requires_grad=True)
+    correction_loss(prior + residual, prior, target).backward()
+    wrong = (prior > 0) != (target > 0.5)
+    towards_truth = -residual.grad * (2 * target - 1)  # gradient descent direction, in the truth's sign
+    assert bool((towards_truth[wrong] > 0).all())
+    right = ~wrong
+    assert float(residual.grad[right].abs().max()) < 0.01 * float(residual.grad[wrong].abs().min())

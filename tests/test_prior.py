@@ -8,6 +8,7 @@ entry this version cannot run is refused (exit 4); a run cannot silently change 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -148,6 +149,19 @@ def test_train_with_prior_stores_it_and_load_model_carries_it(prior_run):
     assert Predictor(model).prior == PriorSettings.from_dict(payload["prior"])
 
 
+def test_a_correction_loss_run_trains_and_records_its_loss(prior_run, tmp_path):
+    prepared, _ = prior_run
+    run = tmp_path / "correction"
+    result = runner.invoke(app, ["train", str(prepared), "--model", "fastsam3d-tiny", "-o", str(run), "--epochs", "1",
+                                 "--max-steps", "1", "--iterations", "2", "--grad-iterations", "1", "--prior", "classical",
+                                 "--prior-loss", "correction", "--device", "cpu", "--json"], env=CLI_ENV)
+    assert result.exit_code == 0, result.output
+    payload = torch.load(run / "last.pth", map_location="cpu", weights_only=True)
+    assert payload["task_state"]["prior_loss"] == "correction" and payload["prior"]["kind"] == "classical"
+    step = json.loads((run / "steps.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(step["loss"]) and step["loss"] > 0
+
+
 def test_resume_with_another_prior_is_a_usage_error(prior_run):
     prepared, run = prior_run
     before = (run / "last.pth").read_bytes()
@@ -170,6 +184,12 @@ def test_unknown_prior_option_is_exit_2_before_anything_is_written(prior_run, tm
                                  "--prior", "classical", "--prior-scale", "0", "--device", "cpu"], env=CLI_ENV)
     assert result.exit_code == 2 and "--prior-scale 0.0 must be positive" in result.stderr
     assert not (tmp_path / "run").exists()
+    for extra, message in ((["--prior", "classical", "--prior-loss", "focal"], "--prior-loss 'focal' is unknown"),
+                           (["--prior-loss", "correction"], "--prior-loss correction without a prior")):
+        result = runner.invoke(app, ["train", str(prepared), "--model", "fastsam3d-tiny", "-o", str(tmp_path / "run"),
+                                     "--device", "cpu", *extra], env=CLI_ENV)
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert not (tmp_path / "run").exists()
 
 
 def test_bundle_keeps_the_prior_and_a_bad_prior_entry_is_refused(prior_run, tmp_path):

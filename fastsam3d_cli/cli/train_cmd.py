@@ -90,6 +90,10 @@ def register(app: typer.Typer) -> None:
             4.0, "--prior-scale", metavar="LOGIT", rich_help_panel=RECIPE,
             help="With --prior: the prior's logit inside (+) and outside (−) its region; the model's correction "
                  "must exceed it to change a voxel (default 4)."),
+        prior_loss: str = typer.Option(
+            "dice-ce", "--prior-loss", metavar="LOSS", rich_help_panel=RECIPE,
+            help="With --prior: 'dice-ce' (default, the reference loss) or 'correction' (pays only for the prior's "
+                 "wrong voxels and for right ones made worse, never for sharpening right ones; docs/models.md)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initial weights, augmentation and clicks "
                                            "(default 2023). A resumed run keeps its own.",
                                  rich_help_panel=RECIPE),
@@ -145,7 +149,7 @@ def register(app: typer.Typer) -> None:
                 time_limit_s=None if time_limit is None else time_limit * 60.0, save_every_steps=save_every,
                 classes=class_names, min_foreground_voxels=min_foreground, attention=attention,
                 data_mix=data_mix, label_maps=label_maps, samples_per_epoch=samples_per_epoch, prior=prior,
-                prior_scale=prior_scale,
+                prior_scale=prior_scale, prior_loss=prior_loss,
                 log=None if state.quiet or json_output else log_to_stderr,
                 on_step=lambda record, total: bars.update("steps", record["step"], total, _step_text(record)))
         finish_training_command(result, json_output, _render)

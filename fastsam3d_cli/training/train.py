@@ -36,13 +36,21 @@ from fastsam3d_cli.interactive.prior import (DEFAULT_SCALE, CropPrior, PriorSett
                                             zero_residual)
 from fastsam3d_cli.training.clicks import clicks_to_prompt, random_click, ritm_click
 from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
-from fastsam3d_cli.training.losses import dice_ce_loss, dice_score
+from fastsam3d_cli.training.losses import correction_loss, dice_ce_loss, dice_score
 from fastsam3d_cli.training.trainer import (CURVES_PNG, LAST_CHECKPOINT, METRICS_LOG, STEPS_LOG, StepContext, Trainer,
                                    TrainerSettings, TrainingTask, TrainOutcome, load_training_checkpoint,
                                    recipe_for_run)
 
 DEFAULT_ITERATIONS = 11
 DECODER_LR_SCALE = 0.1
+PRIOR_LOSSES = ("dice-ce", "correction")  # a prior model's loss: the reference's, or losses.correction_loss
+
+
+def check_prior_loss(kind: str) -> str:
+    """The --prior-loss value, or UsageError (exit 2) naming the choices."""
+    if kind not in PRIOR_LOSSES:
+        raise UsageError(f"--prior-loss '{kind}' is unknown", f"use one of: {', '.join(PRIOR_LOSSES)}")
+    return kind
 
 
 # -------------------------------------------------------------------------------- the interaction loop
@@ -76,7 +84,8 @@ def interactive_loss(model: nn.Module, embedding: torch.Tensor, target: torch.Te
     centre_click_share: the probability that a click is placed RITM-style (the interior of the larger
     error region, where users click) instead of uniformly in the error (0 = the reference's random clicks).
     prior: train a model that corrects the classical prior (`interactive.prior`): each round's logits are
-    P + upsample(gate × M), P from all clicks so far, the mask prompt avgpool(P) + the previous residual.
+    P + upsample(gate × M), P from all clicks so far, the mask prompt avgpool(P) + the previous residual; the
+    loss is Dice + CE, or `losses.correction_loss` when the batch's `loss` is "correction".
     """
     batch = target.shape[0]
     low = model.config.low_res_size
@@ -108,9 +117,13 @@ def interactive_loss(model: nn.Module, embedding: torch.Tensor, target: torch.Te
                 low_res, _ = model.decode(embedding, points, labels, low_res)
                 logits = model.upsample_logits(low_res)
             else:
-                low_res, logits = decode_step(model, embedding, points, labels, prior.logits(), low_res, prior.gate)
+                prior_logits = prior.logits()
+                low_res, logits = decode_step(model, embedding, points, labels, prior_logits, low_res, prior.gate)
             if index >= free_rounds:
-                total = total + dice_ce_loss(logits, target, weight)
+                if prior is not None and prior.loss == "correction":
+                    total = total + correction_loss(logits, prior_logits, target, weight)
+                else:
+                    total = total + dice_ce_loss(logits, target, weight)
     return InteractionResult(total, logits)
 
 
@@ -118,11 +131,11 @@ class ClassicalPriorBatch:
     """The classical prior of each sample of a batch, updated as its clicks arrive (see `interactive.prior`)."""
 
     def __init__(self, images: torch.Tensor, settings: PriorSettings, gate: torch.Tensor,
-                 spacing_mm: float = MODEL_SPACING_MM) -> None:
+                 spacing_mm: float = MODEL_SPACING_MM, loss: str = "dice-ce") -> None:
         volumes = images.detach().float().cpu().numpy()
         self.crops = [CropPrior(volumes[b, 0], spacing_mm) for b in range(volumes.shape[0])]
         self.clicks: list[list[tuple[tuple[int, int, int], bool]]] = [[] for _ in self.crops]
-        self.settings, self.gate, self.device = settings, gate, images.device
+        self.settings, self.gate, self.device, self.loss = settings, gate, images.device, check_prior_loss(loss)
         self._maps: list[tuple[int, np.ndarray] | None] = [None for _ in self.crops]  # (clicks used, logits)
 
     def add(self, clicks: Sequence[Any]) -> None:
@@ -152,9 +165,10 @@ class InteractiveSegmentationTask(TrainingTask):
     def __init__(self, model: nn.Module, dataset: Any, iterations: int = DEFAULT_ITERATIONS,
                  freeze_encoder: bool = False, unfreeze_patience: int | None = None,
                  decoder_lr_scale: float = DECODER_LR_SCALE, grad_iterations: int | None = None,
-                 centre_click_share: float = 0.0, prior: PriorSettings | None = None) -> None:
+                 centre_click_share: float = 0.0, prior: PriorSettings | None = None,
+                 prior_loss: str = "dice-ce") -> None:
         self.model, self.dataset = model, dataset
-        self.prior = prior
+        self.prior, self.prior_loss = prior, check_prior_loss(prior_loss)
         # The prior's residual weight trains with the decoder; it lives beside the model, not in its state dict.
         self.gate = None if prior is None else nn.Parameter(torch.tensor(float(prior.gate)))
         self.iterations = int(iterations)
@@ -214,7 +228,7 @@ class InteractiveSegmentationTask(TrainingTask):
             embedding = self.model.encode(image)
         prior = None
         if self.prior is not None and self.gate is not None:
-            prior = ClassicalPriorBatch(image, self.prior, self.gate.to(image.device))
+            prior = ClassicalPriorBatch(image, self.prior, self.gate.to(image.device), loss=self.prior_loss)
         result = interactive_loss(self.model, embedding, target, valid, self.iterations, context.rng(),
                                   self.grad_iterations, self.centre_click_share, prior)
         prediction = result.final_logits.detach() > 0
@@ -245,7 +259,7 @@ class InteractiveSegmentationTask(TrainingTask):
                 "centre_click_share": self.centre_click_share, "freeze_encoder": self.freeze_encoder,
                 "unfreeze_patience": self.unfreeze_patience, "unfrozen_stages": self.unfrozen_stages,
                 "best_epoch_loss": self.best_epoch_loss, "epochs_without_improvement": self.epochs_without_improvement,
-                "prior": self.prior_settings()}
+                "prior": self.prior_settings(), "prior_loss": self.prior_loss}
 
     def prior_settings(self) -> dict[str, Any] | None:
         """The checkpoint's "prior" entry: the settings with the gate as trained so far (None: no prior)."""
@@ -256,7 +270,7 @@ class InteractiveSegmentationTask(TrainingTask):
     def changes_on_resume(self, saved_state: Mapping[str, Any]) -> list[str]:
         flags = {"iterations": "--iterations", "grad_iterations": "--grad-iterations",
                  "centre_click_share": "--centre-clicks", "freeze_encoder": "--freeze-encoder",
-                 "unfreeze_patience": "--unfreeze-patience"}
+                 "unfreeze_patience": "--unfreeze-patience", "prior_loss": "--prior-loss"}
         saved_prior, prior = (saved_state.get("prior") or {}).get("kind", "none"), self.prior.kind if self.prior else "none"
         if saved_prior != prior:
             raise UsageError(f"the run was trained with --prior {saved_prior}, not {prior}",
@@ -410,7 +424,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
           decoder_lr_scale: float = DECODER_LR_SCALE,
           data_mix: str | Mapping[str, float] | None = None, label_maps: Sequence[str | Path] | None = None,
           samples_per_epoch: int | None = None, prior: str = "none", prior_scale: float = DEFAULT_SCALE,
-          log: Callable[[str], None] | None = None,
+          prior_loss: str = "dice-ce", log: Callable[[str], None] | None = None,
           on_step: Callable[[dict[str, Any], int], None] | None = None) -> TrainResult:
     """Train (or fine-tune, or resume) a model on prepared folders; see the module docstring for the recipe.
 
@@ -422,7 +436,8 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     BadInputError (3); an `init`/resume checkpoint of another model → WeightsError (4). Under torchrun
     each process calls this; rank 0 writes the run folder.
 
-    `prior` "classical" trains a model that corrects the classical floor's region (interactive/prior.py).
+    `prior` "classical" trains a model that corrects the classical floor's region (interactive/prior.py), with
+    the loss `prior_loss` ("dice-ce", or "correction": `losses.correction_loss`).
 
     `data_mix` ("real=0.3,shapes=0.7" or a mapping) draws each epoch's `samples_per_epoch` items from generated
     sources too (data/mixing.py); `label_maps` are the nnU-Net folders the synth-labels and supervoxels sources use.
@@ -447,6 +462,9 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     if not decoder_lr_scale > 0 or math.isinf(decoder_lr_scale):
         raise UsageError(f"--decoder-lr-scale {decoder_lr_scale} must be positive", "give a value > 0, e.g. 0.1")
     check_kind(prior)
+    check_prior_loss(prior_loss)
+    if prior_loss != "dice-ce" and prior == "none":
+        raise UsageError(f"--prior-loss {prior_loss} without a prior", "add --prior classical, or drop --prior-loss")
     if not (math.isfinite(prior_scale) and prior_scale > 0):
         raise UsageError(f"--prior-scale {prior_scale} must be positive", "give the prior's logit, e.g. 4")
     if init is not None and resume:
@@ -500,7 +518,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     task = InteractiveSegmentationTask(network, dataset, iterations=iterations, freeze_encoder=freeze_encoder,
                                        unfreeze_patience=unfreeze_patience, decoder_lr_scale=decoder_lr_scale,
                                        grad_iterations=grad_iterations, centre_click_share=centre_click_share,
-                                       prior=prior_settings)
+                                       prior=prior_settings, prior_loss=prior_loss)
     settings = TrainerSettings(run_dir=run_dir, epochs=epochs, batch_size=batch_size, accumulate=accumulate,
                                lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]),
                                lr_milestones=tuple(int(m) for m in recipe["lr_milestones"]),
