@@ -115,6 +115,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             remaining = remaining[CUT_AT:]
         self._write_slowly(remaining, float(flags.get("delay", self.server.delay_s)))
         self.server.bytes_sent += len(remaining)
+        self.server.sent_by_request[number] = len(remaining)
         if "stall_body" in flags:  # part of the body, then silence
             self.server.release.wait(10)
         if cut:
@@ -149,6 +150,7 @@ class _TestServer(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.requests: list[dict] = []
         self.bytes_sent = 0
+        self.sent_by_request: dict[int, int] = {}  # request number (1-based) → body bytes it finished sending
         self.release = threading.Event()
         self.hold = threading.Event()
         self.etag = '"v1"'
@@ -485,6 +487,16 @@ def test_leftover_partial_of_a_killed_download_is_cleaned(home, monkeypatch, ser
 PARTIAL_FILES = [".FastSAM3D.pth.partial", ".FastSAM3D.pth.partial.json"]
 
 
+def _sent_by_last_request(server, timeout_s: float = 10.0) -> int:
+    """Body bytes the server's latest request sent. Read per request: the interrupted request before it may still
+    be writing into the socket's buffers when the next download starts, so a running total would race."""
+    number = len(server.requests)
+    deadline = time.monotonic() + timeout_s
+    while number not in server.sent_by_request and time.monotonic() < deadline:  # the handler's last line
+        time.sleep(0.01)
+    return server.sent_by_request[number]
+
+
 def _interrupt_at(monkeypatch, nbytes: int) -> None:
     """Make the next download raise KeyboardInterrupt (like Ctrl-C) once `nbytes` have been written."""
     @contextlib.contextmanager
@@ -551,10 +563,9 @@ def test_interrupted_download_resumes_in_the_next_call(home, monkeypatch, server
     kept = _interrupted_download(monkeypatch)
     assert 200_000 <= kept < len(PAYLOAD)
     assert _cache_files(home) == PARTIAL_FILES
-    sent = server.bytes_sent
     entry = _fast_download()
     assert (server.requests[-1]["range"], server.requests[-1]["if_range"]) == (f"bytes={kept}-", '"v1"')
-    assert server.bytes_sent - sent == len(PAYLOAD) - kept
+    assert _sent_by_last_request(server) == len(PAYLOAD) - kept
     assert entry.sha256 == SHA and entry.path.read_bytes() == PAYLOAD
     assert _cache_files(home) == ["FastSAM3D.pth", "index.json"]
 
@@ -577,10 +588,9 @@ def test_next_call_restarts_from_zero_on_a_full_response(home, monkeypatch, serv
     kept = _interrupted_download(monkeypatch)
     if change == "new version upstream":
         server.etag = '"v2"'  # If-Range "v1" no longer matches: the server answers 200 with the whole file
-    sent = server.bytes_sent
     entry = _fast_download()
     assert (server.requests[-1]["range"], server.requests[-1]["if_range"]) == (f"bytes={kept}-", '"v1"')
-    assert server.bytes_sent - sent == len(PAYLOAD)  # all of it, nothing spliced
+    assert _sent_by_last_request(server) == len(PAYLOAD)  # all of it, nothing spliced
     assert entry.sha256 == SHA and entry.path.read_bytes() == PAYLOAD
     assert _cache_files(home) == ["FastSAM3D.pth", "index.json"]
 
