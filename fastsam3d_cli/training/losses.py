@@ -64,11 +64,11 @@ def correction_loss(logits: torch.Tensor, prior_logits: torch.Tensor, target: to
     - where the prior is right, max(0, CE(z) − CE(P)): a cost only for moving towards the wrong side, nothing
       for moving further from it — the model gains nothing by sharpening what the prior already gets right.
     The mean over the counted voxels is added to the squared soft Dice of the anchored probabilities
-    clamp(1[P > 0] + σ(z) − σ(P), 0, 1) — the prior's hard mask plus the model's change of probability, on right
-    voxels only a change towards the wrong side — so that
-    the prior's haze of small probabilities (σ(−4) ≈ 0.018 on ~2 M background voxels) is not a soft false
-    positive the model is rewarded for removing. With z = P the loss is the hard prior's Dice loss plus the CE
-    of its wrong voxels. All shapes (B, ...) equal; float32 whatever the input dtype."""
+    clamp(1[P > 0] + σ(z) − σ(P), 0, 1): the prior's hard mask plus the model's change of probability (on right
+    voxels only a change towards the wrong side). So the prior's haze of small probabilities (σ(−4) ≈ 0.018 on
+    ~2 M background voxels) is not a soft false positive the model is rewarded for removing. With z = P the loss
+    is the hard prior's Dice loss plus the CE of its wrong voxels. All shapes (B, ...) equal; float32 whatever
+    the input dtype."""
     z, prior, target = logits.float(), prior_logits.float(), target.float()
     truth = target > 0.5
     prior_right = (prior > 0) == truth
