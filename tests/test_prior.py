@@ -111,6 +111,30 @@ def test_training_loss_with_the_prior_is_prior_plus_gated_residual_and_trains_th
     assert gate.grad is not None and float(gate.grad) != 0.0
 
 
+def test_prior_loss_correction_is_the_loss_interactive_loss_sums():
+    """With a zeroed residual the logits are the prior itself, so each round's loss is known in closed form."""
+    from fastsam3d_cli.interactive.prior import zero_residual
+    from fastsam3d_cli.training.losses import correction_loss, dice_ce_loss
+
+    torch.manual_seed(0)
+    model = build_model(MICRO)
+    zero_residual(model)
+    rng = np.random.default_rng(0)
+    samples = [blob_sample(rng) for _ in range(2)]
+    image, label = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
+    losses = {}
+    for kind in ("dice-ce", "correction"):
+        batch = ClassicalPriorBatch(image, PriorSettings(), torch.tensor(1.0))
+        result = interactive_loss(model, model.encode(image), label, None, 1, np.random.default_rng(1), 1, 0.0,
+                                  batch, prior_loss=kind)
+        prior_logits = batch.logits()
+        expected = correction_loss if kind == "correction" else dice_ce_loss
+        arguments = (prior_logits, prior_logits, label) if kind == "correction" else (prior_logits, label)
+        assert float(result.loss) == pytest.approx(float(expected(*arguments)), rel=1e-5)
+        losses[kind] = float(result.loss)
+    assert losses["dice-ce"] != pytest.approx(losses["correction"])
+
+
 def test_settings_validation():
     assert PriorSettings.from_dict(None) is None
     settings = PriorSettings.from_dict({"kind": "classical", "scale": 3, "gate": 0.5})

@@ -70,7 +70,8 @@ def mask_only_steps(iterations: int, rng: np.random.Generator) -> set[int]:
 
 def interactive_loss(model: nn.Module, embedding: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
                      iterations: int, rng: np.random.Generator, grad_iterations: int | None = None,
-                     centre_click_share: float = 0.0, prior: "ClassicalPriorBatch | None" = None) -> InteractionResult:
+                     centre_click_share: float = 0.0, prior: "ClassicalPriorBatch | None" = None,
+                     prior_loss: str = "dice-ce") -> InteractionResult:
     """Simulate interaction steps on a batch and sum the Dice+CE loss of the steps that carry gradients.
 
     embedding: (B, 384, 8, 8, 8) from `model.encode`; target: (B, 1, S, S, S) {0, 1}; valid: same shape,
@@ -85,7 +86,7 @@ def interactive_loss(model: nn.Module, embedding: torch.Tensor, target: torch.Te
     error region, where users click) instead of uniformly in the error (0 = the reference's random clicks).
     prior: train a model that corrects the classical prior (`interactive.prior`): each round's logits are
     P + upsample(gate × M), P from all clicks so far, the mask prompt avgpool(P) + the previous residual; the
-    loss is Dice + CE, or `losses.correction_loss` when the batch's `loss` is "correction".
+    loss is Dice + CE, or `losses.correction_loss` when `prior_loss` is "correction".
     """
     batch = target.shape[0]
     low = model.config.low_res_size
@@ -120,7 +121,7 @@ def interactive_loss(model: nn.Module, embedding: torch.Tensor, target: torch.Te
                 prior_logits = prior.logits()
                 low_res, logits = decode_step(model, embedding, points, labels, prior_logits, low_res, prior.gate)
             if index >= free_rounds:
-                if prior is not None and prior.loss == "correction":
+                if prior is not None and prior_loss == "correction":
                     total = total + correction_loss(logits, prior_logits, target, weight)
                 else:
                     total = total + dice_ce_loss(logits, target, weight)
@@ -131,11 +132,11 @@ class ClassicalPriorBatch:
     """The classical prior of each sample of a batch, updated as its clicks arrive (see `interactive.prior`)."""
 
     def __init__(self, images: torch.Tensor, settings: PriorSettings, gate: torch.Tensor,
-                 spacing_mm: float = MODEL_SPACING_MM, loss: str = "dice-ce") -> None:
+                 spacing_mm: float = MODEL_SPACING_MM) -> None:
         volumes = images.detach().float().cpu().numpy()
         self.crops = [CropPrior(volumes[b, 0], spacing_mm) for b in range(volumes.shape[0])]
         self.clicks: list[list[tuple[tuple[int, int, int], bool]]] = [[] for _ in self.crops]
-        self.settings, self.gate, self.device, self.loss = settings, gate, images.device, check_prior_loss(loss)
+        self.settings, self.gate, self.device = settings, gate, images.device
         self._maps: list[tuple[int, np.ndarray] | None] = [None for _ in self.crops]  # (clicks used, logits)
 
     def add(self, clicks: Sequence[Any]) -> None:
@@ -228,9 +229,9 @@ class InteractiveSegmentationTask(TrainingTask):
             embedding = self.model.encode(image)
         prior = None
         if self.prior is not None and self.gate is not None:
-            prior = ClassicalPriorBatch(image, self.prior, self.gate.to(image.device), loss=self.prior_loss)
+            prior = ClassicalPriorBatch(image, self.prior, self.gate.to(image.device))
         result = interactive_loss(self.model, embedding, target, valid, self.iterations, context.rng(),
-                                  self.grad_iterations, self.centre_click_share, prior)
+                                  self.grad_iterations, self.centre_click_share, prior, self.prior_loss)
         prediction = result.final_logits.detach() > 0
         dices = [dice_score(prediction[b], target[b] > 0.5, None if valid is None else valid[b])
                  for b in range(target.shape[0])]
