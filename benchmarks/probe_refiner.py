@@ -104,8 +104,8 @@ def features(values: np.ndarray, smooth: np.ndarray, box: tuple[slice, ...], reg
     """(CHANNELS, *box shape) float32: click-normalised raw and smoothed image, floor region, click distances."""
     spacing = np.full(3, SPACING)
     centres, halves = [], []
-    finite = smooth[box]
-    low, high = np.percentile(finite, [1.0, 99.0])
+    around = smooth[box]
+    low, high = np.percentile(around, [1.0, 99.0])
     span = max(float(high - low), 1e-6)
     for click in includes:
         centre, spread = _click_statistics(smooth, values, spacing, click, parameters.sample_mm)
