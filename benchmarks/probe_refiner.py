@@ -3,7 +3,7 @@
 
 The learned models so far correct the floor through the SAM decoder's 32³ (6 mm) residual, fed by an encoder
 that has learned little on two CPU cores; none flipped a voxel (docs/models.md, third session). This probe
-asks the question without that encoder: a small 3D conv net (about 20 k weights) sees, at 1.5 mm on a box
+asks the question without that encoder: a small 3D conv net (95 k weights) sees, at 1.5 mm on a box
 around the clicks,
 
 * the image normalised by the include clicks' own intensity window (the floor's centre and half-width), raw
@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastsam3d_cli.interactive.classical import (FloorParameters, _click_statistics, _holding, segment_clicks,
+from fastsam3d_cli.interactive.classical import (FloorParameters, click_statistics, components_holding, segment_clicks,
                                                  smoothed)
 from fastsam3d_cli.imaging.volumes import array_ijk, image_from_array_ijk, resample_like, resample_onto, resampled_grid
 from fastsam3d_cli.training import evaluation as ev
@@ -108,7 +108,7 @@ def features(values: np.ndarray, smooth: np.ndarray, box: tuple[slice, ...], reg
     low, high = np.percentile(around, [1.0, 99.0])
     span = max(float(high - low), 1e-6)
     for click in includes:
-        centre, spread = _click_statistics(smooth, values, spacing, click, parameters.sample_mm)
+        centre, spread = click_statistics(smooth, values, spacing, click, parameters.sample_mm)
         centres.append(centre)
         halves.append(max(parameters.window_k * spread, parameters.min_window_fraction * span))
     centre, half = float(np.median(centres)), float(np.median(halves))
@@ -189,7 +189,7 @@ def predict(refiner: Refiner | None, values: np.ndarray, smooth: np.ndarray,
         out[c] = True
     for c in excludes:
         out[c] = False
-    return _holding(out, includes)  # like the floor: the components that hold an include click
+    return components_holding(out, includes)  # like the floor: the components that hold an include click
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -215,7 +215,7 @@ def simulate_clicks(rng: np.random.Generator, values: np.ndarray, smooth: np.nda
     if rng.random() < 0.5:
         first, _ = ev.first_click(target, spacing)
     else:
-        box = ev._bounding_box(target)
+        box = ev.bounding_box(target)
         depth = ev.distance_inside_mm(target[box], spacing).ravel() ** 2
         pick = rng.choice(depth.size, p=depth / depth.sum())
         first = tuple(int(s.start) + int(v) for s, v in zip(box, np.unravel_index(pick, target[box].shape)))

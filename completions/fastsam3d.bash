@@ -74,13 +74,14 @@ _fastsam3d_completion() {
             else COMPREPLY=($(compgen -d -- "$cur")); fi ;;
         "train")
             case "$prev" in
-                --model|-m) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny" -- "$cur")); return ;;
+                --model|-m) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny fastsam3d-tiny-refine" -- "$cur")); return ;;
                 --init) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --unfreeze-patience) return ;;
                 --epochs) return ;;
                 --batch-size) return ;;
                 --accumulate) return ;;
                 --lr) return ;;
+                --weight-decay) return ;;
                 --lr-milestones) return ;;
                 --iterations) return ;;
                 --grad-iterations) return ;;
@@ -103,13 +104,13 @@ _fastsam3d_completion() {
                 --label-maps) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --samples-per-epoch) return ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --init --freeze-encoder --unfreeze-patience --epochs --batch-size --accumulate --lr --lr-milestones --iterations --grad-iterations --centre-clicks --decoder-lr-scale --prior --prior-scale --prior-loss --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --min-foreground --data-mix --label-maps --samples-per-epoch --json" -- "$cur"))
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --init --freeze-encoder --unfreeze-patience --epochs --batch-size --accumulate --lr --weight-decay --lr-milestones --iterations --grad-iterations --centre-clicks --decoder-lr-scale --prior --prior-scale --prior-loss --refine-head --seed --output -o --resume --device --amp --workers --attention --max-steps --time-limit --save-every --classes --min-foreground --data-mix --label-maps --samples-per-epoch --json" -- "$cur"))
             else COMPREPLY=($(compgen -d -- "$cur")); fi ;;
         "distill")
             case "$prev" in
                 --teacher) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --teacher-model) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny auto" -- "$cur")); return ;;
-                --student|-s) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny" -- "$cur")); return ;;
+                --teacher-model) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny fastsam3d-tiny-refine auto" -- "$cur")); return ;;
+                --student|-s) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny fastsam3d-tiny-refine" -- "$cur")); return ;;
                 --student-init) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --cache-features) COMPREPLY=($(compgen -d -- "$cur")); return ;;
                 --cache-dtype) COMPREPLY=($(compgen -W "float16 float32" -- "$cur")); return ;;
@@ -133,7 +134,7 @@ _fastsam3d_completion() {
         "validate")
             case "$prev" in
                 --checkpoint) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-                --model|-m) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny" -- "$cur")); return ;;
+                --model|-m) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny fastsam3d-tiny-refine" -- "$cur")); return ;;
                 --clicks) return ;;
                 --seed) return ;;
                 --classes) return ;;
@@ -146,7 +147,7 @@ _fastsam3d_completion() {
             else COMPREPLY=($(compgen -d -- "$cur")); fi ;;
         "benchmark")
             case "$prev" in
-                --model|-m) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny" -- "$cur")); return ;;
+                --model|-m) COMPREPLY=($(compgen -W "sam-med3d fastsam3d fastsam3d-tiny fastsam3d-tiny-refine" -- "$cur")); return ;;
                 --checkpoint) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --attention|-a) COMPREPLY=($(compgen -W "auto exact sdpa flash sparse" -- "$cur")); return ;;
                 --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;

@@ -47,7 +47,8 @@ def register(app: typer.Typer) -> None:
     def train(
         prepared_dirs: List[Path] = typer.Argument(..., metavar="PREPARED_DIR",
                                                    help="Folders written by `fastsam3d prepare`."),
-        model: str = typer.Option(..., "--model", "-m", help="sam-med3d, fastsam3d or fastsam3d-tiny."),
+        model: str = typer.Option(..., "--model", "-m", help="sam-med3d, fastsam3d, fastsam3d-tiny or "
+                                  "fastsam3d-tiny-refine (with a refine head: needs --prior classical)."),
         init: Optional[Path] = typer.Option(None, "--init", metavar="CHECKPOINT",
                                             help="Start from these weights (must fit --model).", rich_help_panel=RECIPE),
         freeze_encoder: bool = typer.Option(False, "--freeze-encoder",
@@ -66,6 +67,9 @@ def register(app: typer.Typer) -> None:
         lr: Optional[float] = typer.Option(None, "--lr", help="Encoder learning rate (default 8e-4); prompt encoder "
                                            "and decoder use 0.1×. A resumed run keeps its own.",
                                  rich_help_panel=RECIPE),
+        weight_decay: Optional[float] = typer.Option(
+            None, "--weight-decay", metavar="WD", rich_help_panel=RECIPE,
+            help="AdamW weight decay (default 0.1, the reference). A resumed run keeps its own."),
         lr_milestones: Optional[str] = typer.Option(None, "--lr-milestones", metavar="E1,E2",
                                                     help="Epochs after which the lr is multiplied by 0.1 "
                                                          "(default: 60% and 90% of --epochs).", rich_help_panel=RECIPE),
@@ -94,6 +98,10 @@ def register(app: typer.Typer) -> None:
             "dice-ce", "--prior-loss", metavar="LOSS", rich_help_panel=RECIPE,
             help="With --prior: 'dice-ce' (default, the reference loss) or 'correction' (pays only for the prior's "
                  "wrong voxels and for right ones made worse, never for sharpening right ones; docs/models.md)."),
+        refine_head: bool = typer.Option(
+            False, "--refine-head", rich_help_panel=RECIPE,
+            help="With --prior classical and --model fastsam3d-tiny-refine: train only the model's refine head, "
+                 "a small full-resolution network that corrects the floor on the clicks' box (docs/models.md)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initial weights, augmentation and clicks "
                                            "(default 2023). A resumed run keeps its own.",
                                  rich_help_panel=RECIPE),
@@ -142,14 +150,15 @@ def register(app: typer.Typer) -> None:
         with ProgressBars(progress_enabled(json_output)) as bars:
             result = run_training(
                 prepared_dirs, model, init=init, freeze_encoder=freeze_encoder, epochs=epochs, batch_size=batch_size,
-                accumulate=accumulate, lr=lr, output=output, resume=resume, device=device, amp=amp, workers=workers,
+                accumulate=accumulate, lr=lr, weight_decay=weight_decay, output=output, resume=resume, device=device,
+                amp=amp, workers=workers,
                 seed=seed, iterations=iterations, unfreeze_patience=unfreeze_patience,
                 grad_iterations=grad_iterations, centre_click_share=centre_clicks, decoder_lr_scale=decoder_lr_scale,
                 lr_milestones=_int_list(lr_milestones, "--lr-milestones"), max_steps=max_steps,
                 time_limit_s=None if time_limit is None else time_limit * 60.0, save_every_steps=save_every,
                 classes=class_names, min_foreground_voxels=min_foreground, attention=attention,
                 data_mix=data_mix, label_maps=label_maps, samples_per_epoch=samples_per_epoch, prior=prior,
-                prior_scale=prior_scale, prior_loss=prior_loss,
+                prior_scale=prior_scale, prior_loss=prior_loss, refine_head=refine_head,
                 log=None if state.quiet or json_output else log_to_stderr,
                 on_step=lambda record, total: bars.update("steps", record["step"], total, _step_text(record)))
         finish_training_command(result, json_output, _render)

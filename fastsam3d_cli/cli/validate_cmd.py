@@ -35,7 +35,8 @@ def register(app: typer.Typer) -> None:
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="CKPT",
                                                   help="Checkpoint to validate (required unless --model bundled)."),
         model: Optional[str] = typer.Option(None, "--model", "-m",
-                                            help="sam-med3d, fastsam3d or fastsam3d-tiny (default: from the checkpoint); "
+                                            help="sam-med3d, fastsam3d, fastsam3d-tiny or fastsam3d-tiny-refine (default: from "
+                                                 "the checkpoint); "
                                                  "bundled: validate the model shipped in the package.",
                                             rich_help_panel=ADVANCED),
         clicks: int = typer.Option(10, "--clicks", help="Simulated clicks per (case, class)."),

@@ -167,7 +167,7 @@ def segment_region(values: np.ndarray, smooth: np.ndarray, spacing: Sequence[flo
     span = max(float(high - low), 1e-6)
     passable = np.zeros(values.shape, dtype=bool)
     for click in includes:
-        centre, spread = _click_statistics(smooth, values, spacing, click, p.sample_mm)
+        centre, spread = click_statistics(smooth, values, spacing, click, p.sample_mm)
         half = max(p.window_k * spread, p.min_window_fraction * span)
         passable |= (np.abs(smooth - centre) <= half) | (np.abs(values - centre) <= half)
     passable &= _near(values.shape, spacing, includes, p.reach_mm)
@@ -175,10 +175,10 @@ def segment_region(values: np.ndarray, smooth: np.ndarray, spacing: Sequence[flo
         passable[click] = True  # a seed always starts its own region
     for click in excludes:
         passable[click] = False
-    region = _holding(passable, includes)
+    region = components_holding(passable, includes)
     if excludes and region.any():
         region &= _closer_to_includes(region, spacing, includes, excludes, p.cut_mm)
-        region = _holding(region, includes)
+        region = components_holding(region, includes)
     if p.fill_holes and region.any():
         region = _fill_holes(region)
         for click in excludes:  # filling never brings an exclude click back
@@ -207,7 +207,7 @@ def _ball(centre: tuple[int, int, int], reach: np.ndarray, shape: Sequence[int],
     return tuple(slice(a, b) for a, b in zip(lo, hi)), ball
 
 
-def _holding(mask: np.ndarray, seeds: Sequence[tuple[int, int, int]]) -> np.ndarray:
+def components_holding(mask: np.ndarray, seeds: Sequence[tuple[int, int, int]]) -> np.ndarray:
     """The 6-connected components of `mask` that hold a seed."""
     labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(_as_image(mask.astype(np.uint8)), False))
     kept = {int(labels[seed]) for seed in seeds} - {0}
@@ -248,7 +248,7 @@ def smoothed(values: np.ndarray, spacing: np.ndarray, sigma_mm: float) -> np.nda
     return sitk.GetArrayFromImage(result)
 
 
-def _click_statistics(smooth: np.ndarray, raw: np.ndarray, spacing: np.ndarray, click: tuple[int, int, int],
+def click_statistics(smooth: np.ndarray, raw: np.ndarray, spacing: np.ndarray, click: tuple[int, int, int],
                       radius_mm: float) -> tuple[float, float]:
     """(median of the smoothed values, 1.4826 × MAD of the raw values) within `radius_mm` of the click.
 

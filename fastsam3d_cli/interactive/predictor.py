@@ -57,7 +57,7 @@ import SimpleITK as sitk
 from fastsam3d_cli.imaging.clickfile import ClickObject, check_inside, lps_to_ijk, to_lps
 from fastsam3d_cli.imaging.world import IMAGE_GEOMETRY, WorldGeometry, geometry_from_metadata, world_geometry
 from fastsam3d_cli.interactive.crop_canvas import CropCanvas, shown_box
-from fastsam3d_cli.interactive.prior import CropPrior, PriorSettings, decode_step
+from fastsam3d_cli.interactive.prior import CropPrior, PriorSettings, decode_step, residual_is_zero
 from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM, CropBox, box_centered_on, extract_crop, znormalize_foreground
 from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.imaging.volumes import (affine_lps, read_image, resample_onto, resample_to_spacing,
@@ -168,6 +168,9 @@ class Predictor:
         # A model trained to correct the classical prior (interactive/prior.py) carries its settings.
         self.prior = PriorSettings.from_dict(getattr(model, "prior_settings", None))
         self._crop_priors: dict[tuple[int, int, int], CropPrior] = {}
+        # A prior model whose residual is exactly zero (a refine-head-only model) is its prior: the encoder and
+        # decoder would add 0, so they are skipped (`residual_is_zero`); the masks are the same bit for bit.
+        self.prior_only = self.prior is not None and residual_is_zero(model)
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
@@ -574,7 +577,7 @@ class Predictor:
         """Prompt encoder + decoder with ONE new point and the crop's previous low-res logits."""
         import torch
 
-        embedding = self._embedding(crop.box)
+        embedding = None if self.prior_only else self._embedding(crop.box)
         start = time.perf_counter()
         points = torch.as_tensor(crop.box.to_crop(index), dtype=torch.float32, device=self.device).view(1, 1, 3)
         labels = torch.tensor([[1 if include else 0]], dtype=torch.int64, device=self.device)
@@ -605,9 +608,14 @@ class Predictor:
         clicks.append((box.to_crop(index), include))
         if tuple(box.start) not in self._crop_priors:
             self._crop_priors[tuple(box.start)] = CropPrior(self._crop_volume(box, normalize=True), self.spacing_mm)
-        prior = torch.from_numpy(self._crop_priors[tuple(box.start)].logits(clicks, self.prior.scale))
+        crop_prior = self._crop_priors[tuple(box.start)]
+        prior = torch.from_numpy(crop_prior.logits(clicks, self.prior.scale, getattr(self.model, "refine_head", None)))
         prior = prior[None, None].to(self.device)
         # a new crop's prompt is the merged logits so far (prior included): used as they are, once
+        if self.prior_only:  # what decode_step returns when M = 0: a zero residual and the prior itself
+            crop.low_res = torch.zeros((1, 1) + (self.low_res_size,) * 3, dtype=torch.float32, device=self.device)
+            crop.logits = prior[0, 0].float().cpu().numpy()
+            return
         transferred = crop.low_res if crop.transferred else None
         with torch.inference_mode():
             residual, full = decode_step(self.model, embedding, points, labels, prior, crop.low_res, self.prior.gate,

@@ -18,6 +18,10 @@ every click, on the 128³ crop it sees (1.5 mm, the same voxels it encodes):
 residual branch. (A first try kept the hypernetwork and scaled M by a gate of 0.1 instead: after 325 steps
 the gate and the masks had not moved, since M had to grow 40-fold to override the prior.) The same code runs in training (`training.train.interactive_loss`) and at
 inference (`interactive.predictor.Predictor`), so what was trained is what runs.
+
+A model with a refine head (`fastsam3d-tiny-refine`, model/refine_head.py) replaces P by the head's
+full-resolution correction of the floor's region on the clicks' box (interactive/refine.py) before step 2; the
+rest is unchanged. `fastsam3d train --refine-head` trains that head alone (training/refine_train.py).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import numpy as np
 
 from fastsam3d_cli.errors import UsageError, WeightsError
 from fastsam3d_cli.interactive.classical import FloorParameters, segment_clicks, smoothed
+from fastsam3d_cli.interactive.refine import refined_logits
 
 PRIOR_KINDS = ("none", "classical")
 DEFAULT_SCALE = 4.0  # |logit| of the prior: sigmoid(4) = 0.98, so a confident correction can override it
@@ -83,20 +88,32 @@ class CropPrior:
         self.spacing = np.full(3, float(spacing_mm))
         self.smooth = smoothed(self.values, self.spacing, self.parameters.smoothing_mm)
 
-    def region(self, clicks: Sequence[tuple[Sequence[float], bool]]) -> np.ndarray:
-        """The floor's region (bool, crop shape) from (crop index, include) clicks; those outside are ignored."""
+    def voxels(self, clicks: Sequence[tuple[Sequence[float], bool]]) -> list[tuple[tuple[int, int, int], bool]]:
+        """(nearest voxel, include) of the (crop index, include) clicks inside the crop; the others are dropped."""
         shape = np.asarray(self.values.shape)
-        includes, excludes = [], []
+        kept = []
         for index, include in clicks:
             voxel = np.rint(np.asarray(index, dtype=np.float64)).astype(int)
             if np.any(voxel < 0) or np.any(voxel >= shape):
                 continue
-            (includes if include else excludes).append(tuple(int(v) for v in voxel))
+            kept.append((tuple(int(v) for v in voxel), bool(include)))
+        return kept
+
+    def region(self, clicks: Sequence[tuple[Sequence[float], bool]]) -> np.ndarray:
+        """The floor's region (bool, crop shape) from (crop index, include) clicks; those outside are ignored."""
+        voxels = self.voxels(clicks)
+        includes = [v for v, include in voxels if include]
+        excludes = [v for v, include in voxels if not include]
         return segment_clicks(self.values, self.smooth, self.spacing, includes, excludes, self.parameters)
 
-    def logits(self, clicks: Sequence[tuple[Sequence[float], bool]], scale: float) -> np.ndarray:
-        """±scale logits (float32, crop shape) of `region(clicks)`."""
-        return np.where(self.region(clicks), np.float32(scale), np.float32(-scale))
+    def logits(self, clicks: Sequence[tuple[Sequence[float], bool]], scale: float, refine_head: Any = None) -> np.ndarray:
+        """The prior's logits (float32, crop shape): ±scale of `region(clicks)`, or, for a model with a refine
+        head, that region as the head corrects it (interactive/refine.py)."""
+        region = self.region(clicks)
+        if refine_head is None:
+            return np.where(region, np.float32(scale), np.float32(-scale))
+        return refined_logits(refine_head, self.values, self.smooth, region, self.voxels(clicks), float(self.spacing[0]),
+                              scale, self.parameters)
 
 
 def zero_residual(model: Any) -> None:
@@ -107,6 +124,16 @@ def zero_residual(model: Any) -> None:
     with torch.no_grad():
         layer.weight.zero_()
         layer.bias.zero_()
+
+
+def residual_is_zero(model: Any) -> bool:
+    """True when the decoder's output M is exactly 0 for every input: the last layer of mask token 0's
+    hypernetwork is all zeros (a new prior run's start, kept by `train --refine-head`), so hyper_in = 0."""
+    try:
+        layer = model.mask_decoder.output_hypernetworks_mlps[0].layers[-1]
+    except (AttributeError, IndexError, TypeError):
+        return False
+    return not bool(layer.weight.detach().any()) and not bool(layer.bias.detach().any())
 
 
 def decode_step(model: Any, embedding: Any, points: Any, labels: Any, prior_logits: Any, residual: Any,

@@ -3,7 +3,8 @@
 `sam-med3d` is the published SAM-Med3D teacher; `fastsam3d` is the FastSAM3D student exactly as released
 (width 768, 6 heads, 6 blocks, blocks 0–1 attention-free, FastSAM3D's block that applies norm2 to the
 residual stream); `fastsam3d-tiny` is a true ViT-Tiny student (width 192) for fast CPU use. All three share
-the same prompt encoder and mask decoder. See reference/models.md §1.
+the same prompt encoder and mask decoder. See reference/models.md §1. `fastsam3d-tiny-refine` is
+`fastsam3d-tiny` plus a refine head (model/refine_head.py) for models that correct the classical prior.
 """
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ class ModelConfig:
     decoder_attention_downsample: int = 2
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
+    # Widths of the refine head's three levels (model/refine_head.py); () = a model without one. Only models
+    # that correct the classical prior use it (interactive/prior.py).
+    refine_head_widths: tuple[int, ...] = ()
 
     @property
     def image_size(self) -> int:
@@ -95,6 +99,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["encoder"]["global_attn_indexes"] = list(self.encoder.global_attn_indexes)
+        data["refine_head_widths"] = list(self.refine_head_widths)
         return data
 
     @classmethod
@@ -103,6 +108,8 @@ class ModelConfig:
         if "global_attn_indexes" in encoder:
             encoder["global_attn_indexes"] = tuple(encoder["global_attn_indexes"])
         rest = {k: v for k, v in data.items() if k != "encoder"}
+        if "refine_head_widths" in rest:
+            rest["refine_head_widths"] = tuple(int(w) for w in rest["refine_head_widths"])
         return cls(encoder=EncoderConfig(**encoder), **rest)
 
 
@@ -122,10 +129,15 @@ def _fastsam3d_tiny() -> ModelConfig:
         embed_dim=192, depth=6, num_heads=3, window_size=0, global_attn_indexes=(), rel_pos_layout="standard"))
 
 
+def _fastsam3d_tiny_refine() -> ModelConfig:
+    return replace(_fastsam3d_tiny(), name="fastsam3d-tiny-refine", refine_head_widths=(8, 16, 32))
+
+
 PRESETS: dict[str, ModelConfig] = {
     "sam-med3d": _sam_med3d(),
     "fastsam3d": _fastsam3d(),
     "fastsam3d-tiny": _fastsam3d_tiny(),
+    "fastsam3d-tiny-refine": _fastsam3d_tiny_refine(),
 }
 PRESET_NAMES = tuple(PRESETS)
 

@@ -20,11 +20,13 @@ from fastsam3d_cli.model.cpu_runtime import tune_cpu_for_inference
 from fastsam3d_cli.model.image_encoder import ImageEncoderViT3D
 from fastsam3d_cli.model.mask_decoder import MaskDecoder3D
 from fastsam3d_cli.model.prompt_encoder import PromptEncoder3D
+from fastsam3d_cli.model.refine_head import RefineHead
 from fastsam3d_cli.model.transformer import TwoWayTransformer3D
 
 
 class Sam3D(nn.Module):
-    """The whole model. State-dict keys: image_encoder.*, prompt_encoder.*, mask_decoder.*."""
+    """The whole model. State-dict keys: image_encoder.*, prompt_encoder.*, mask_decoder.* (and refine_head.* when
+    the config asks for one: the classical prior's full-resolution correction, interactive/refine.py)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -36,6 +38,7 @@ class Sam3D(nn.Module):
                                           config.decoder_mlp_dim, config.decoder_attention_downsample)
         self.mask_decoder = MaskDecoder3D(config.prompt_embed_dim, transformer, config.num_multimask_outputs,
                                           config.iou_head_depth, config.iou_head_hidden_dim)
+        self.refine_head = RefineHead(config.refine_head_widths) if config.refine_head_widths else None
         self.attention = "exact"
         self.set_attention("exact")
 

@@ -93,7 +93,8 @@ def deepest_voxel(region: np.ndarray, spacing: Sequence[float]) -> tuple[tuple[i
     return tuple(int(v) for v in np.unravel_index(flat, region.shape)), float(distance.flat[flat])  # type: ignore[return-value]
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (slices) holding every True voxel of `mask`; None when it has none."""
     if not mask.any():
         return None
     box = []
@@ -112,7 +113,7 @@ def _components(region: np.ndarray) -> tuple[np.ndarray, int]:
 
 def first_click(target: np.ndarray, spacing: Sequence[float]) -> tuple[tuple[int, int, int], bool]:
     """Click 1: include, at the target's voxel farthest from its border."""
-    box = _bounding_box(target)
+    box = bounding_box(target)
     if box is None:
         raise ValueError("the target is empty")
     local, _ = deepest_voxel(target[box], spacing)
@@ -122,7 +123,7 @@ def first_click(target: np.ndarray, spacing: Sequence[float]) -> tuple[tuple[int
 def next_click(prediction: np.ndarray, target: np.ndarray,
                spacing: Sequence[float]) -> tuple[tuple[int, int, int], bool] | None:
     """The next corrective click (module docstring) or None when prediction == target."""
-    box = _bounding_box(prediction | target)
+    box = bounding_box(prediction | target)
     if box is None:
         return None
     pred, true = prediction[box], target[box]
@@ -141,7 +142,7 @@ def next_click(prediction: np.ndarray, target: np.ndarray,
     for size, include, region in candidates:
         if size != largest:
             continue  # the distance transform only for the largest region(s): it is the cost of a click
-        sub = _bounding_box(region)
+        sub = bounding_box(region)
         assert sub is not None
         local, depth = deepest_voxel(region[sub], spacing)
         position = tuple(int(s.start) + v for s, v in zip(sub, local))

@@ -35,11 +35,11 @@ from fastsam3d_cli.imaging.crops import MODEL_SPACING_MM
 from fastsam3d_cli.interactive.prior import (DEFAULT_SCALE, CropPrior, PriorSettings, check_kind, decode_step,
                                             zero_residual)
 from fastsam3d_cli.training.clicks import clicks_to_prompt, random_click, ritm_click
-from fastsam3d_cli.errors import BadInputError, UsageError, WeightsError
+from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.training.losses import correction_loss, dice_ce_loss, dice_score
 from fastsam3d_cli.training.trainer import (CURVES_PNG, LAST_CHECKPOINT, METRICS_LOG, STEPS_LOG, StepContext, Trainer,
-                                   TrainerSettings, TrainingTask, TrainOutcome, load_training_checkpoint,
-                                   recipe_for_run)
+                                   TrainerSettings, TrainingTask, TrainOutcome, check_preset,
+                                   load_training_checkpoint, recipe_for_run)
 
 DEFAULT_ITERATIONS = 11
 DECODER_LR_SCALE = 0.1
@@ -132,11 +132,12 @@ class ClassicalPriorBatch:
     """The classical prior of each sample of a batch, updated as its clicks arrive (see `interactive.prior`)."""
 
     def __init__(self, images: torch.Tensor, settings: PriorSettings, gate: torch.Tensor,
-                 spacing_mm: float = MODEL_SPACING_MM) -> None:
+                 spacing_mm: float = MODEL_SPACING_MM, refine_head: nn.Module | None = None) -> None:
         volumes = images.detach().float().cpu().numpy()
         self.crops = [CropPrior(volumes[b, 0], spacing_mm) for b in range(volumes.shape[0])]
         self.clicks: list[list[tuple[tuple[int, int, int], bool]]] = [[] for _ in self.crops]
         self.settings, self.gate, self.device = settings, gate, images.device
+        self.refine_head = refine_head  # a model's refine head corrects each map (interactive/refine.py)
         self._maps: list[tuple[int, np.ndarray] | None] = [None for _ in self.crops]  # (clicks used, logits)
 
     def add(self, clicks: Sequence[Any]) -> None:
@@ -151,7 +152,7 @@ class ClassicalPriorBatch:
         for b, (crop, clicks) in enumerate(zip(self.crops, self.clicks)):
             cached = self._maps[b]
             if cached is None or cached[0] != len(clicks):
-                self._maps[b] = (len(clicks), crop.logits(clicks, self.settings.scale))
+                self._maps[b] = (len(clicks), crop.logits(clicks, self.settings.scale, self.refine_head))
         return torch.from_numpy(np.stack([m[1] for m in self._maps])[:, None]).to(self.device)
 
 
@@ -229,7 +230,8 @@ class InteractiveSegmentationTask(TrainingTask):
             embedding = self.model.encode(image)
         prior = None
         if self.prior is not None and self.gate is not None:
-            prior = ClassicalPriorBatch(image, self.prior, self.gate.to(image.device))
+            prior = ClassicalPriorBatch(image, self.prior, self.gate.to(image.device),
+                                        refine_head=getattr(self.model, "refine_head", None))
         result = interactive_loss(self.model, embedding, target, valid, self.iterations, context.rng(),
                                   self.grad_iterations, self.centre_click_share, prior, self.prior_loss)
         prediction = result.final_logits.detach() > 0
@@ -269,6 +271,8 @@ class InteractiveSegmentationTask(TrainingTask):
         return PriorSettings(self.prior.kind, self.prior.scale, float(self.gate.detach())).to_dict()
 
     def changes_on_resume(self, saved_state: Mapping[str, Any]) -> list[str]:
+        if saved_state.get("refine_head"):
+            raise UsageError("the run was trained with --refine-head", "resume it with --refine-head")
         flags = {"iterations": "--iterations", "grad_iterations": "--grad-iterations",
                  "centre_click_share": "--centre-clicks", "freeze_encoder": "--freeze-encoder",
                  "unfreeze_patience": "--unfreeze-patience", "prior_loss": "--prior-loss"}
@@ -305,13 +309,6 @@ class InteractiveSegmentationTask(TrainingTask):
 
     def sample_names(self, indices: list[int]) -> list[str]:
         return [self.dataset.describe(i) for i in indices]
-
-
-def check_preset(payload: Mapping[str, Any], preset: str, path: Path) -> None:
-    """WeightsError (exit 4) when a training checkpoint belongs to another model preset."""
-    if payload.get("preset") != preset:
-        raise WeightsError(f"{path} is a checkpoint of model '{payload.get('preset')}', not '{preset}'",
-                           f"resume with --model {payload.get('preset')}, or start a new run")
 
 
 # ------------------------------------------------------------------------------------------ the API
@@ -402,9 +399,36 @@ def check_numbers(**values: Any) -> None:
         option = _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
         if name in ("lr", "time_limit_s") and not (value > 0 and math.isfinite(value)):
             raise UsageError(f"{option} must be positive (got {value:g})", "give a positive number")
+        if name == "weight_decay" and not (value >= 0 and math.isfinite(value)):
+            raise UsageError(f"{option} must be zero or positive (got {value:g})", "give e.g. 0.1 or 1e-4")
         if name in minimums and value < minimums[name]:
             raise UsageError(f"{option} must be at least {minimums[name]} (got {value})",
                              f"give a value >= {minimums[name]}")
+
+
+def check_refine_head_options(config_name: str, refine_head: bool, prior: str, prior_loss: str, freeze_encoder: bool,
+                              unfreeze_patience: int | None, grad_iterations: int | None,
+                              centre_click_share: float) -> None:
+    """UsageError (exit 2) for a refine-head request that cannot mean what it says (checked before any work)."""
+    from fastsam3d_cli.model import get_config
+
+    has_head = bool(get_config(config_name).refine_head_widths)
+    if not refine_head:
+        if has_head and prior != "classical":
+            raise UsageError(f"model '{config_name}' corrects the classical prior with its refine head",
+                             "add --prior classical")
+        return
+    if prior != "classical":
+        raise UsageError("--refine-head trains the correction of the classical prior", "add --prior classical")
+    if not has_head:
+        raise UsageError(f"model '{config_name}' has no refine head", "use --model fastsam3d-tiny-refine")
+    decoder_only = {"--freeze-encoder": freeze_encoder, "--unfreeze-patience": unfreeze_patience is not None,
+                    "--grad-iterations": grad_iterations is not None, "--centre-clicks": centre_click_share > 0,
+                    "--prior-loss": prior_loss != "dice-ce"}
+    given = [flag for flag, used in decoder_only.items() if used]
+    if given:
+        raise UsageError(f"{', '.join(given)} set(s) how the SAM decoder trains; --refine-head trains the head alone",
+                         f"drop {', '.join(given)}, or train the decoder in a run without --refine-head")
 
 
 def default_milestones(epochs: int) -> tuple[int, ...]:
@@ -425,7 +449,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
           decoder_lr_scale: float = DECODER_LR_SCALE,
           data_mix: str | Mapping[str, float] | None = None, label_maps: Sequence[str | Path] | None = None,
           samples_per_epoch: int | None = None, prior: str = "none", prior_scale: float = DEFAULT_SCALE,
-          prior_loss: str = "dice-ce", log: Callable[[str], None] | None = None,
+          prior_loss: str = "dice-ce", refine_head: bool = False, log: Callable[[str], None] | None = None,
           on_step: Callable[[dict[str, Any], int], None] | None = None) -> TrainResult:
     """Train (or fine-tune, or resume) a model on prepared folders; see the module docstring for the recipe.
 
@@ -440,6 +464,9 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     `prior` "classical" trains a model that corrects the classical floor's region (interactive/prior.py), with
     the loss `prior_loss` ("dice-ce", or "correction": `losses.correction_loss`).
 
+    `refine_head` trains only the refine head of a prior model that has one (`fastsam3d-tiny-refine`) on the
+    floor's errors at full resolution (training/refine_train.py); the SAM part is saved as it is.
+
     `data_mix` ("real=0.3,shapes=0.7" or a mapping) draws each epoch's `samples_per_epoch` items from generated
     sources too (data/mixing.py); `label_maps` are the nnU-Net folders the synth-labels and supervoxels sources use.
     """
@@ -453,7 +480,7 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
     check_numbers(epochs=epochs, batch_size=batch_size, accumulate=accumulate, iterations=iterations,
                    workers=workers, max_steps=max_steps, unfreeze_patience=unfreeze_patience, lr=lr,
                    time_limit_s=time_limit_s, min_foreground_voxels=min_foreground_voxels, max_shift=max_shift,
-                   save_every_steps=save_every_steps)
+                   save_every_steps=save_every_steps, weight_decay=weight_decay)
     mix = check_mix_options(data_mix, label_maps, samples_per_epoch)
     if grad_iterations is not None and not 1 <= grad_iterations <= iterations:
         raise UsageError(f"--grad-iterations {grad_iterations} is outside 1..--iterations ({iterations})",
@@ -468,6 +495,9 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
         raise UsageError(f"--prior-loss {prior_loss} without a prior", "add --prior classical, or drop --prior-loss")
     if not (math.isfinite(prior_scale) and prior_scale > 0):
         raise UsageError(f"--prior-scale {prior_scale} must be positive", "give the prior's logit, e.g. 4")
+    check_refine_head_options(config_name=model, refine_head=refine_head, prior=prior, prior_loss=prior_loss,
+                              freeze_encoder=freeze_encoder, unfreeze_patience=unfreeze_patience,
+                              grad_iterations=grad_iterations, centre_click_share=centre_click_share)
     if init is not None and resume:
         raise UsageError("--init and --resume together", "--resume continues the run's own weights; drop --init")
     from fastsam3d_cli.device import check_attention_name
@@ -516,10 +546,17 @@ def train(prepared_dirs: Sequence[str | Path], model: str, *, init: str | Path |
         prior_settings = init_prior if init_prior is not None else PriorSettings(scale=prior_scale)
         if init_prior is None and not resume:
             zero_residual(network)
-    task = InteractiveSegmentationTask(network, dataset, iterations=iterations, freeze_encoder=freeze_encoder,
-                                       unfreeze_patience=unfreeze_patience, decoder_lr_scale=decoder_lr_scale,
-                                       grad_iterations=grad_iterations, centre_click_share=centre_click_share,
-                                       prior=prior_settings, prior_loss=prior_loss)
+    task: TrainingTask
+    if refine_head:
+        from fastsam3d_cli.training.refine_train import RefineHeadTask
+
+        assert prior_settings is not None
+        task = RefineHeadTask(network, dataset, prior_settings)
+    else:
+        task = InteractiveSegmentationTask(network, dataset, iterations=iterations, freeze_encoder=freeze_encoder,
+                                           unfreeze_patience=unfreeze_patience, decoder_lr_scale=decoder_lr_scale,
+                                           grad_iterations=grad_iterations, centre_click_share=centre_click_share,
+                                           prior=prior_settings, prior_loss=prior_loss)
     settings = TrainerSettings(run_dir=run_dir, epochs=epochs, batch_size=batch_size, accumulate=accumulate,
                                lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]),
                                lr_milestones=tuple(int(m) for m in recipe["lr_milestones"]),

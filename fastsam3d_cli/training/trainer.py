@@ -148,6 +148,13 @@ class StepContext:
         return np.random.default_rng([self.seed, 7, self.global_step, self.micro_index, self.rank])
 
 
+def check_preset(payload: Mapping[str, Any], preset: str, path: Path) -> None:
+    """WeightsError (exit 4) when a training checkpoint belongs to another model preset."""
+    if payload.get("preset") != preset:
+        raise WeightsError(f"{path} is a checkpoint of model '{payload.get('preset')}', not '{preset}'",
+                           f"resume with --model {payload.get('preset')}, or start a new run")
+
+
 # ----------------------------------------------------------------------------------------------- task
 class TrainingTask(ABC):
     """What a recipe supplies: the model being trained, its data, its parameter groups and its per-step loss.

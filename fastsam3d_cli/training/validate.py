@@ -129,7 +129,8 @@ def score_crop(model: torch.nn.Module, image: np.ndarray, label: np.ndarray, val
     low_res = torch.zeros((1, 1, low, low, low), device=device, dtype=embedding.dtype)
     prediction = torch.zeros_like(target, dtype=torch.bool)
     settings = PriorSettings.from_dict(getattr(model, "prior_settings", None))
-    prior = None if settings is None else ClassicalPriorBatch(volume, settings, torch.tensor(settings.gate))
+    prior = None if settings is None else ClassicalPriorBatch(volume, settings, torch.tensor(settings.gate),
+                                                              refine_head=getattr(model, "refine_head", None))
     dice, iou, made = [], [], []
     for number in range(1, clicks + 1):
         click = simulate_click(validation_click_method(number), prediction, target, rng, valid_t)

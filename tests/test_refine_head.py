@@ -1,0 +1,261 @@
+"""The refine head (model/refine_head.py, interactive/refine.py, training/refine_train.py).
+
+What must hold: an untrained head returns the floor's region exactly (so a new run starts as the floor, and a
+model with one still behaves as the prior model it is); its input is click-relative (the same features for
+any positive affine change of intensities: CT and MR alike); the box holds the clicks with the margin and has
+sides the head can halve twice; `train --refine-head` learns a correction the floor cannot make, touches only
+`refine_head.*`, and its checkpoint loads, segments and bundles; a request that cannot mean what it says is a
+usage error (exit 2) before anything is written.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from typer.testing import CliRunner
+
+from fastsam3d_cli.cli import app
+from fastsam3d_cli.interactive.classical import ClassicalSegmenter, smoothed
+from fastsam3d_cli.interactive.predictor import Predictor
+from fastsam3d_cli.interactive.prior import CropPrior, PriorSettings, zero_residual
+from fastsam3d_cli.interactive.refine import MARGIN_MM, box_around, features
+from fastsam3d_cli.model import build_model, get_config
+from fastsam3d_cli.model.checkpoint import load_model
+from fastsam3d_cli.model.config import ModelConfig
+from fastsam3d_cli.model.refine_head import RefineHead
+from fastsam3d_cli.training import evaluation as ev
+from fastsam3d_cli.training.refine_train import RefineHeadTask, cut_box
+from fastsam3d_cli.training.trainer import StepContext
+from test_train_recipe import MICRO
+from train_phantoms import CLI_ENV, make_prepared, tree
+
+runner = CliRunner()
+SPACING = 1.5
+
+
+def _ellipsoid(shape=(90, 80, 70), seed=1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape, dtype=np.float32)
+    mask = ((grid[0] - 45) / 20) ** 2 + ((grid[1] - 40) / 15) ** 2 + ((grid[2] - 35) / 12) ** 2 <= 1
+    return rng.normal(100, 10, shape).astype(np.float32) + 80 * mask, mask
+
+
+# ------------------------------------------------------------------------------------------ the head
+def test_an_untrained_head_returns_the_region_and_keeps_any_box_shape():
+    torch.manual_seed(0)
+    head = RefineHead()
+    for shape in ((16, 16, 16), (5, 7, 9)):
+        x = torch.randn(2, 5, *shape)
+        x[:, 2] = (torch.rand(2, *shape) > 0.5).float()
+        out = head(x)
+        assert out.shape == (2, 1, *shape)
+        assert torch.equal(out[:, 0] > 0, x[:, 2] > 0.5)
+    assert 90_000 < sum(p.numel() for p in head.parameters()) < 100_000  # the model card's "~95 k weights"
+
+
+def test_the_refine_preset_adds_only_refine_head_keys():
+    with torch.device("meta"):
+        plain = set(build_model("fastsam3d-tiny").state_dict())
+        refine = set(build_model("fastsam3d-tiny-refine").state_dict())
+    assert plain < refine and all(k.startswith("refine_head.") for k in refine - plain)
+    config = get_config("fastsam3d-tiny-refine")
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert get_config("fastsam3d-tiny").refine_head_widths == ()
+
+
+# ------------------------------------------------------------------------------------------ its input
+def test_box_holds_the_clicks_with_the_margin_and_halves_twice():
+    margin = int(np.ceil(MARGIN_MM / SPACING))
+    box = box_around([(60, 64, 70), (70, 60, 75)], (128, 128, 128), SPACING)
+    for s, low, high in zip(box, (60, 60, 70), (70, 64, 75)):
+        assert s.start <= low - margin and s.stop >= high + margin + 1 and (s.stop - s.start) % 4 == 0
+    edge = box_around([(0, 127, 5)], (128, 128, 128), SPACING)
+    assert edge[0].start == 0 and edge[1].stop == 128 and all(0 <= s.start < s.stop <= 128 for s in edge)
+    assert all((s.stop - s.start) % 4 == 0 for s in edge)
+    cut = cut_box(box, (65, 62, 72), np.random.default_rng(0), size=32)
+    assert all(s.stop - s.start <= 32 and s.start <= c < s.stop for s, c in zip(cut, (65, 62, 72)))
+
+
+def test_features_are_click_relative_and_mark_region_and_clicks():
+    values, mask = _ellipsoid()
+    spacing = np.full(3, SPACING)
+    includes, excludes = [(45, 40, 35)], [(45, 40, 60)]
+    box = box_around(includes + excludes, values.shape, SPACING)
+    made = []
+    for scale, shift in ((1.0, 0.0), (0.01, -3.0)):  # CT numbers or an MR's arbitrary units: the same features
+        v = values * scale + shift
+        made.append(features(v, smoothed(v, spacing, 1.0), mask, includes, excludes, box, SPACING))
+    np.testing.assert_allclose(made[0], made[1], atol=1e-4)
+    x = made[0]
+    assert np.array_equal(x[2] > 0.5, mask[box])
+    local = tuple(c - s.start for c, s in zip(includes[0], box))
+    assert x[3][local] == pytest.approx(1.0) and x[4][local] < 0.2
+    assert abs(float(x[1][local])) < 0.3  # the include click sits in the middle of its own window
+
+
+def test_a_model_with_an_untrained_head_returns_the_floor():
+    values, _ = _ellipsoid()
+    image = sitk.GetImageFromArray(values.transpose(2, 1, 0))
+    image.SetSpacing((SPACING,) * 3)
+    torch.manual_seed(0)
+    model = build_model("fastsam3d-tiny-refine", attention="auto", device="cpu").eval()
+    zero_residual(model)
+    model.prior_settings = PriorSettings().to_dict()
+    predictor = Predictor(model)
+    predictor.set_volume(image)
+    floor = ClassicalSegmenter()
+    floor.set_volume(image)
+    for point, include in (([45, 40, 35], True), ([45, 40, 20], False), ([30, 40, 35], True)):
+        ours = predictor.add_click(point, include=include, space="ijk", object="o")
+        theirs = floor.add_click(point, include=include, space="ijk", object="o")
+        assert np.array_equal(ours, theirs)
+
+
+# ------------------------------------------------------------------------------------------ training
+def _core_of_a_blob(rng: np.random.Generator, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bright blob whose label is only its core (70 % of each radius): the floor always takes the whole blob."""
+    grid = np.indices((size,) * 3, dtype=np.float32)
+    centre, radii = rng.uniform(13, 19, 3), rng.uniform(6, 9, 3)
+    distance = np.sqrt((((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0))
+    image = rng.normal(0, 0.3, (size,) * 3).astype(np.float32) + 3.0 * (distance <= 1)
+    return torch.from_numpy(image)[None, None], torch.from_numpy((distance <= 0.7).astype(np.float32))[None, None]
+
+
+def test_the_head_learns_a_correction_the_floor_cannot_make():
+    torch.manual_seed(0)
+    model = build_model(replace(MICRO, name="micro-refine", refine_head_widths=(8, 16, 32)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    task = RefineHeadTask(model, None, PriorSettings(), own_clicks_after=10 ** 9)
+    optimiser = torch.optim.AdamW(task.param_groups(2e-2)[0]["params"], lr=2e-2, weight_decay=0)
+    rng = np.random.default_rng(0)
+    for step in range(80):
+        image, label = _core_of_a_blob(rng)
+        loss, _ = task.step({"image": image, "label": label}, StepContext(0, step, 0, 0, 1, torch.device("cpu")))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("refine_head."))
+    model.refine_head.eval()
+    fresh = np.random.default_rng(99)
+    head_dice, floor_dice = [], []
+    for _ in range(5):
+        image, label = _core_of_a_blob(fresh)
+        crop, target = CropPrior(image[0, 0].numpy(), SPACING), label[0, 0].numpy() > 0
+        click = ev.first_click(target, np.full(3, SPACING))
+        floor_dice.append(ev.dice(crop.region([click]), target))
+        head_dice.append(ev.dice(crop.logits([click], 4.0, model.refine_head) > 0, target))
+    assert np.mean(floor_dice) < 0.6 and np.mean(head_dice) > np.mean(floor_dice) + 0.2, (head_dice, floor_dice)
+
+
+@pytest.fixture(scope="module")
+def refine_run(tmp_path_factory):
+    prepared = make_prepared(tmp_path_factory.mktemp("data") / "prepared", cases=("p0",))
+    run = tmp_path_factory.mktemp("runs") / "refine"
+    result = runner.invoke(app, ["train", str(prepared), "--model", "fastsam3d-tiny-refine", "-o", str(run),
+                                 "--prior", "classical", "--refine-head", "--epochs", "1", "--max-steps", "2",
+                                 "--lr", "1e-2", "--weight-decay", "0", "--min-foreground", "50", "--device", "cpu",
+                                 "--json"], env=CLI_ENV)
+    assert result.exit_code == 0, result.output
+    return prepared, run
+
+
+def test_train_refine_head_changes_only_the_head_and_starts_as_the_floor(refine_run):
+    _, run = refine_run
+    payload = torch.load(run / "last.pth", map_location="cpu", weights_only=True)
+    assert payload["preset"] == "fastsam3d-tiny-refine" and payload["prior"]["kind"] == "classical"
+    assert payload["task_state"]["refine_head"] is True
+    torch.manual_seed(2023)  # the run's default seed: the same initial weights
+    start = build_model("fastsam3d-tiny-refine").state_dict()
+    saved = payload["model_state_dict"]
+    assert set(saved) == set(start)
+    changed = {k for k in saved if not torch.equal(saved[k], start[k])}
+    assert any(k.startswith("refine_head.") for k in changed)
+    residual = {k for k in changed if not k.startswith("refine_head.")}
+    assert residual == {"mask_decoder.output_hypernetworks_mlps.0.layers.2.weight",
+                        "mask_decoder.output_hypernetworks_mlps.0.layers.2.bias"}  # zeroed: the model starts as the floor
+    assert all(float(saved[k].abs().max()) == 0 for k in residual)
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "floor_dice" in record and "dice" in record
+
+
+def test_a_refine_checkpoint_loads_segments_and_bundles(refine_run, tmp_path):
+    _, run = refine_run
+    model, info = load_model(run / "last.pth")
+    assert model.refine_head is not None and info.preset == "fastsam3d-tiny-refine"
+    values, _ = _ellipsoid()
+    image = sitk.GetImageFromArray(values.transpose(2, 1, 0))
+    image.SetSpacing((SPACING,) * 3)
+    predictor = Predictor(model)
+    predictor.set_volume(image)
+    mask = predictor.add_click([45, 40, 35], include=True, space="ijk", object="o")
+    assert mask[45, 40, 35] and 0 < mask.sum() < mask.size // 4
+    bundle = tmp_path / "bundle"
+    result = runner.invoke(app, ["weights", "bundle", str(run / "last.pth"), "--name", "refine-test",
+                                 "--output-dir", str(bundle), "--json"], env=CLI_ENV)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["preset"] == "fastsam3d-tiny-refine" and manifest["config"]["refine_head_widths"] == [8, 16, 32]
+    shipped, _ = load_model(bundle / manifest["file"])
+    for key, value in shipped.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[key].half().float())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "fastsam3d-tiny-refine", "--refine-head"], "--refine-head trains the correction of the classical prior"),
+    (["--model", "fastsam3d-tiny", "--prior", "classical", "--refine-head"], "model 'fastsam3d-tiny' has no refine head"),
+    (["--model", "fastsam3d-tiny-refine"], "corrects the classical prior with its refine head"),
+    (["--model", "fastsam3d-tiny-refine", "--prior", "classical", "--refine-head", "--grad-iterations", "1"],
+     "--grad-iterations set(s) how the SAM decoder trains"),
+    (["--model", "fastsam3d-tiny", "--weight-decay", "-1"], "--weight-decay must be zero or positive"),
+])
+def test_refine_requests_that_cannot_work_are_usage_errors_before_anything_is_written(refine_run, tmp_path, extra,
+                                                                                      message):
+    prepared, _ = refine_run
+    before = tree(prepared)
+    result = runner.invoke(app, ["train", str(prepared), "-o", str(tmp_path / "run"), "--device", "cpu", *extra],
+                           env=CLI_ENV)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fastsam3d: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert not (tmp_path / "run").exists() and tree(prepared) == before
+
+
+def test_resuming_across_the_refine_flag_is_a_usage_error(refine_run):
+    prepared, run = refine_run
+    before = (run / "last.pth").read_bytes()
+    result = runner.invoke(app, ["train", str(prepared), "--model", "fastsam3d-tiny-refine", "-o", str(run),
+                                 "--prior", "classical", "--epochs", "1", "--iterations", "2", "--device", "cpu",
+                                 "--resume"], env=CLI_ENV)
+    assert result.exit_code == 2 and "trained with --refine-head" in result.stderr, result.output
+    assert (run / "last.pth").read_bytes() == before
+
+
+def test_a_zero_residual_model_skips_the_encoder_and_gives_the_same_masks():
+    values, _ = _ellipsoid()
+    image = sitk.GetImageFromArray(values.transpose(2, 1, 0))
+    image.SetSpacing((SPACING,) * 3)
+    torch.manual_seed(0)
+    model = build_model("fastsam3d-tiny-refine", attention="auto", device="cpu").eval()
+    zero_residual(model)
+    with torch.no_grad():  # a head that changes the floor's answer, as a trained one does
+        torch.nn.init.normal_(model.refine_head.head.weight, std=0.5)
+    model.prior_settings = PriorSettings().to_dict()
+    masks = {}
+    for shortcut in (True, False):
+        predictor = Predictor(model)
+        assert predictor.prior_only
+        predictor.prior_only = shortcut
+        predictor.set_volume(image)
+        for point, include in (([45, 40, 35], True), ([45, 40, 20], False)):
+            masks[shortcut] = predictor.add_click(point, include=include, space="ijk", object="o")
+        stages = {record["stage"] for record in predictor.timings}
+        assert ("encode" in stages) is not shortcut
+    assert np.array_equal(masks[True], masks[False])
+    with torch.no_grad():
+        model.mask_decoder.output_hypernetworks_mlps[0].layers[-1].bias[0] = 1e-6
+    assert not Predictor(model).prior_only  # any non-zero weight: the decoder runs
