@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a checkpoint to score (repeatable); NAME (no '=') defaults to the file's stem")
     parser.add_argument("--no-floor", action="store_true", help="leave the classical floor out")
     parser.add_argument("--no-untrained", action="store_true", help="leave the untrained fastsam3d-tiny out")
+    parser.add_argument("--untrained-refine", type=Path, default=None, metavar="CHECKPOINT",
+                        help="also score CHECKPOINT with its refine head reset to its initial weights (what "
+                             "`train --refine-head` starts from: the floor on the model's crops)")
     parser.add_argument("--sets", default="unseen,seen", help="unseen, seen or both (comma-separated)")
     parser.add_argument("--seen-classes", type=int, default=8,
                         help="classes per training dataset, spread evenly over its list (0 = all)")
@@ -75,6 +78,10 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         methods.append(ev.classical_method())
     if not args.no_untrained:
         methods.append(ev.model_method("untrained tiny", ev.untrained_model(attention=args.attention), args.max_crops))
+    if args.untrained_refine is not None:
+        model = ev.checkpoint_model(args.untrained_refine, args.attention)
+        ev.reset_refine_head(model)
+        methods.append(ev.model_method("untrained refine", model, args.max_crops))
     for spec in args.checkpoint:
         name, _, path = spec.partition("=") if "=" in spec else (Path(spec).stem, "", spec)
         methods.append(ev.model_method(name, ev.checkpoint_model(path, args.attention), args.max_crops))

@@ -2,6 +2,7 @@
 """File-to-file speed of `fastsam3d infer` on the example CT, split per stage, and the cost of a second click.
 
     python benchmarks/infer_speed.py [--preset fastsam3d] [--repeats 5] [--max-crops 1] [--threads N]
+    python benchmarks/infer_speed.py --checkpoint bundled --max-crops 8 --threads 2   # the shipped model
 
 * Volume: Dataset501_AbdomenCT (122×101×112, 3 mm, int32) from $FASTSAM3D_DATA_DIR (default ../shared/data).
 * Clicks: two include clicks inside the liver (from its reference label), in RAS millimetres.
@@ -11,6 +12,8 @@
   crop extension follows the mask: the timed runs therefore use --max-crops 1 (one 128³ crop, what a
   real model runs for an organ that fits in 192 mm); each further crop adds its resample + encode + one
   decoder step per click, printed as "per extra crop". --also-max-crops N times the noise worst case.
+  `--checkpoint PATH` (or `bundled`, the model shipped in the package) times real weights instead: their mask
+  is real, so give infer's own --max-crops (8).
 * "after model load" = what `infer_file` spends once the model is in memory: reading the volume and click
   file (with sha256), preprocessing, encode, decode per click, paste back, writing labelmap + sidecar.
   The first run in a process is reported separately (cold: allocator and oneDNN warm-up), then the median
@@ -49,6 +52,8 @@ def main() -> int:
                         help="crops per object for the timed runs (default 1, see above)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--attention", default="auto")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH|bundled",
+                        help="time these real weights (or the bundled model) instead of the preset's deterministic ones")
     parser.add_argument("--workdir", type=Path, default=None, help="where the checkpoint is cached (default: temp)")
     parser.add_argument("--also-max-crops", type=int, default=None, metavar="N",
                         help="also time one run with --max-crops N (with deterministic weights the mask is noise "
@@ -67,7 +72,16 @@ def main() -> int:
     volume = case / "imagesTr" / "abdomen_0000.nii.gz"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fastsam3d-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint = deterministic_checkpoint(args.preset, golden_dir, workdir)
+    weights_label = "deterministic weights"
+    if args.checkpoint == "bundled":
+        from fastsam3d_cli.weights import bundled
+
+        checkpoint, _ = bundled.verified_path(bundled.require_installed())
+        weights_label = f"the bundled model ({checkpoint.name})"
+    elif args.checkpoint:
+        checkpoint, weights_label = Path(args.checkpoint), f"checkpoint {args.checkpoint}"
+    else:
+        checkpoint = deterministic_checkpoint(args.preset, golden_dir, workdir)
     clicks_ras = liver_clicks(case)
     clicks_file = workdir / "clicks.json"
     clicks_file.write_text(json.dumps({"version": 1, "space": "ras", "objects": [
@@ -75,7 +89,8 @@ def main() -> int:
 
     load_before = os.getloadavg()
     start = time.perf_counter()
-    loaded = load_inference_model(model=args.preset, checkpoint=checkpoint, device="cpu", attention=args.attention)
+    loaded = load_inference_model(model=None if args.checkpoint else args.preset, checkpoint=checkpoint, device="cpu",
+                                  attention=args.attention)
     load_s = time.perf_counter() - start
 
     cpu_seconds: list[float] = []
@@ -115,10 +130,11 @@ def main() -> int:
                "attention": loaded.attention, "preset": loaded.preset}
     timings = median_result["timings_ms"]
     print(f"fastsam3d infer speed — {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
-          f"({machine['torch_threads']} threads), {loaded.preset} with deterministic weights, attention "
+          f"({machine['torch_threads']} threads), {loaded.preset} with {weights_label}, attention "
           f"{loaded.attention}")
     print(f"volume {volume.name} {sitk.ReadImage(str(volume)).GetSize()}, model load {load_s:.2f} s "
           f"(checkpoint read + sha256)")
+    print(f"voxels in the mask (median run): {median_result.get('objects', [{}])[0].get('voxels', '?')}")
     print(f"{'stage':<12}{'ms (median run)':>18}")
     for stage in STAGES:
         print(f"{stage:<12}{timings[stage]:>18.1f}")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from fastsam3d_cli.imaging.volumes import array_ijk, image_from_array_ijk, read_image
 from fastsam3d_cli.training import evaluation as ev

@@ -547,9 +547,12 @@ def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
                       f"prepare_datasets([{str(raw)!r}], {str(tmp_path / 'out')!r}, workers=2)\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode != 0
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("fastsam3d_cli.errors.DeviceError: a prepare worker process died"), done.stderr[-2000:]
-    assert 'if __name__ == "__main__":' in last and "use fewer --workers" in last
+    # The error is the traceback's last exception; Python's resource tracker may print a warning after it
+    # (semaphores of the broken pool), which is not ours to silence in a user's script.
+    errors = [line for line in done.stderr.splitlines()
+              if line.startswith("fastsam3d_cli.errors.DeviceError: a prepare worker process died")]
+    assert len(errors) == 1, done.stderr[-2000:]
+    assert 'if __name__ == "__main__":' in errors[0] and "use fewer --workers" in errors[0]
     assert not (tmp_path / "out").exists()
 
 

@@ -97,14 +97,25 @@ def test_features_are_click_relative_and_mark_region_and_clicks():
     assert abs(float(x[1][local])) < 0.3  # the include click sits in the middle of its own window
 
 
-def test_a_model_with_an_untrained_head_returns_the_floor():
+def _ellipsoid_image() -> sitk.Image:
     values, _ = _ellipsoid()
     image = sitk.GetImageFromArray(values.transpose(2, 1, 0))
     image.SetSpacing((SPACING,) * 3)
+    return image
+
+
+def _refine_model_at_init() -> torch.nn.Module:
+    """The refine preset as `train --refine-head` starts it: seeded weights, decoder residual zeroed."""
     torch.manual_seed(0)
     model = build_model("fastsam3d-tiny-refine", attention="auto", device="cpu").eval()
     zero_residual(model)
     model.prior_settings = PriorSettings().to_dict()
+    return model
+
+
+def test_a_model_with_an_untrained_head_returns_the_floor():
+    image = _ellipsoid_image()
+    model = _refine_model_at_init()
     predictor = Predictor(model)
     predictor.set_volume(image)
     floor = ClassicalSegmenter()
@@ -187,11 +198,8 @@ def test_a_refine_checkpoint_loads_segments_and_bundles(refine_run, tmp_path):
     _, run = refine_run
     model, info = load_model(run / "last.pth")
     assert model.refine_head is not None and info.preset == "fastsam3d-tiny-refine"
-    values, _ = _ellipsoid()
-    image = sitk.GetImageFromArray(values.transpose(2, 1, 0))
-    image.SetSpacing((SPACING,) * 3)
     predictor = Predictor(model)
-    predictor.set_volume(image)
+    predictor.set_volume(_ellipsoid_image())
     mask = predictor.add_click([45, 40, 35], include=True, space="ijk", object="o")
     assert mask[45, 40, 35] and 0 < mask.sum() < mask.size // 4
     bundle = tmp_path / "bundle"
@@ -203,6 +211,20 @@ def test_a_refine_checkpoint_loads_segments_and_bundles(refine_run, tmp_path):
     shipped, _ = load_model(bundle / manifest["file"])
     for key, value in shipped.state_dict().items():
         torch.testing.assert_close(value, model.state_dict()[key].half().float())
+
+
+def test_resetting_a_trained_head_gives_back_the_floor_for_the_untrained_row(refine_run):
+    _, run = refine_run
+    model, _ = load_model(run / "last.pth")
+    assert float(model.refine_head.head.weight.abs().max()) > 0  # trained two steps at lr 1e-2
+    ev.reset_refine_head(model)
+    assert float(model.refine_head.head.weight.abs().max()) == 0 and float(model.refine_head.skip) == 2.0
+    region = (torch.rand(1, 1, 8, 8, 8) > 0.5).float()
+    feats = torch.cat([torch.randn(1, 2, 8, 8, 8), region, torch.rand(1, 2, 8, 8, 8)], 1)
+    with torch.no_grad():
+        assert torch.equal(model.refine_head(feats), 2.0 * (2 * region - 1))
+    with pytest.raises(ValueError, match="no refine head"):
+        ev.reset_refine_head(build_model("fastsam3d-tiny"))
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -236,15 +258,10 @@ def test_resuming_across_the_refine_flag_is_a_usage_error(refine_run):
 
 
 def test_a_zero_residual_model_skips_the_encoder_and_gives_the_same_masks():
-    values, _ = _ellipsoid()
-    image = sitk.GetImageFromArray(values.transpose(2, 1, 0))
-    image.SetSpacing((SPACING,) * 3)
-    torch.manual_seed(0)
-    model = build_model("fastsam3d-tiny-refine", attention="auto", device="cpu").eval()
-    zero_residual(model)
+    image = _ellipsoid_image()
+    model = _refine_model_at_init()
     with torch.no_grad():  # a head that changes the floor's answer, as a trained one does
         torch.nn.init.normal_(model.refine_head.head.weight, std=0.5)
-    model.prior_settings = PriorSettings().to_dict()
     masks = {}
     for shortcut in (True, False):
         predictor = Predictor(model)

@@ -6,6 +6,8 @@ forgets it; a mask on another grid, or an empty one, is refused naming the fix.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk

@@ -9,7 +9,7 @@ own 1.5 mm, but only on the box around the clicks (interactive/refine.py builds 
     output    logits = head(features) + skip × (2·region − 1)
 
 `head` (the last 1×1×1 convolution) starts at zero and `skip` at 2, so an untrained head returns the floor's
-region exactly; training moves both. Three levels (widths 8/16/32 by default, ~20 k weights), GroupNorm and
+region exactly; training moves both. Three levels (widths 8/16/32 by default, 94,722 weights), GroupNorm and
 LeakyReLU, downsampling by strided 2³ convolutions, trilinear upsampling. Any box side works; multiples of 4
 avoid rounding in the two downsamplings.
 """

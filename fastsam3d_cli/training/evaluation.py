@@ -328,6 +328,16 @@ def untrained_model(preset: str = "fastsam3d-tiny", seed: int = UNTRAINED_SEED, 
     return build_model(preset, attention=attention, device="cpu")
 
 
+def reset_refine_head(model: Any) -> None:
+    """Give the model's refine head its initial weights (zero output, so the model returns the floor's region)."""
+    from fastsam3d_cli.model.refine_head import RefineHead
+
+    if getattr(model, "refine_head", None) is None:
+        raise ValueError("the model has no refine head")
+    fresh = RefineHead(model.config.refine_head_widths)
+    model.refine_head.load_state_dict(fresh.state_dict())
+
+
 def checkpoint_model(path: str | Path, attention: str = "auto") -> Any:
     from fastsam3d_cli.model.checkpoint import load_model
 
