@@ -147,8 +147,12 @@ def main() -> int:
           f"{statistics.median(walls) * 1000:.0f} ms (min {min(walls) * 1000:.0f}, max {max(walls) * 1000:.0f}) "
           f"over {len(walls)} runs; crops run {median_result['crops_run']}")
     encode_per_crop = [e["ms"] for e in timings["encode_per_crop"]]
-    print(f"per extra crop: crop resample + encode ≈ {statistics.median(encode_per_crop):.0f} ms encode, "
-          "plus one decoder step per click inside it")
+    if encode_per_crop:
+        print(f"per extra crop: crop resample + encode ≈ {statistics.median(encode_per_crop):.0f} ms encode, "
+              "plus one decoder step per click inside it")
+    else:  # a prior model whose residual is zero (the bundled model): the Predictor skips encoder and decoder
+        print("no encoder pass: this model's decoder residual is zero, so each click is the classical floor plus "
+              "the refine head on the clicks' box (per extra crop: its resample and smoothing)")
     if extra is not None:
         extra_walls = [w for w, _ in extra]
         extra_median = sorted(extra, key=lambda item: item[0])[len(extra) // 2][1]
