@@ -57,13 +57,16 @@ def _render_bundled(model: Any, digest: Optional[str]) -> None:
     if model is None:
         _say(f"bundled model: none shipped with this installation ({BUNDLED_DIR})")
         return
+    # One row per field: the 64-character sha256 and the path stay whole (folded, never cut) at any width.
     table = Table(title="bundled model (ships with the package; `--model bundled`, and the default when the "
-                        "published weights cannot be fetched)", title_justify="left")
-    for column in ("name", "preset", "size", "dtype", "sha256", "verified"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("path", overflow="fold")
-    table.add_row(model.name, model.preset, _size_text(model.size_bytes, 0), model.dtype, model.sha256,
-                  "yes" if digest == model.sha256 else "NO (sha256 mismatch)", str(model.path))
+                        "published weights cannot be fetched)", title_justify="left", show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for field, value in (("name", model.name), ("preset", model.preset), ("size", _size_text(model.size_bytes, 0)),
+                         ("dtype", model.dtype), ("sha256", model.sha256),
+                         ("verified", "yes" if digest == model.sha256 else "NO (sha256 mismatch)"),
+                         ("path", str(model.path))):
+        table.add_row(field, value)
     stdout_console.print(table)
 
 
