@@ -130,8 +130,8 @@ def test_prior_loss_correction_is_the_loss_interactive_loss_sums():
         prior_logits = batch.logits()
         expected = correction_loss if kind == "correction" else dice_ce_loss
         arguments = (prior_logits, prior_logits, label) if kind == "correction" else (prior_logits, label)
-        assert float(result.loss) == pytest.approx(float(expected(*arguments)), rel=1e-5)
-        losses[kind] = float(result.loss)
+        assert float(result.loss.detach()) == pytest.approx(float(expected(*arguments)), rel=1e-5)
+        losses[kind] = float(result.loss.detach())
     assert losses["dice-ce"] != pytest.approx(losses["correction"])
 
 
