@@ -237,6 +237,8 @@ def test_weights_and_device_errors(case, tiny, tmp_path_factory, monkeypatch):
     assert other.exit_code == 4 and "does not fit model 'fastsam3d'" in other.stderr.splitlines()[-1]
     assert "use --model fastsam3d-tiny" in other.stderr.splitlines()[-1]  # plus a key/shape diff above it
     home = tmp_path_factory.mktemp("home")
+    # An installation without a bundled model (the package ships one; test_bundled.py covers it running).
+    monkeypatch.setattr("fastsam3d_cli.weights.bundled.BUNDLED_DIR", home / "no-bundle")
     _assert_one_line_error(_run(*args, env={"FASTSAM3D_HOME": str(home), "FASTSAM3D_OFFLINE": "1"}), 4,
                            "'fastsam3d' are not in the cache", "fastsam3d weights download fastsam3d",
                            "fastsam3d weights import fastsam3d")
