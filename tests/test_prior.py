@@ -48,18 +48,24 @@ def tiny_model():
     return build_model("fastsam3d-tiny", attention="auto", device="cpu").eval()
 
 
+def assert_predictor_returns_the_floor(model, image: sitk.Image) -> np.ndarray:
+    """Include, exclude, include: the `Predictor`'s mask equals the classical floor's after every click (a prior
+    model that adds nothing to the prior); returns the last mask. Shared with test_refine_head.py."""
+    predictor = Predictor(model)
+    predictor.set_volume(image)
+    floor = ClassicalSegmenter()
+    floor.set_volume(image)
+    for point, include in (([45, 40, 35], True), ([45, 40, 20], False), ([30, 40, 35], True)):
+        ours = predictor.add_click(point, include=include, space="ijk", object="o")
+        np.testing.assert_array_equal(ours, floor.add_click(point, include=include, space="ijk", object="o"))
+    return ours
+
+
 def test_with_the_residual_off_the_predictor_returns_the_classical_floor(tiny_model):
     image, truth = _phantom()
     tiny_model.prior_settings = {"kind": "classical", "scale": 4.0, "gate": 0.0}
     try:
-        predictor = Predictor(tiny_model)
-        predictor.set_volume(image)
-        floor = ClassicalSegmenter()
-        floor.set_volume(image)
-        for point, include in (([45, 40, 35], True), ([45, 40, 20], False), ([30, 40, 35], True)):
-            ours = predictor.add_click(point, include=include, space="ijk", object="o")
-            reference = floor.add_click(point, include=include, space="ijk", object="o")
-            np.testing.assert_array_equal(ours, reference)
+        ours = assert_predictor_returns_the_floor(tiny_model, image)
         assert ours.sum() > 0.3 * truth.sum()  # and it is a real region, not two empty masks
     finally:
         del tiny_model.prior_settings
