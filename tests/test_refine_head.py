@@ -210,7 +210,7 @@ def test_resetting_a_trained_head_gives_back_the_floor_for_the_untrained_row(ref
     model, _ = load_model(run / "last.pth")
     assert float(model.refine_head.head.weight.detach().abs().max()) > 0  # trained two steps at lr 1e-2
     ev.reset_refine_head(model)
-    assert float(model.refine_head.head.weight.abs().max()) == 0 and float(model.refine_head.skip) == 2.0
+    assert float(model.refine_head.head.weight.detach().abs().max()) == 0 and float(model.refine_head.skip.detach()) == 2.0
     region = (torch.rand(1, 1, 8, 8, 8) > 0.5).float()
     feats = torch.cat([torch.randn(1, 2, 8, 8, 8), region, torch.rand(1, 2, 8, 8, 8)], 1)
     with torch.no_grad():
@@ -268,3 +268,59 @@ def test_a_zero_residual_model_skips_the_encoder_and_gives_the_same_masks():
     with torch.no_grad():
         model.mask_decoder.output_hypernetworks_mlps[0].layers[-1].bias[0] = 1e-6
     assert not Predictor(model).prior_only  # any non-zero weight: the decoder runs
+
+
+def test_a_batch_of_clicks_decodes_each_crop_of_a_prior_only_model_once_with_the_same_masks():
+    """`add_clicks` (what `infer` runs for a click file) defers a prior-only model's steps to one per crop:
+    the masks equal those of the full path that decodes every click (the residual is zero either way),
+    also when a click opens a second crop and a later one returns to the first."""
+    values = np.random.default_rng(3).normal(100, 10, (240, 60, 60)).astype(np.float32)
+    grid = np.indices(values.shape, dtype=np.float32)
+    for centre in (40, 200):  # two blobs 240 mm apart: more than one 128³ crop at 1.5 mm
+        values += 80 * (((grid[0] - centre) / 18) ** 2 + ((grid[1] - 30) / 14) ** 2 + ((grid[2] - 30) / 12) ** 2 <= 1)
+    image = sitk.GetImageFromArray(values.transpose(2, 1, 0))
+    image.SetSpacing((SPACING,) * 3)
+    model = _refine_model_at_init()
+    with torch.no_grad():  # a head that changes the floor's answer, as a trained one does
+        torch.nn.init.normal_(model.refine_head.head.weight, std=0.5)
+    points = [[40, 30, 30], [45, 36, 30], [200, 30, 30], [40, 30, 42]]
+    labels = [1, 1, 1, 0]
+    results = {}
+    for deferred in (True, False):
+        predictor = Predictor(model)
+        predictor.prior_only = deferred  # False: encoder + decoder run, every click decoded
+        predictor.set_volume(image)
+        mask = predictor.add_clicks(points, labels, space="ijk", object="o")
+        report = predictor.object_report("o")
+        decodes = sum(record["stage"] == "decode" for record in predictor.timings)
+        results[deferred] = (mask, decodes, [crop["clicks"] for crop in report["crops"]])
+    (batched, batched_decodes, batched_crops), (full, full_decodes, full_crops) = results[True], results[False]
+    assert np.array_equal(batched, full) and batched[40, 30, 30] and batched[200, 30, 30] and not batched[40, 30, 42]
+    assert batched_crops == full_crops and len(full_crops) == 2  # the same crops, each with the same clicks
+    assert (batched_decodes, full_decodes) == (2, 4)
+
+
+def test_refined_logits_on_the_box_equal_the_whole_crop_computation():
+    """Step 4 (clicks forced, components holding an include click) runs on the head's box only; it must give
+    the logits the whole-crop computation gives, including a component the head leaves apart from the clicks."""
+    from fastsam3d_cli.interactive import refine
+
+    torch.manual_seed(1)
+    head = RefineHead().eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(head.head.weight, std=0.5)
+    values, _ = _ellipsoid()
+    crop = CropPrior(values, SPACING)
+    clicks = [((45, 40, 35), True), ((45, 40, 22), False), ((52, 44, 35), True)]
+    region = crop.region(clicks)
+    ours = refine.refined_logits(head, crop.values, crop.smooth, region, clicks, SPACING, 4.0)
+    includes = [c for c, include in clicks if include]
+    excludes = [c for c, include in clicks if not include]
+    box = refine.box_around([c for c, _ in clicks], values.shape, SPACING)
+    features = torch.from_numpy(refine.features(crop.values, crop.smooth, region, includes, excludes, box, SPACING))
+    whole = np.full(values.shape, np.float32(-4.0))
+    with torch.no_grad():
+        whole[box] = head(features[None])[0, 0].numpy()
+    reference = refine._decide(whole, includes, excludes)
+    assert np.array_equal(ours, reference)
+    assert (ours > 0).sum() < (whole > 0).sum()  # components apart from the clicks were dropped

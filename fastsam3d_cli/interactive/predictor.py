@@ -272,7 +272,8 @@ class Predictor:
         """Add several clicks to `object`, applied in order, one decoder step each; return its mask.
 
         For a new object the primary crop is centred on the bounding box of all these clicks (what
-        `fastsam3d infer` does with a click file); crop extension runs once at the end.
+        `fastsam3d infer` does with a click file); crop extension runs once at the end. A prior-only model
+        (zero residual) decodes each crop once, after the last of these clicks in it: the same mask.
         """
         input_image, canonical, _ = self._require_volume()
         name = str(object)
@@ -304,9 +305,18 @@ class Predictor:
             prompt = self._initial_prompt(state, box)  # a starting mask is the first crop's mask prompt
             state.crops.append(CropRun(box, "primary", low_res=prompt, transferred=prompt is not None))
         changed: list[CropRun] = []
+        # A prior-only model's crop logits depend on nothing but the crop's clicks, so a crop that several of
+        # these clicks reach is decoded once, after the last of them: the same result, one step instead of
+        # many. Only without extension crops, whose routing (`shown_box`) would see the skipped steps.
+        pending: dict[int, tuple[CropRun, int]] | None = (
+            {} if self.prior_only and len(new) > 1 and all(c.kind != "extension" for c in state.crops) else None)
         for click in new:
             state.clicks.append(click)
-            changed += [c for c in self._apply_click(state, len(state.clicks) - 1) if all(c is not d for d in changed)]
+            applied = self._apply_click(state, len(state.clicks) - 1, pending)
+            changed += [c for c in applied if all(c is not d for d in changed)]
+        for crop, number in (pending or {}).values():
+            self._decode_step(state, crop, state.clicks[number].index, state.clicks[number].include, click=number + 1)
+            crop.clicks.append(number)
         self._update_extensions(state, changed)
         return self.mask(name) if return_mask else None
 
@@ -513,8 +523,11 @@ class Predictor:
         steps = np.round((np.asarray(index) - centre) / self.extension_step).astype(int)
         return primary.shifted(tuple(int(s) * self.extension_step for s in steps))
 
-    def _apply_click(self, state: ObjectState, number: int) -> list[CropRun]:
+    def _apply_click(self, state: ObjectState, number: int,
+                     pending: dict[int, tuple[CropRun, int]] | None = None) -> list[CropRun]:
         """One decoder step with click `number` in each crop that must see it; returns the crops decoded.
+
+        With `pending` (see `add_clicks`) the step is only recorded there, keyed by crop, and run later.
 
         Those are the primary/click crops containing the click and the crop whose logits are shown at its
         voxel — so a click corrects an extension crop where that crop is what the user sees. A click
@@ -534,8 +547,13 @@ class Predictor:
             state.crops.insert(sum(c.kind != "extension" for c in state.crops), crop)
             targets = [crop]
         for crop in targets:
-            self._decode_step(state, crop, click.index, click.include, click=number + 1)
-            crop.clicks.append(number)
+            if pending is None:
+                self._decode_step(state, crop, click.index, click.include, click=number + 1)
+                crop.clicks.append(number)
+                continue
+            if id(crop) in pending:  # an earlier click of this batch, applied in the step that replaces its own
+                crop.clicks.append(pending[id(crop)][1])
+            pending[id(crop)] = (crop, number)
         return targets
 
     def _make_room(self, state: ObjectState) -> None:

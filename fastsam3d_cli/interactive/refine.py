@@ -108,7 +108,17 @@ def refined_logits(head: Any, values: np.ndarray, smooth: np.ndarray, region: np
     with torch.inference_mode():
         inside = head(x[None].to(device=parameter.device, dtype=parameter.dtype))[0, 0].float().cpu().numpy()
     logits = np.full(values.shape, np.float32(-scale))
+    if all(_inside(click, box) for click in includes + excludes):  # always, unless a box was cut short
+        # step 4 on the box alone (the same result: outside it nothing is decided, so no component leaves it)
+        logits[box] = _decide(inside, _local(includes, box), _local(excludes, box))
+        return logits
     logits[box] = inside
+    return _decide(logits, includes, excludes)
+
+
+def _decide(logits: np.ndarray, includes: Sequence[Voxel], excludes: Sequence[Voxel]) -> np.ndarray:
+    """Step 4: the sign of `logits` with the clicks forced to their side and only the components holding an
+    include click kept; the size is the confidence, at least `MIN_LOGIT`."""
     decided = logits > 0
     for click in includes:
         decided[click] = True
@@ -117,3 +127,11 @@ def refined_logits(head: Any, values: np.ndarray, smooth: np.ndarray, region: np
     decided = components_holding(decided, includes)
     magnitude = np.maximum(np.abs(logits), np.float32(MIN_LOGIT))
     return np.where(decided, magnitude, -magnitude).astype(np.float32)
+
+
+def _inside(click: Voxel, box: tuple[slice, ...]) -> bool:
+    return all(s.start <= c < s.stop for c, s in zip(click, box))
+
+
+def _local(clicks: Sequence[Voxel], box: tuple[slice, ...]) -> list[Voxel]:
+    return [tuple(int(c) - s.start for c, s in zip(click, box)) for click in clicks]  # type: ignore[misc]
