@@ -99,7 +99,7 @@ def test_fast_recipe_is_reproducible_from_the_rng():
     model = build_model(MICRO)
     image, label, _ = blob_sample(np.random.default_rng(3))
     embedding = model.encode(image[None]).detach()
-    losses = [float(interactive_loss(model, embedding, label[None], None, 5, np.random.default_rng(7), 2, 0.5).loss)
+    losses = [float(interactive_loss(model, embedding, label[None], None, 5, np.random.default_rng(7), 2, 0.5).loss.detach())
               for _ in range(2)]
     assert losses[0] == losses[1]
 
