@@ -2,7 +2,6 @@
 differ, unknown keys, legacy Slicer files, and the Predictor API refusing what the CLI refuses."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 

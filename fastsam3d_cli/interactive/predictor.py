@@ -542,8 +542,11 @@ class Predictor:
             if len(state.crops) >= self.max_crops:
                 return []  # reported as an unused click (raise max_crops)
             box = self._lattice_box(state, click.index)
-            crop = CropRun(box, "click", low_res=self._transfer_prompt(self._merged(state).region(box), box),
-                           transferred=True)
+            if self.prior_only:  # its steps never read a prompt (a zero residual): no merge to hand one over
+                crop = CropRun(box, "click")
+            else:
+                crop = CropRun(box, "click", low_res=self._transfer_prompt(self._merged(state).region(box), box),
+                               transferred=True)
             state.crops.insert(sum(c.kind != "extension" for c in state.crops), crop)
             targets = [crop]
         for crop in targets:
