@@ -128,3 +128,16 @@ def test_bad_inputs():
     assert floor.objects == []  # a refused click is not kept
     with pytest.raises(BadInputError, match="3D scalar"):
         floor.set_volume(sitk.Image([4, 4], sitk.sitkFloat32))
+
+
+def test_smoothing_follows_the_array_axes_on_an_anisotropic_grid():
+    """Step 2 leaves alone an axis whose spacing exceeds 2σ — that axis, not its mirror in SimpleITK's order
+    (a bug until 2026-12-04: on a (1.5, 1.5, 3.0) mm grid the first axis went unsmoothed, the third was)."""
+    from fastsam3d_cli.interactive.classical import smoothed
+
+    impulse = np.zeros((15, 15, 15), np.float32)
+    impulse[7, 7, 7] = 1.0
+    out = smoothed(impulse, np.array([1.5, 1.5, 3.0]), 1.0)
+    assert out[7, 7, 6] == 0.0 and out[7, 7, 8] == 0.0  # the 3 mm axis: not smoothed
+    assert out[6, 7, 7] > 0.0 and out[7, 6, 7] > 0.0  # the 1.5 mm axes: smoothed
+    assert np.isclose(out.sum(), 1.0, atol=1e-3)

@@ -324,3 +324,41 @@ def test_refined_logits_on_the_box_equal_the_whole_crop_computation():
     reference = refine._decide(whole, includes, excludes)
     assert np.array_equal(ours, reference)
     assert (ours > 0).sum() < (whole > 0).sum()  # components apart from the clicks were dropped
+
+
+def test_the_prior_smooths_only_the_clicks_box_and_gets_the_whole_crops_values_bit_for_bit():
+    """CropPrior smooths the box its clicks read (padded by the smoothing's reach): the floor's region and the
+    head's logits must equal those computed from the whole crop smoothed, for clicks inside, at the crop's
+    faces, and as the box grows click by click."""
+    from fastsam3d_cli.interactive import refine
+    from fastsam3d_cli.interactive.classical import segment_clicks
+
+    torch.manual_seed(2)
+    head = RefineHead().eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(head.head.weight, std=0.5)
+    values, _ = _ellipsoid()
+    rng = np.random.default_rng(3)
+    values = values + rng.normal(0, 0.3, values.shape).astype(np.float32)
+    reference = CropPrior(values, SPACING)
+    lazy = CropPrior(values, SPACING)
+    history = [((45, 40, 35), True), ((0, 40, 35), False), ((52, 44, 0), True), ((63, 63, 63), True)]
+    for step in range(1, len(history) + 1):
+        clicks = history[:step]
+        includes = [c for c, include in clicks if include]
+        excludes = [c for c, include in clicks if not include]
+        region = segment_clicks(reference.values, reference.smooth, reference.spacing, includes, excludes)
+        expected = refine.refined_logits(head, reference.values, reference.smooth, region, clicks, SPACING, 4.0)
+        assert np.array_equal(lazy.logits(clicks, 4.0, head), expected), step
+        assert np.array_equal(lazy.region(clicks), region), step
+    box = lazy.needed_box(history[:1], refine=True)
+    assert np.isnan(lazy.smooth_covering(box)).any()  # only the boxes were smoothed, not the whole crop
+    assert np.array_equal(lazy.smooth, reference.smooth)  # `smooth` is still the whole crop on demand
+
+
+def test_the_smoothing_radius_is_the_impulse_responses_reach():
+    from fastsam3d_cli.interactive.classical import smoothing_radius
+
+    assert smoothing_radius((1.5, 1.5, 1.5), 1.0) == (2, 2, 2)
+    assert smoothing_radius((1.5, 1.5, 3.0), 1.0) == (2, 2, 0)  # an axis coarser than 2σ is not smoothed
+    assert smoothing_radius((1.5, 1.5, 1.5), 0.0) == (0, 0, 0)

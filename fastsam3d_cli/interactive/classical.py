@@ -25,6 +25,7 @@ Algorithm, recomputed from all of an object's clicks after each click:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -36,6 +37,7 @@ from fastsam3d_cli.errors import BadInputError, UsageError
 from fastsam3d_cli.imaging.clickfile import lps_to_ijk, to_lps
 from fastsam3d_cli.imaging.volumes import array_ijk, read_image
 
+_MAX_KERNEL_WIDTH = 32  # DiscreteGaussian's kernel width limit (step 2)
 _UNREACHED = 1e30  # fast marching leaves voxels it never reached at ~1.8e308; anything above this
 
 
@@ -144,15 +146,23 @@ def segment_clicks(values: np.ndarray, smooth: np.ndarray, spacing: Sequence[flo
     if not includes:
         return out
     spacing = np.asarray(spacing, dtype=np.float64)
-    margin = np.ceil(p.reach_mm / spacing).astype(int) + 1
-    points = np.asarray(list(includes) + list(excludes))
-    lo = np.maximum(points.min(axis=0) - margin, 0)
-    hi = np.minimum(points.max(axis=0) + margin + 1, np.asarray(values.shape))
-    roi = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    roi = click_roi(list(includes) + list(excludes), values.shape, spacing, p.reach_mm)
+    lo = [s.start for s in roi]
     shift = [tuple(int(v) for v in np.subtract(i, lo)) for i in includes]
     out[roi] = segment_region(values[roi], smooth[roi], spacing, shift,
                               [tuple(int(v) for v in np.subtract(c, lo)) for c in excludes], p)
     return out
+
+
+def click_roi(clicks: Sequence[tuple[int, int, int]], shape: Sequence[int], spacing: Sequence[float],
+              reach_mm: float) -> tuple[slice, ...]:
+    """Step 1: the box of the clicks grown by `reach_mm` (+1 voxel), clipped to `shape`: all that
+    `segment_clicks` reads of its arrays."""
+    margin = np.ceil(reach_mm / np.asarray(spacing, dtype=np.float64)).astype(int) + 1
+    points = np.asarray(clicks, dtype=int).reshape(-1, 3)
+    lo = np.maximum(points.min(axis=0) - margin, 0)
+    hi = np.minimum(points.max(axis=0) + margin + 1, np.asarray(shape))
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def segment_region(values: np.ndarray, smooth: np.ndarray, spacing: Sequence[float],
@@ -244,8 +254,21 @@ def smoothed(values: np.ndarray, spacing: np.ndarray, sigma_mm: float) -> np.nda
     if sigma_mm <= 0 or not any(variance):
         return values.astype(np.float32, copy=False)
     image = _as_image(values.astype(np.float32, copy=False), spacing)
-    result = sitk.DiscreteGaussian(image, variance, 32, 0.01, True)  # exact per-axis σ, 0 allowed
+    # the image's axes are the array's reversed (`_as_image`), so the per-axis variance is given reversed too
+    result = sitk.DiscreteGaussian(image, variance[::-1], _MAX_KERNEL_WIDTH, 0.01, True)  # exact σ, 0 allowed
     return sitk.GetArrayFromImage(result)
+
+
+@functools.lru_cache(maxsize=16)
+def smoothing_radius(spacing: tuple[float, float, float], sigma_mm: float) -> tuple[int, int, int]:
+    """How far (voxels, per axis) one voxel's value reaches under `smoothed`: the support of its impulse
+    response. Smoothing a block padded by this much gives the block exactly (bit for bit) what smoothing the
+    whole array gives it (interactive/prior.py smooths only the box its clicks read)."""
+    size = 2 * _MAX_KERNEL_WIDTH + 1
+    impulse = np.zeros((size, size, size), np.float32)
+    impulse[(_MAX_KERNEL_WIDTH,) * 3] = 1.0
+    support = np.nonzero(smoothed(impulse, np.asarray(spacing, dtype=np.float64), sigma_mm))
+    return tuple(int(np.abs(axis - _MAX_KERNEL_WIDTH).max()) for axis in support)  # type: ignore[return-value]
 
 
 def click_statistics(smooth: np.ndarray, raw: np.ndarray, spacing: np.ndarray, click: tuple[int, int, int],
