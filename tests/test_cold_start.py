@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,3 +188,58 @@ def test_the_checkpoint_the_cli_will_load_is_hashed_once_while_torch_imports(tmp
     loaded = loading.load_inference_model(None, path, "cpu")
     assert loaded.checkpoint_sha256 == real_cache(path) and reads == [path]
     loading.start_hashing_weights("no-such-model", None)  # left to the load to report: no error here
+
+
+# ------------------------------------------------------------------------------------------ ending the process
+EXIT_CHILD = """
+import atexit, sys, threading, time
+from fastsam3d_cli.cli.process_exit import exit_now
+atexit.register(lambda: print("atexit ran", flush=True))
+def late():
+    time.sleep(0.2)
+    print("thread finished")
+threading.Thread(target=late).start()
+print("buffered output", end="")
+sys.stderr.write("stderr line\\n")
+exit_now({code!r})
+"""
+
+
+@pytest.mark.parametrize("code, status", [(None, 0), (3, 3), (130, 130), (True, 1), ("a message", 1)])
+def test_exit_now_keeps_what_the_normal_exit_does_outside_the_process(code, status):
+    """Streams flushed, non-daemon threads joined, atexit handlers run, and the status Python would give —
+    only the interpreter's teardown is skipped (cli/process_exit.py)."""
+    result = subprocess.run([sys.executable, "-c", EXIT_CHILD.format(code=code)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == status
+    assert result.stdout.splitlines() == ["buffered outputthread finished", "atexit ran"]
+    assert result.stderr.splitlines()[0] == "stderr line"
+    if isinstance(code, str):
+        assert result.stderr.splitlines()[1:] == [code]
+
+
+def test_the_cli_exits_through_exit_now_with_its_exit_code(tmp_path):
+    """A usage error (2) and a bad input (3) keep their codes and their one stderr line."""
+    bad = subprocess.run([sys.executable, "-m", "fastsam3d_cli", "infer", str(tmp_path / "missing.nii.gz"), "-c",
+                          str(tmp_path / "c.json")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 3 and bad.stderr.count("fastsam3d: error:") == 1
+    usage = subprocess.run([sys.executable, "-m", "fastsam3d_cli", "infer", "--max-crops", "0"], capture_output=True,
+                           text=True, timeout=120)
+    assert usage.returncode == 2 and usage.stderr.count("fastsam3d: error:") == 1
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("size, slice_bytes", [(0, None), (5, None), ((8 << 20) - 1, None),
+                                               ((8 << 20) + 12_345, None), ((8 << 20) + 12_345, 1 << 20)])
+def test_sha256_file_matches_hashlib_below_and_above_the_mapped_size(tmp_path, monkeypatch, size, slice_bytes):
+    """Files from 8 MiB are hashed through a map in slices (the last one partial): the same digest."""
+    import hashlib
+
+    from fastsam3d_cli.imaging import digest
+
+    if slice_bytes is not None:
+        monkeypatch.setattr(digest, "MAPPED_SLICE_BYTES", slice_bytes)
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    assert digest.sha256_file(path) == hashlib.sha256(data).hexdigest()

@@ -362,3 +362,33 @@ def test_the_smoothing_radius_is_the_impulse_responses_reach():
     assert smoothing_radius((1.5, 1.5, 1.5), 1.0) == (2, 2, 2)
     assert smoothing_radius((1.5, 1.5, 3.0), 1.0) == (2, 2, 0)  # an axis coarser than 2σ is not smoothed
     assert smoothing_radius((1.5, 1.5, 1.5), 0.0) == (0, 0, 0)
+
+
+def test_an_inference_load_keeps_the_head_channels_last_with_the_same_decisions(tmp_path):
+    """`infer`'s load (and the evaluation's) store the head channels-last on CPU (faster 3D convolutions); the
+    logits stay within 1e-3 of the default layout's and no voxel changes side (checked on the bundled model's
+    57 evaluation targets as well: identical Dice, docs/benchmark.md)."""
+    from fastsam3d_cli.interactive import refine
+    from fastsam3d_cli.model.checkpoint import save_checkpoint
+    from fastsam3d_cli.training.evaluation import checkpoint_model
+    from fastsam3d_cli.weights.loading import load_inference_model
+
+    model = _refine_model_at_init()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.refine_head.head.weight, std=0.5)
+    path = tmp_path / "refine.pth"
+    save_checkpoint(path, model.state_dict(), config=model.config.to_dict(), prior=PriorSettings().to_dict())
+    loaded = load_inference_model(checkpoint=path, device="cpu").model
+    channels_last = torch.channels_last_3d
+    assert loaded.refine_head.enc1[0].weight.is_contiguous(memory_format=channels_last)
+    assert checkpoint_model(path).refine_head.enc1[0].weight.is_contiguous(memory_format=channels_last)
+    plain, _ = load_model(path, device="cpu")
+    assert not plain.refine_head.enc1[0].weight.is_contiguous(memory_format=channels_last)
+    values, _ = _ellipsoid()
+    crop = CropPrior(values, SPACING)
+    clicks = [((45, 40, 35), True), ((45, 40, 22), False)]
+    region = crop.region(clicks)
+    fast = refine.refined_logits(loaded.refine_head, crop.values, crop.smooth, region, clicks, SPACING, 4.0)
+    slow = refine.refined_logits(plain.refine_head, crop.values, crop.smooth, region, clicks, SPACING, 4.0)
+    assert np.abs(fast - slow).max() < 1e-3
+    assert np.array_equal(fast > 0, slow > 0)

@@ -73,5 +73,11 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="fastsam3d")
+    """Console-script entry point; the process ends without the interpreter's teardown (cli/process_exit.py)."""
+    from fastsam3d_cli.cli.process_exit import exit_now
+
+    try:
+        app(prog_name="fastsam3d")
+    except SystemExit as stop:
+        exit_now(stop.code)
+    exit_now(0)

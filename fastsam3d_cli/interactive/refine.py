@@ -105,8 +105,11 @@ def refined_logits(head: Any, values: np.ndarray, smooth: np.ndarray, region: np
     box = box_around([c for c, _ in clicks], values.shape, spacing_mm)
     x = torch.from_numpy(features(values, smooth, region, includes, excludes, box, spacing_mm, parameters))
     parameter = next(head.parameters())
+    x = x[None].to(device=parameter.device, dtype=parameter.dtype)
+    if parameter.dim() == 5 and parameter.is_contiguous(memory_format=torch.channels_last_3d):
+        x = x.contiguous(memory_format=torch.channels_last_3d)  # a head loaded for inference on CPU (weights/loading.py)
     with torch.inference_mode():
-        inside = head(x[None].to(device=parameter.device, dtype=parameter.dtype))[0, 0].float().cpu().numpy()
+        inside = head(x)[0, 0].float().cpu().numpy()
     logits = np.full(values.shape, np.float32(-scale))
     if all(_inside(click, box) for click in includes + excludes):  # always, unless a box was cut short
         # step 4 on the box alone (the same result: outside it nothing is decided, so no component leaves it)

@@ -56,3 +56,13 @@ class RefineHead(nn.Module):
         d1 = self.dec1(torch.cat([F.interpolate(d2, size=e1.shape[2:], mode="trilinear"), e1], 1))
         region = features[:, REGION_CHANNEL:REGION_CHANNEL + 1]
         return self.head(d1) + self.skip * (2 * region - 1)
+
+
+def use_inference_layout(model: nn.Module) -> None:
+    """Store a loaded model's refine head channels-last when it runs on the CPU: oneDNN's 3D convolutions are
+    ~25 % faster so (interactive/refine.py then feeds it channels-last input; outputs differ by < 1e-4).
+    Inference loads only: a head being trained keeps the default layout."""
+    head = getattr(model, "refine_head", None)
+    if head is not None and next(head.parameters()).device.type == "cpu":
+        head.to(memory_format=torch.channels_last_3d)
+

@@ -340,6 +340,8 @@ def reset_refine_head(model: Any) -> None:
 
 def checkpoint_model(path: str | Path, attention: str = "auto") -> Any:
     from fastsam3d_cli.model.checkpoint import load_model
+    from fastsam3d_cli.model.refine_head import use_inference_layout
 
     model, _ = load_model(path, device="cpu", attention=attention)
+    use_inference_layout(model)  # as `infer` loads it
     return model

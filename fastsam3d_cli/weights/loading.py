@@ -175,6 +175,7 @@ def load_inference_model(model: str | None = None, checkpoint: str | Path | None
     """
     from fastsam3d_cli.device import resolve_device
     from fastsam3d_cli.model.checkpoint import load_model
+    from fastsam3d_cli.model.refine_head import use_inference_layout
 
     torch_device = device if not isinstance(device, str) else resolve_device(device)
     weights_dtype = torch_dtype(dtype)
@@ -182,6 +183,7 @@ def load_inference_model(model: str | None = None, checkpoint: str | Path | None
     source = resolve_model_source(model, checkpoint, offline=offline, progress=progress)
     net, info = load_model(source.path, preset=source.preset, device=torch_device, attention=attention)
     net = net.to(weights_dtype)
+    use_inference_layout(net)
     digest = source.sha256 or sha256_cached(source.path)
     if source.notice:
         (notify or print_notice)(source.notice)
