@@ -1,6 +1,7 @@
 """The benchmark API: honest timing (first call apart, warm-up excluded, budget cap), statistics, FLOP counts."""
 from __future__ import annotations
 
+import functools
 import random
 import time
 from types import SimpleNamespace
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 from fastsam3d_cli.benchmark.speed import (
-    MIN_REPEATS, ConfigResult, TimingStats, _random_inputs, _time_model, busy_machine_warning, percentile,
-    plan_repeats, run_benchmark,
+    MIN_REPEATS, ConfigResult, TimingStats, _interaction, _random_inputs, _time_model, busy_machine_warning,
+    percentile, plan_repeats, run_benchmark,
 )
 from fastsam3d_cli.errors import DeviceError, UsageError
 from fastsam3d_cli.benchmark.flops import model_flops
@@ -87,7 +88,7 @@ def test_first_call_reported_apart_and_warmup_excluded():
     model = SleepyModel()
     inputs = _random_inputs(model, batch=1, clicks=3, device=torch.device("cpu"), dtype=torch.float32, seed=0)
     row = ConfigResult("fake", "exact", "float32")
-    _time_model(model, inputs, _cpu_clock(), row, repeats=4, warmup=2, budget_s=0)
+    _time_model(functools.partial(_interaction, model, inputs, _cpu_clock()), row, repeats=4, warmup=2, budget_s=0)
     assert model.encodes == 1 + 2 + 4
     assert (row.warmup_done, row.repeats_done, row.capped_by_budget) == (2, 4, False)
     assert row.first_call["encoder_ms"] >= 150
@@ -103,7 +104,8 @@ def test_budget_cuts_warmup_and_repeats_but_not_below_the_floor():
     model = SleepyModel()
     inputs = _random_inputs(model, batch=1, clicks=1, device=torch.device("cpu"), dtype=torch.float32, seed=0)
     row = ConfigResult("fake", "exact", "float32")
-    _time_model(model, inputs, _cpu_clock(), row, repeats=10, warmup=5, budget_s=0.05)
+    _time_model(functools.partial(_interaction, model, inputs, _cpu_clock()), row, repeats=10, warmup=5,
+                budget_s=0.05)
     assert (row.warmup_done, row.repeats_done, row.capped_by_budget) == (1, MIN_REPEATS, True)
     assert row.encoder.n == MIN_REPEATS
 

@@ -203,3 +203,21 @@ def test_corrupt_checkpoint_exits_4_before_timing(tmp_path, monkeypatch):
     result = _run(*QUICK, "--checkpoint", str(path))
     _one_error_line(result, 4, "student.pth")
     assert path.read_bytes() == b"not a checkpoint"
+
+
+def test_the_bundled_model_is_timed_on_what_it_runs_per_click_not_an_encoder_it_never_runs():
+    """A prior-only model skips encoder and decoder in `infer`: its row has no encoder time and its 'decoder
+    step' is the prior step (floor + refine head on the clicks' box) on a phantom crop; no FLOP count of the
+    unused encoder. A preset's row beside it is unchanged."""
+    result = _run("-m", "bundled", *QUICK, "--clicks", "3", "--json", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    rows = {row["model"]: row for row in json.loads(result.stdout)["configs"]}
+    prior, plain = rows["fastsam3d-tiny-refine"], rows["fastsam3d-tiny"]
+    assert prior["step"] == "prior" and prior["encoder"] is None and prior["first_call"]["encoder_ms"] is None
+    assert prior["decoder_step"]["median_ms"] > 0 and prior["interactive"]["median_ms"] >= prior["decoder_step"]["median_ms"]
+    assert len(prior["prior_box"]) == 3 and all(16 <= side <= 128 for side in prior["prior_box"])
+    assert prior["flops"] is None and prior["speedup"]["encoder"] is None
+    assert plain["step"] == "decoder" and plain["encoder"]["median_ms"] > 0 and plain["flops"] is not None
+    table = _run("-m", "bundled", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--clicks", "2")
+    assert table.exit_code == 0, table.output
+    assert "— (none)" in table.stdout and "prior step:" in table.stdout

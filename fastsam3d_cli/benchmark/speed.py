@@ -33,6 +33,7 @@ error is raised.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import math
 import os
@@ -43,7 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -230,16 +231,18 @@ class ConfigResult:
     warmup_done: int = 0
     repeats_done: int = 0
     capped_by_budget: bool = False
-    first_call: dict[str, float] | None = None  # encoder_ms, decoder_step_ms, interactive_ms
-    encoder: TimingStats | None = None
-    decoder_step: TimingStats | None = None  # one click: prompt encoder + mask decoder
+    first_call: dict[str, float | None] | None = None  # encoder_ms (None: no encoder pass), decoder_step_ms, interactive_ms
+    step: str = "decoder"  # what `decoder_step` times: "decoder", or "prior" for a prior-only model (see PRIOR_STEP)
+    prior_box: list[int] | None = None  # prior-only: the refine head's box (voxels) at the last click
+    encoder: TimingStats | None = None  # None for a prior-only model: it never runs its encoder
+    decoder_step: TimingStats | None = None  # one click: prompt encoder + mask decoder (or the prior step)
     interactive: TimingStats | None = None  # encode + `clicks` decoder steps, one span
     end_to_end: dict[str, TimingStats] | None = None  # per pipeline stage (with --volume)
     end_to_end_crops: int | None = None  # 128³ crops encoded per file → file run (depends on the weights' masks)
     peak_memory_mb: float | None = None
     weights_mb: float | None = None
     flops: dict | None = None  # fastsam3d_cli.benchmark.flops.ModelFlops.to_dict()
-    speedup: dict[str, float] | None = None  # vs the baseline configuration
+    speedup: dict[str, float | None] | None = None  # vs the baseline configuration (None: not comparable)
     error: BaseException | None = field(default=None, repr=False)  # kept for re-raising; not serialised
 
     @property
@@ -412,6 +415,64 @@ def _interaction(model, inputs: _Inputs, clock: Clock) -> tuple[float, list[floa
     return clock.ms(start, encoded), steps, clock.ms(start, previous)
 
 
+PRIOR_STEP = ("a prior-only model (the bundled one: classical prior, zero decoder residual) never runs its encoder or "
+              "decoder; each click is the classical floor plus the refine head on the clicks' box, on a 128³ crop "
+              "at 1.5 mm, so 'decoder step' times that and 'encode + N clicks' the N steps on one crop (a phantom "
+              "organ, clicks inside it)")
+
+
+def is_prior_only(model) -> bool:
+    """True for a model whose clicks are the prior alone (what the `Predictor` runs without encoder or decoder)."""
+    from fastsam3d_cli.interactive.prior import PriorSettings, residual_is_zero
+
+    return PriorSettings.from_dict(getattr(model, "prior_settings", None)) is not None and residual_is_zero(model)
+
+
+@dataclass
+class _PriorInputs:
+    crop: Any  # (S, S, S) float32 numpy array: a z-normalised-like volume holding one ellipsoidal organ
+    clicks: list[tuple[tuple[int, int, int], bool]]  # crop voxels, all inside the organ (includes)
+    scale: float
+
+
+def _prior_inputs(model, clicks: int, seed: int) -> _PriorInputs:
+    """A 128³ crop with an organ-sized ellipsoid (semi-axes 36/28/22 voxels: 54/42/33 mm) brighter than its noisy
+    background, and `clicks` include clicks: its centre, then points spread inside it (the box grows)."""
+    import numpy as np
+
+    from fastsam3d_cli.interactive.prior import PriorSettings
+
+    rng = np.random.default_rng(seed)
+    size = model.config.image_size
+    grid = np.indices((size,) * 3, dtype=np.float32) - (size - 1) / 2
+    organ = (grid[0] / 36) ** 2 + (grid[1] / 28) ** 2 + (grid[2] / 22) ** 2 <= 1
+    crop = rng.normal(0.0, 0.3, (size,) * 3).astype(np.float32) + 2.0 * organ
+    centre = size // 2
+    points = [(centre, centre, centre)]
+    while len(points) < clicks:
+        offset = rng.uniform(-0.7, 0.7, 3) * (36, 28, 22)
+        points.append(tuple(int(round(centre + v)) for v in offset))
+    settings = PriorSettings.from_dict(model.prior_settings)
+    return _PriorInputs(crop, [(p, True) for p in points], settings.scale if settings else 4.0)
+
+
+def _prior_interaction(model, inputs: _PriorInputs, clock: Clock) -> tuple[None, list[float], float]:
+    """One crop, then the prior step per click (as the `Predictor` runs it). Returns (None, [step ms], total ms)."""
+    from fastsam3d_cli.imaging import MODEL_SPACING_MM
+    from fastsam3d_cli.interactive.prior import CropPrior
+
+    start = clock.mark()
+    crop = CropPrior(inputs.crop, MODEL_SPACING_MM)
+    steps: list[float] = []
+    previous = clock.mark()
+    for k in range(len(inputs.clicks)):
+        crop.logits(inputs.clicks[:k + 1], inputs.scale, model.refine_head)
+        now = clock.mark()
+        steps.append(clock.ms(previous, now))
+        previous = now
+    return None, steps, clock.ms(start, previous)
+
+
 def plan_repeats(repeats: int, elapsed_s: float, seconds_per_iteration: float, budget_s: float) -> int:
     """How many timed repeats fit in what is left of `budget_s` (0 = no budget); never fewer than
     MIN_REPEATS (or `repeats`, when fewer were asked for)."""
@@ -446,14 +507,13 @@ def repeat_timed(run_once: Callable[[], T], repeats: int, warmup: int, budget_s:
     return first, timed, warmup_done, capped or planned < repeats
 
 
-def _time_model(model, inputs: _Inputs, clock: Clock, row: ConfigResult, repeats: int, warmup: int,
-                budget_s: float) -> None:
-    """Time `_interaction` by `repeat_timed`, filling `row`'s timing fields."""
-    first, timed, row.warmup_done, row.capped_by_budget = repeat_timed(
-        lambda: _interaction(model, inputs, clock), repeats, warmup, budget_s)
+def _time_model(interaction: Callable[[], tuple[float | None, list[float], float]], row: ConfigResult, repeats: int,
+                warmup: int, budget_s: float) -> None:
+    """Time an interaction (`_interaction` or `_prior_interaction`) by `repeat_timed`, filling `row`'s timings."""
+    first, timed, row.warmup_done, row.capped_by_budget = repeat_timed(interaction, repeats, warmup, budget_s)
     row.first_call = {"encoder_ms": first[0], "decoder_step_ms": first[1][0], "interactive_ms": first[2]}
     row.repeats_done = len(timed)
-    row.encoder = TimingStats.from_samples([encoder_ms for encoder_ms, _, _ in timed])
+    row.encoder = None if first[0] is None else TimingStats.from_samples([encoder_ms for encoder_ms, _, _ in timed])
     row.decoder_step = TimingStats.from_samples([ms for _, steps, _ in timed for ms in steps])
     row.interactive = TimingStats.from_samples([total_ms for _, _, total_ms in timed])
 
@@ -462,9 +522,12 @@ def _run_config(row: ConfigResult, device: torch.device, settings: dict) -> str 
     """Build, cast and time one configuration in place; unavailable/failed rows keep the reason.
 
     Returns how peak memory was measured (None when the configuration was not run)."""
+    from fastsam3d_cli.imaging import MODEL_SPACING_MM
+    from fastsam3d_cli.interactive.refine import box_around
     from fastsam3d_cli.model import build_model, get_config
     from fastsam3d_cli.model.attention import resolve_backend
     from fastsam3d_cli.model.checkpoint import load_model
+    from fastsam3d_cli.model.refine_head import use_inference_layout
 
     config = get_config(row.model)
     try:
@@ -485,13 +548,22 @@ def _run_config(row: ConfigResult, device: torch.device, settings: dict) -> str 
                 model = build_model(config, attention="exact")
         model = model.to(DTYPES[row.dtype]).eval()
         model.set_attention(row.attention)
+        use_inference_layout(model)  # as `infer` loads it
         row.weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
         memory.model_ready()
-        inputs = _random_inputs(model, settings["batch"], settings["clicks"], device, DTYPES[row.dtype],
-                                settings["seed"])
+        clock = Clock(device)
+        if is_prior_only(model):
+            row.step = "prior"
+            prior_inputs = _prior_inputs(model, settings["clicks"], settings["seed"])
+            row.prior_box = [s.stop - s.start for s in box_around([c for c, _ in prior_inputs.clicks],
+                                                                  prior_inputs.crop.shape, MODEL_SPACING_MM)]
+            interaction = functools.partial(_prior_interaction, model, prior_inputs, clock)
+        else:
+            inputs = _random_inputs(model, settings["batch"], settings["clicks"], device, DTYPES[row.dtype],
+                                    settings["seed"])
+            interaction = functools.partial(_interaction, model, inputs, clock)
         with torch.inference_mode():
-            _time_model(model, inputs, Clock(device), row, settings["repeats"], settings["warmup"],
-                        settings["budget_s"])
+            _time_model(interaction, row, settings["repeats"], settings["warmup"], settings["budget_s"])
         row.peak_memory_mb = memory.peak_mb()
         if settings["volume"] is not None:
             _time_end_to_end(model, row, device, settings)
@@ -507,7 +579,8 @@ def _run_config(row: ConfigResult, device: torch.device, settings: dict) -> str 
         row.status, row.error = "failed", exc
         row.reason = f"out of memory: {first_line}" if oom else f"{type(exc).__name__}: {first_line}"
     finally:
-        del model
+        interaction = None  # holds the model too
+        del model, interaction
         _release_freed_memory()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -559,7 +632,7 @@ def _attach_flops(rows: list[ConfigResult]) -> None:
 
     cache: dict[tuple[str, str], dict] = {}
     for row in rows:
-        if row.status != "ok" or row.backend is None:
+        if row.status != "ok" or row.backend is None or row.step == "prior":  # counts the encoder it never runs
             continue
         key = (row.model, COUNTED_AS.get(row.backend, row.backend))
         if key not in cache:
@@ -574,7 +647,8 @@ def _attach_speedups(rows: list[ConfigResult]) -> str | None:
         return None
     base = ok[0]
     for row in ok:
-        row.speedup = {name: getattr(base, name).median_ms / getattr(row, name).median_ms
+        row.speedup = {name: (getattr(base, name).median_ms / getattr(row, name).median_ms
+                              if getattr(base, name) is not None and getattr(row, name) is not None else None)
                        for name in ("encoder", "decoder_step", "interactive")}
         # File → file only compares like with like: how many crops run depends on the masks the weights make.
         if (base.end_to_end and row.end_to_end and "total" in base.end_to_end and "total" in row.end_to_end

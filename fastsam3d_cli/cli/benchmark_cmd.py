@@ -24,7 +24,8 @@ def benchmark_command(
     model: Optional[List[str]] = typer.Option(
         None, "--model", "-m", metavar="NAME",
         help="Model preset, repeatable: sam-med3d, fastsam3d, fastsam3d-tiny; bundled times the model shipped "
-             "in the package (as a --checkpoint). Default: fastsam3d. "
+             "in the package (as a --checkpoint; it has no encoder pass, so its row times the per-click prior "
+             "step instead). Default: fastsam3d. "
              "Speed-ups are relative to the first model × attention × dtype listed."),
     checkpoint: Optional[List[Path]] = typer.Option(
         None, "--checkpoint", metavar="PATH",
@@ -92,11 +93,13 @@ def _ms(value: float) -> str:
 
 
 def _stats_cell(stats) -> str:
+    if stats is None:
+        return "— (none)"
     return f"{_ms(stats.median_ms)} [{_ms(stats.p5_ms)}–{_ms(stats.p95_ms)}]"
 
 
-def _speed_cell(ratio: float) -> str:
-    return f"{ratio:.2f}×"
+def _speed_cell(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}×"
 
 
 def _config_cell(row) -> str:
@@ -108,6 +111,8 @@ def _config_cell(row) -> str:
 def _render(result) -> None:
     from rich.table import Table
     from rich.text import Text
+
+    from fastsam3d_cli.benchmark.speed import PRIOR_STEP
 
     env, settings = result.environment, result.settings
     threads = f"{env['torch_threads']} torch thread(s) of {env['cpu_cores_available']} core(s)"
@@ -132,11 +137,18 @@ def _render(result) -> None:
             table.add_row(_config_cell(row), row.status, *["-"] * 7)
             continue
         peak = "-" if row.peak_memory_mb is None else f"{row.peak_memory_mb:.0f}"
+        first = row.first_call["encoder_ms"] if row.step == "decoder" else row.first_call["decoder_step_ms"]
         table.add_row(_config_cell(row), Text(_stats_cell(row.encoder)), Text(_stats_cell(row.decoder_step)),
-                      Text(_stats_cell(row.interactive)), _ms(row.first_call["encoder_ms"]),
+                      Text(_stats_cell(row.interactive)), _ms(first),
                       f"{row.repeats_done}{'*' if row.capped_by_budget else ''}", peak,
                       _speed_cell(row.speedup["encoder"]), _speed_cell(row.speedup["interactive"]))
     stdout_console.print(table)
+    prior_rows = [row for row in result.configs if row.status == "ok" and row.step == "prior"]
+    if prior_rows:
+        boxes = ", ".join(f"{row.label}: {'×'.join(map(str, row.prior_box or []))}" for row in prior_rows)
+        stdout_console.print(f"prior step: {PRIOR_STEP}; 1st call = its first step; refine-head box at the last "
+                             f"click: {boxes} voxels; no FLOP count (it counts the encoder)",
+                             highlight=False, markup=False, soft_wrap=True)
     for line in problems:
         stdout_console.print(line, highlight=False, markup=False)
     _render_end_to_end(result)
