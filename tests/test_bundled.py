@@ -182,6 +182,10 @@ def test_cli_bundle_writes_weights_and_manifest(home, tmp_path):
     assert data["provenance"]["commands"] == ["fastsam3d prepare x", "fastsam3d train y"]
     assert data["provenance"]["seeds"] == [1, 2] and data["provenance"]["steps"] == 1234
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "my-model.pt"]
+    inline = _cli("weights", "bundle", str(source), "--name", "my-model", "--output-dir", str(tmp_path / "out"),
+                  "--provenance", '{"stages": [{"stage": 2}]}', "--overwrite", "--json")
+    assert inline.exit_code == 0, inline.stderr
+    assert json.loads(inline.stdout)["provenance"]["stages"] == [{"stage": 2}]
 
 
 @pytest.mark.parametrize("args, code, fragments", [
@@ -191,6 +195,7 @@ def test_cli_bundle_writes_weights_and_manifest(home, tmp_path):
     (["--cpu-hours", "-1"], 2, ["--cpu-hours -1.0 is invalid"]),
     (["--provenance", "MISSING"], 3, ["is not a readable JSON file"]),
     (["--provenance", "LIST"], 3, ["holds a JSON list, not an object"]),
+    (["--provenance", '{"seeds": [1,'], 3, ["--provenance (inline JSON) is not valid JSON"]),
 ])
 def test_cli_bundle_bad_options_write_nothing(home, tmp_path, args, code, fragments):
     source = _training_checkpoint(tmp_path / "best.pth")

@@ -41,7 +41,7 @@ class CommandSpec:
 
 # Placeholders (metavars) that name a folder or a file: how the scripts know what to complete.
 DIR_METAVARS = {"DIR", "RUN_DIR", "PREPARED_DIR", "RAW_DATASET_DIR"}
-FILE_METAVARS = {"FILE", "PATH", "CKPT", "CHECKPOINT", "PNG", "CSV", "CLICKS_JSON", "MASK", "VOLUME"}
+FILE_METAVARS = {"FILE", "PATH", "CKPT", "CHECKPOINT", "PNG", "CSV", "CLICKS_JSON", "MASK", "VOLUME", "JSON_OR_FILE"}
 
 
 def value_choices(command: list[str], option: str) -> list[str]:

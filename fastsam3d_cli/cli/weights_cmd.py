@@ -256,9 +256,10 @@ def bundle_command(
                                                 help="A command line that made the checkpoint (repeatable, in order)."),
     cpu_hours: Optional[float] = typer.Option(None, "--cpu-hours", help="CPU-hours the training took."),
     notes: Optional[str] = typer.Option(None, "--notes", help="Free text for the manifest."),
-    provenance: Optional[Path] = typer.Option(None, "--provenance", metavar="JSON",
-                                              help="A JSON object merged into the manifest's provenance "
-                                                   "(data sources and mixing, seeds, evaluation, ...)."),
+    provenance: Optional[str] = typer.Option(None, "--provenance", metavar="JSON_OR_FILE",
+                                             help="A JSON object merged into the manifest's provenance (data "
+                                                  "sources and mixing, seeds, evaluation, ...): inline "
+                                                  "('{\"seed\": 2027}') or the path of a .json file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a bundled model already there."),
     json_output: bool = JSON_OPTION,
 ) -> None:
@@ -276,15 +277,18 @@ def bundle_command(
          f"-> {model.path}")
 
 
-def _read_provenance(path: Path) -> dict:
-    """The --provenance file: a JSON object (BadInputError otherwise)."""
+def _read_provenance(value: str) -> dict:
+    """--provenance: an inline JSON object (the value starts with "{") or a .json file holding one
+    (BadInputError otherwise)."""
+    inline = value.lstrip().startswith("{")
+    what = "--provenance (inline JSON)" if inline else f"--provenance {value}"
     try:
-        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+        data = json.loads(value if inline else Path(value).expanduser().read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise BadInputError(f"--provenance {path} is not a readable JSON file ({type(exc).__name__})",
-                            "give a JSON object, e.g. {\"seeds\": [2023]}") from None
+        problem = f"is not valid JSON ({exc})" if inline else f"is not a readable JSON file ({type(exc).__name__})"
+        raise BadInputError(f"{what} {problem}", "give a JSON object, e.g. {\"seeds\": [2023]}") from None
     if not isinstance(data, dict):
-        raise BadInputError(f"--provenance {path} holds a JSON {type(data).__name__}, not an object",
+        raise BadInputError(f"{what} holds a JSON {type(data).__name__}, not an object",
                             "give a JSON object, e.g. {\"seeds\": [2023]}")
     return data
 
