@@ -418,7 +418,7 @@ def _interaction(model, inputs: _Inputs, clock: Clock) -> tuple[float, list[floa
 PRIOR_STEP = ("a prior-only model (the bundled one: classical prior, zero decoder residual) never runs its encoder or "
               "decoder; each click is the classical floor plus the refine head on the clicks' box, on a 128³ crop "
               "at 1.5 mm, so 'decoder step' times that and 'encode + N clicks' the N steps on one crop (a phantom "
-              "organ, clicks inside it)")
+              "organ, clicks inside it; one crop whatever --batch)")
 
 
 def is_prior_only(model) -> bool:
@@ -450,8 +450,9 @@ def _prior_inputs(model, clicks: int, seed: int) -> _PriorInputs:
     centre = size // 2
     points = [(centre, centre, centre)]
     while len(points) < clicks:
-        offset = rng.uniform(-0.7, 0.7, 3) * (36, 28, 22)
-        points.append(tuple(int(round(centre + v)) for v in offset))
+        offset = rng.uniform(-0.7, 0.7, 3)
+        if float(np.sum(offset ** 2)) <= 0.49:  # inside the ellipsoid shrunk to 70 %
+            points.append(tuple(int(round(centre + v)) for v in offset * (36, 28, 22)))
     settings = PriorSettings.from_dict(model.prior_settings)
     return _PriorInputs(crop, [(p, True) for p in points], settings.scale if settings else 4.0)
 
