@@ -453,8 +453,8 @@ def _prior_inputs(model, clicks: int, seed: int) -> _PriorInputs:
         offset = rng.uniform(-0.7, 0.7, 3)
         if float(np.sum(offset ** 2)) <= 0.49:  # inside the ellipsoid shrunk to 70 %
             points.append(tuple(int(round(centre + v)) for v in offset * (36, 28, 22)))
-    settings = PriorSettings.from_dict(model.prior_settings)
-    return _PriorInputs(crop, [(p, True) for p in points], settings.scale if settings else 4.0)
+    settings = PriorSettings.from_dict(model.prior_settings)  # present: `is_prior_only` chose this path
+    return _PriorInputs(crop, [(p, True) for p in points], settings.scale)
 
 
 def _prior_interaction(model, inputs: _PriorInputs, clock: Clock) -> tuple[None, list[float], float]:

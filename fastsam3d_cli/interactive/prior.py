@@ -143,26 +143,33 @@ class CropPrior:
 
     def region(self, clicks: Sequence[tuple[Sequence[float], bool]]) -> np.ndarray:
         """The floor's region (bool, crop shape) from (crop index, include) clicks; those outside are ignored."""
-        return self._region(self.voxels(clicks), refine=False)
-
-    def _region(self, voxels: Sequence[tuple[tuple[int, int, int], bool]], refine: bool) -> np.ndarray:
-        includes = [v for v, include in voxels if include]
-        excludes = [v for v, include in voxels if not include]
-        if not includes:
-            return np.zeros(self.values.shape, dtype=bool)
-        smooth = self.smooth_covering(self.needed_box(voxels, refine))
-        return segment_clicks(self.values, smooth, self.spacing, includes, excludes, self.parameters)
+        voxels = self.voxels(clicks)
+        return self._floor(voxels, self._smooth_for(voxels, refine=False))
 
     def logits(self, clicks: Sequence[tuple[Sequence[float], bool]], scale: float, refine_head: Any = None) -> np.ndarray:
         """The prior's logits (float32, crop shape): ±scale of `region(clicks)`, or, for a model with a refine
         head, that region as the head corrects it (interactive/refine.py)."""
         voxels = self.voxels(clicks)
-        region = self._region(voxels, refine=refine_head is not None)
-        if refine_head is None or not any(include for _, include in voxels):  # (the head needs an include click)
+        smooth = self._smooth_for(voxels, refine=refine_head is not None)
+        region = self._floor(voxels, smooth)
+        if refine_head is None or smooth is None:  # (the head needs an include click)
             return np.where(region, np.float32(scale), np.float32(-scale))
-        smooth = self.smooth_covering(self.needed_box(voxels, refine=True))
         return refined_logits(refine_head, self.values, smooth, region, voxels, float(self.spacing[0]), scale,
                               self.parameters)
+
+    def _smooth_for(self, voxels: Sequence[tuple[tuple[int, int, int], bool]], refine: bool) -> np.ndarray | None:
+        """The smoothed copy, valid on all these clicks make the floor (and the head) read; None without an include
+        click (then nothing is read)."""
+        if not any(include for _, include in voxels):
+            return None
+        return self.smooth_covering(self.needed_box(voxels, refine))
+
+    def _floor(self, voxels: Sequence[tuple[tuple[int, int, int], bool]], smooth: np.ndarray | None) -> np.ndarray:
+        if smooth is None:
+            return np.zeros(self.values.shape, dtype=bool)
+        includes = [v for v, include in voxels if include]
+        excludes = [v for v, include in voxels if not include]
+        return segment_clicks(self.values, smooth, self.spacing, includes, excludes, self.parameters)
 
 
 def _contains(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> bool:
